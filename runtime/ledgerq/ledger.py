@@ -1,0 +1,551 @@
+"""The only code that talks to PostgreSQL: one typed method per SQL function.
+
+``AsyncLedger`` serves the worker, dispatcher, reaper, API and ``AsyncClient``;
+``Ledger`` serves the synchronous ``Client`` and the command line. Both send
+the same query texts (defined once below) and decode rows with the same
+functions. psycopg errors are translated here into ``ledgerq.errors``: SQLSTATE
+``LQ422`` → ``InvalidInput``, ``LQ409`` → ``IdempotencyConflict`` or
+``InvalidTransition``, ``LQ404`` → ``TaskNotFound``, a lost or refused
+connection → ``LedgerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from ledgerq import errors
+from ledgerq.types import (
+    Attempt,
+    AttemptOutcome,
+    ClaimedTask,
+    DueTask,
+    JsonObject,
+    JsonValue,
+    Outcome,
+    QueueStat,
+    Task,
+    TaskId,
+    TaskStatus,
+)
+
+AsyncConn = psycopg.AsyncConnection[TupleRow]
+SyncConn = psycopg.Connection[TupleRow]
+
+NOTIFY_CHANNEL = "ledgerq_tasks"
+LIST_LIMIT_MAX = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewTask:
+    """The arguments of enqueue_task."""
+
+    task_type: str
+    payload: JsonObject = dataclasses.field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = 5
+    idempotency_key: str | None = None
+
+    def to_json(self) -> JsonObject:
+        body: JsonObject = {
+            "task_type": self.task_type,
+            "payload": self.payload,
+            "queue": self.queue,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+        }
+        if self.run_at is not None:
+            body["run_at"] = self.run_at.isoformat()
+        if self.idempotency_key is not None:
+            body["idempotency_key"] = self.idempotency_key
+        return body
+
+
+# --- query texts -----------------------------------------------------------
+
+ENQUEUE: LiteralString = """
+    SELECT id, created FROM ledgerq.enqueue_task(
+        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+        priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
+        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
+"""
+ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
+CLAIM: LiteralString = """
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority
+    FROM ledgerq.claim_tasks(%s, %s, %s)
+"""
+HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
+COMPLETE: LiteralString = """
+    SELECT task_id, attempt, status FROM ledgerq.complete_tasks(%s, %s, %s, %s, %s, %s)
+"""
+RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %s, %s)"
+TAKE_DUE: LiteralString = "SELECT id, queue, priority FROM ledgerq.task_take_due(%s)"
+NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
+QUEUED_STALE: LiteralString = """
+    SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+"""
+QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
+REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
+CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
+RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
+RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
+EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
+
+# Read-only queries for listings and stats.
+GET_TASK: LiteralString = """
+    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
+           idempotency_key, result, last_error, created_at, started_at, finished_at,
+           cancel_requested
+    FROM ledgerq.tasks WHERE id = %s
+"""
+GET_ATTEMPTS: LiteralString = """
+    SELECT attempt, worker_id, started_at, finished_at, outcome, error
+    FROM ledgerq.attempts WHERE task_id = %s ORDER BY attempt
+"""
+LIST_TASKS: LiteralString = """
+    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
+           idempotency_key, result, last_error, created_at, started_at, finished_at,
+           cancel_requested
+    FROM ledgerq.tasks
+    WHERE (%(status)s::text IS NULL OR status = %(status)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND (%(task_type)s::text IS NULL OR task_type = %(task_type)s)
+      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+    ORDER BY id DESC
+    LIMIT %(limit)s
+"""
+QUEUE_STATS: LiteralString = """
+    SELECT queue, status, count, oldest_run_at FROM ledgerq.queue_stats ORDER BY queue, status
+"""
+
+
+# --- row decoding ------------------------------------------------------------
+
+
+def _task(row: Sequence[Any], history: Sequence[Attempt] = ()) -> Task:
+    return Task(
+        id=TaskId(row[0]),
+        type=row[1],
+        queue=row[2],
+        status=TaskStatus(row[3]),
+        priority=row[4],
+        payload=row[5],
+        attempts=row[6],
+        max_attempts=row[7],
+        run_at=row[8],
+        idempotency_key=row[9],
+        result=row[10],
+        last_error=row[11],
+        created_at=row[12],
+        started_at=row[13],
+        finished_at=row[14],
+        cancel_requested=row[15],
+        attempt_history=tuple(history),
+    )
+
+
+def _attempt(row: Sequence[Any]) -> Attempt:
+    return Attempt(
+        attempt=row[0],
+        worker_id=row[1],
+        started_at=row[2],
+        finished_at=row[3],
+        outcome=AttemptOutcome(row[4]) if row[4] is not None else None,
+        error=row[5],
+    )
+
+
+def _claimed(row: Sequence[Any]) -> ClaimedTask:
+    return ClaimedTask(
+        id=TaskId(row[0]),
+        type=row[1],
+        queue=row[2],
+        payload=row[3],
+        attempt=row[4],
+        max_attempts=row[5],
+        priority=row[6],
+    )
+
+
+def _enqueue_params(task: NewTask) -> dict[str, Any]:
+    return {
+        "task_type": task.task_type,
+        "payload": Jsonb(task.payload),
+        "queue": task.queue,
+        "priority": task.priority,
+        "run_at": task.run_at,
+        "max_attempts": task.max_attempts,
+        "idempotency_key": task.idempotency_key,
+    }
+
+
+def _complete_params(outcomes: Sequence[Outcome]) -> tuple[Any, ...]:
+    return (
+        [o.task_id for o in outcomes],
+        [o.attempt for o in outcomes],
+        [o.succeeded for o in outcomes],
+        [Jsonb(o.result) if o.result is not None else None for o in outcomes],
+        [o.error for o in outcomes],
+        [o.retryable for o in outcomes],
+    )
+
+
+def _list_params(
+    status: str | None, queue: str | None, task_type: str | None, limit: int, before_id: int | None
+) -> dict[str, Any]:
+    if status is not None and status not in TaskStatus.__members__:
+        allowed = ", ".join(TaskStatus.__members__)
+        raise errors.InvalidInput(f"status must be one of {allowed}, got {status!r}")
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise errors.InvalidInput(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
+    return {
+        "status": status,
+        "queue": queue,
+        "task_type": task_type,
+        "limit": limit,
+        "before_id": before_id,
+    }
+
+
+def _status_or_none(value: str | None) -> TaskStatus | None:
+    return TaskStatus(value) if value is not None else None
+
+
+# --- error translation -----------------------------------------------------------
+
+
+def translate(exc: psycopg.Error) -> errors.LedgerError:
+    """The ledgerq error for a psycopg error."""
+    diag_message = exc.diag.message_primary if exc.diag else None
+    message = diag_message or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    state = exc.sqlstate
+    if state == "LQ422":
+        return errors.InvalidInput(message)
+    if state == "LQ404":
+        return errors.TaskNotFound(message)
+    if state == "LQ409":
+        if "idempotency_key" in message:
+            return errors.IdempotencyConflict(message)
+        return errors.InvalidTransition(message)
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or (
+        state is not None and state[:2] in ("08", "57")
+    ):
+        return errors.LedgerUnavailable(f"PostgreSQL is unavailable: {message}")
+    return errors.LedgerError(message)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Translate psycopg and pool errors raised inside the block."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise translate(exc) from exc
+    except OSError as exc:
+        raise errors.LedgerUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
+    except Exception as exc:
+        # psycopg_pool.PoolTimeout: no connection could be had in time.
+        if type(exc).__name__ == "PoolTimeout":
+            raise errors.LedgerUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
+        raise
+
+
+def is_integrity_error(exc: BaseException) -> bool:
+    """Whether exc (or what it wraps) is a PostgreSQL integrity/constraint violation."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, psycopg.errors.IntegrityError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# --- the async ledger ------------------------------------------------------------
+
+
+class AsyncLedger:
+    """Typed async calls into the ledger's SQL functions, over a connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConn]) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(
+        cls, database_url: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10
+    ) -> AsyncLedger:
+        """Open a pool; raises LedgerUnavailable if PostgreSQL cannot be reached."""
+        pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+            database_url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            timeout=timeout_s,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+        )
+        with translated():
+            await pool.open(wait=True, timeout=timeout_s)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConn]:
+        """A pooled connection in autocommit mode."""
+        with translated():
+            async with self.pool.connection() as conn:
+                yield conn
+
+    async def _rows(
+        self, query: LiteralString, params: Any = None, conn: AsyncConn | None = None
+    ) -> list[tuple[Any, ...]]:
+        with translated():
+            if conn is not None:
+                cur = await conn.execute(query, params)
+                return await cur.fetchall()
+            async with self.pool.connection() as pooled:
+                cur = await pooled.execute(query, params)
+                return await cur.fetchall()
+
+    async def ping(self) -> None:
+        await self._rows("SELECT 1")
+
+    # enqueue
+    async def enqueue(self, task: NewTask, conn: AsyncConn | None = None) -> tuple[TaskId, bool]:
+        (row,) = await self._rows(ENQUEUE, _enqueue_params(task), conn)
+        return TaskId(row[0]), bool(row[1])
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask] | Sequence[JsonObject], conn: AsyncConn | None = None
+    ) -> list[tuple[TaskId, bool]]:
+        body = [t.to_json() if isinstance(t, NewTask) else t for t in tasks]
+        rows = await self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
+        return [(TaskId(r[0]), bool(r[1])) for r in rows]
+
+    # worker
+    async def claim(
+        self, task_ids: Sequence[int], worker_id: str, lease_s: int
+    ) -> list[ClaimedTask]:
+        rows = await self._rows(CLAIM, (list(task_ids), worker_id, lease_s))
+        return [_claimed(r) for r in rows]
+
+    async def heartbeat(
+        self, leases: Sequence[tuple[int, int]], lease_s: int
+    ) -> list[tuple[TaskId, int, str]]:
+        rows = await self._rows(
+            HEARTBEAT, ([t for t, _ in leases], [a for _, a in leases], lease_s)
+        )
+        return [(TaskId(r[0]), r[1], r[2]) for r in rows]
+
+    async def complete(
+        self, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
+    ) -> list[TaskStatus | None]:
+        rows = await self._rows(COMPLETE, _complete_params(outcomes), conn)
+        return [_status_or_none(r[2]) for r in rows]
+
+    async def release(
+        self, leases: Sequence[tuple[int, int]], reason: str
+    ) -> list[TaskStatus | None]:
+        rows = await self._rows(RELEASE, ([t for t, _ in leases], [a for _, a in leases], reason))
+        return [_status_or_none(r[1]) for r in rows]
+
+    # effects
+    async def effect_lock(self, conn: AsyncConn, effect_key: str) -> tuple[bool, JsonValue]:
+        """Lock effect_key for conn's transaction; (already recorded?, its result)."""
+        (row,) = await self._rows(EFFECT_LOCK, (effect_key,), conn)
+        return bool(row[0]), row[1]
+
+    async def record_effect(
+        self, conn: AsyncConn | None, effect_key: str, task_id: int, result: JsonValue
+    ) -> bool:
+        (row,) = await self._rows(
+            RECORD_EFFECT,
+            (effect_key, task_id, Jsonb(result) if result is not None else None),
+            conn,
+        )
+        return bool(row[0])
+
+    # dispatcher
+    @contextlib.asynccontextmanager
+    async def take_due(self, batch_size: int) -> AsyncIterator[list[DueTask]]:
+        """Due PENDING tasks, marked QUEUED in a transaction that commits when the
+        block exits normally and rolls back (leaving them PENDING) if it raises."""
+        with translated():
+            async with self.pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(TAKE_DUE, (batch_size,))
+                rows = await cur.fetchall()
+                yield [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
+
+    async def next_run_at(self) -> datetime | None:
+        (row,) = await self._rows(NEXT_RUN_AT)
+        value: datetime | None = row[0]
+        return value
+
+    async def queued_stale(self, older_than_s: float, batch_size: int) -> list[DueTask]:
+        rows = await self._rows(QUEUED_STALE, (older_than_s, batch_size))
+        return [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
+
+    async def queued_confirm(self, task_ids: Sequence[int]) -> int:
+        (row,) = await self._rows(QUEUED_CONFIRM, (list(task_ids),))
+        return int(row[0])
+
+    # reaper
+    async def reap(self) -> int:
+        (row,) = await self._rows(REAP)
+        return int(row[0])
+
+    # operators
+    async def cancel(self, task_id: int) -> TaskStatus:
+        (row,) = await self._rows(CANCEL, (task_id,))
+        return TaskStatus(row[0])
+
+    async def retry(self, task_id: int) -> TaskStatus:
+        (row,) = await self._rows(RETRY, (task_id,))
+        return TaskStatus(row[0])
+
+    async def get(self, task_id: int) -> Task:
+        async with self.connection() as conn:
+            with translated():
+                rows = await (await conn.execute(GET_TASK, (task_id,))).fetchall()
+                if not rows:
+                    raise errors.TaskNotFound(f"task {task_id} does not exist")
+                history = await (await conn.execute(GET_ATTEMPTS, (task_id,))).fetchall()
+        return _task(rows[0], [_attempt(a) for a in history])
+
+    async def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task_type: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[Task]:
+        rows = await self._rows(
+            LIST_TASKS, _list_params(status, queue, task_type, limit, before_id)
+        )
+        return [_task(r) for r in rows]
+
+    async def queue_stats(self) -> list[QueueStat]:
+        rows = await self._rows(QUEUE_STATS)
+        return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+
+# --- the sync ledger ---------------------------------------------------------------
+
+
+class Ledger:
+    """The synchronous subset of AsyncLedger, for Client and the command line."""
+
+    def __init__(self, pool: ConnectionPool[SyncConn]) -> None:
+        self.pool = pool
+
+    @classmethod
+    def connect(
+        cls, database_url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10
+    ) -> Ledger:
+        pool: ConnectionPool[SyncConn] = ConnectionPool(
+            database_url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            timeout=timeout_s,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+        )
+        with translated():
+            pool.open(wait=True, timeout=timeout_s)
+        return cls(pool)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def _rows(
+        self, query: LiteralString, params: Any = None, conn: SyncConn | None = None
+    ) -> list[tuple[Any, ...]]:
+        with translated():
+            if conn is not None:
+                return conn.execute(query, params).fetchall()
+            with self.pool.connection() as pooled:
+                return pooled.execute(query, params).fetchall()
+
+    def ping(self) -> None:
+        self._rows("SELECT 1")
+
+    def enqueue(self, task: NewTask, conn: SyncConn | None = None) -> tuple[TaskId, bool]:
+        (row,) = self._rows(ENQUEUE, _enqueue_params(task), conn)
+        return TaskId(row[0]), bool(row[1])
+
+    def enqueue_many(
+        self, tasks: Sequence[NewTask] | Sequence[JsonObject], conn: SyncConn | None = None
+    ) -> list[tuple[TaskId, bool]]:
+        body = [t.to_json() if isinstance(t, NewTask) else t for t in tasks]
+        rows = self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
+        return [(TaskId(r[0]), bool(r[1])) for r in rows]
+
+    def complete(
+        self, outcomes: Sequence[Outcome], conn: SyncConn | None = None
+    ) -> list[TaskStatus | None]:
+        rows = self._rows(COMPLETE, _complete_params(outcomes), conn)
+        return [_status_or_none(r[2]) for r in rows]
+
+    def effect_lock(self, conn: SyncConn, effect_key: str) -> tuple[bool, JsonValue]:
+        (row,) = self._rows(EFFECT_LOCK, (effect_key,), conn)
+        return bool(row[0]), row[1]
+
+    def record_effect(
+        self, conn: SyncConn | None, effect_key: str, task_id: int, result: JsonValue
+    ) -> bool:
+        (row,) = self._rows(
+            RECORD_EFFECT,
+            (effect_key, task_id, Jsonb(result) if result is not None else None),
+            conn,
+        )
+        return bool(row[0])
+
+    def reap(self) -> int:
+        (row,) = self._rows(REAP)
+        return int(row[0])
+
+    def cancel(self, task_id: int) -> TaskStatus:
+        (row,) = self._rows(CANCEL, (task_id,))
+        return TaskStatus(row[0])
+
+    def retry(self, task_id: int) -> TaskStatus:
+        (row,) = self._rows(RETRY, (task_id,))
+        return TaskStatus(row[0])
+
+    def get(self, task_id: int) -> Task:
+        with translated(), self.pool.connection() as conn:
+            rows = conn.execute(GET_TASK, (task_id,)).fetchall()
+            if not rows:
+                raise errors.TaskNotFound(f"task {task_id} does not exist")
+            history = conn.execute(GET_ATTEMPTS, (task_id,)).fetchall()
+        return _task(rows[0], [_attempt(a) for a in history])
+
+    def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task_type: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[Task]:
+        rows = self._rows(LIST_TASKS, _list_params(status, queue, task_type, limit, before_id))
+        return [_task(r) for r in rows]
+
+    def queue_stats(self) -> list[QueueStat]:
+        rows = self._rows(QUEUE_STATS)
+        return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]

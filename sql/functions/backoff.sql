@@ -1,0 +1,29 @@
+-- Exponential backoff: base * 2^(attempt-1), capped at max_seconds; with full
+-- jitter the delay is drawn uniformly from [0, that], which spreads a thundering
+-- herd of retries instead of synchronising it.
+CREATE OR REPLACE FUNCTION ledgerq.compute_backoff(
+    attempt integer,
+    base_seconds double precision DEFAULT 1,
+    max_seconds double precision DEFAULT 3600,
+    jitter boolean DEFAULT true
+) RETURNS interval
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
+DECLARE
+    ceiling_s double precision;
+BEGIN
+    IF attempt IS NULL OR attempt < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422',
+            MESSAGE = format('compute_backoff: attempt must be >= 1, got %s', coalesce(attempt::text, 'NULL'));
+    END IF;
+    IF base_seconds IS NULL OR base_seconds < 0 OR max_seconds IS NULL OR max_seconds < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422',
+            MESSAGE = 'compute_backoff: base_seconds and max_seconds must be >= 0';
+    END IF;
+    -- Cap the exponent first: 2^1100 overflows double precision.
+    ceiling_s := least(max_seconds, base_seconds * power(2::double precision, least(attempt - 1, 1000)));
+    IF coalesce(jitter, true) THEN
+        ceiling_s := random() * ceiling_s;
+    END IF;
+    RETURN make_interval(secs => ceiling_s);
+END;
+$$;

@@ -1,0 +1,105 @@
+-- claim_task / claim_tasks: a claimable task (QUEUED, or PENDING and due)
+-- becomes RUNNING under a lease, with its attempt number bumped and an attempt
+-- row opened. No SKIP LOCKED here: a worker that pops an id while the
+-- dispatcher's transaction still holds the row must wait for it, not drop it.
+-- Two claims of one task serialise on the row lock; the loser re-checks the
+-- status under READ COMMITTED, finds RUNNING, and gets no row.
+
+CREATE OR REPLACE FUNCTION ledgerq.claim_tasks(
+    task_ids bigint[],
+    worker_id text,
+    lease_seconds integer DEFAULT 30
+) RETURNS SETOF ledgerq.tasks
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF worker_id IS NULL OR worker_id = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'worker_id must be a non-empty string';
+    END IF;
+    IF lease_seconds IS NULL OR lease_seconds < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422',
+            MESSAGE = format('lease_seconds must be >= 1, got %s', coalesce(lease_seconds::text, 'NULL'));
+    END IF;
+    RETURN QUERY
+    WITH locked AS (
+        -- Lock in id order, so two workers claiming overlapping batches (a
+        -- duplicate delivery) cannot deadlock.
+        SELECT t.id FROM ledgerq.tasks t
+        WHERE t.id = ANY (task_ids)
+          AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+        ORDER BY t.id
+        FOR UPDATE
+    ), claimed AS (
+        UPDATE ledgerq.tasks t
+        SET status = 'RUNNING',
+            attempts = t.attempts + 1,
+            worker_id = claim_tasks.worker_id,
+            lease_expires_at = now() + make_interval(secs => lease_seconds),
+            queued_at = NULL,
+            started_at = now()
+        FROM locked l
+        WHERE t.id = l.id
+          AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+        RETURNING t.*
+    ), opened AS (
+        INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
+        SELECT c.id, c.attempts, c.worker_id, c.started_at FROM claimed c
+    )
+    SELECT * FROM claimed;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION ledgerq.claim_task(
+    task_id bigint,
+    worker_id text,
+    lease_seconds integer DEFAULT 30
+) RETURNS SETOF ledgerq.tasks
+LANGUAGE sql AS $$
+    SELECT * FROM ledgerq.claim_tasks(ARRAY[task_id], worker_id, lease_seconds);
+$$;
+
+-- heartbeat_tasks: the batch form of heartbeat, one row per input pair, so a
+-- worker renews every lease it holds in one round trip.
+CREATE OR REPLACE FUNCTION ledgerq.heartbeat_tasks(
+    task_ids bigint[],
+    attempts integer[],
+    lease_seconds integer DEFAULT 30
+) RETURNS TABLE(task_id bigint, attempt integer, state text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF lease_seconds IS NULL OR lease_seconds < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422',
+            MESSAGE = format('lease_seconds must be >= 1, got %s', coalesce(lease_seconds::text, 'NULL'));
+    END IF;
+    IF coalesce(cardinality(task_ids), 0) <> coalesce(cardinality(attempts), 0) THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'task_ids and attempts must have the same length';
+    END IF;
+    RETURN QUERY
+    WITH input AS (
+        SELECT i.task_id, i.attempt, i.ord
+        FROM unnest(task_ids, attempts) WITH ORDINALITY AS i(task_id, attempt, ord)
+    ), renewed AS (
+        -- An expired lease that the reaper has not yet taken is still this
+        -- attempt's: renewing it is correct, the attempt number fences the rest.
+        UPDATE ledgerq.tasks t
+        SET lease_expires_at = now() + make_interval(secs => lease_seconds)
+        FROM input i
+        WHERE t.id = i.task_id AND t.attempts = i.attempt AND t.status = 'RUNNING'
+        RETURNING t.id, t.cancel_requested
+    )
+    SELECT i.task_id, i.attempt,
+           CASE WHEN r.id IS NULL THEN 'lost' WHEN r.cancel_requested THEN 'cancel' ELSE 'ok' END
+    FROM input i LEFT JOIN renewed r ON r.id = i.task_id
+    ORDER BY i.ord;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION ledgerq.heartbeat(
+    task_id bigint,
+    attempt integer,
+    lease_seconds integer DEFAULT 30
+) RETURNS text
+LANGUAGE sql AS $$
+    SELECT h.state FROM ledgerq.heartbeat_tasks(ARRAY[task_id], ARRAY[attempt], lease_seconds) h;
+$$;

@@ -1,0 +1,59 @@
+-- Internal helpers for the dispatcher (not part of the public SQL API).
+
+-- task_take_due: the dispatcher's hot query. Takes up to batch_size due PENDING
+-- tasks in priority, run_at, creation order and marks them QUEUED. The caller
+-- pushes the ids to Redis before committing, so a failed push rolls the batch
+-- back to PENDING and a crash after the push leaves ids that claim_task accepts.
+-- SKIP LOCKED lets several dispatchers take disjoint batches without waiting.
+CREATE OR REPLACE FUNCTION ledgerq.task_take_due(
+    batch_size integer DEFAULT 100,
+    as_of timestamptz DEFAULT NULL
+) RETURNS TABLE(id bigint, queue text, priority integer)
+LANGUAGE sql AS $$
+    WITH due AS (
+        SELECT t.id FROM ledgerq.tasks t
+        WHERE t.status = 'PENDING' AND t.run_at <= coalesce(as_of, now())
+        ORDER BY t.priority DESC, t.run_at, t.id
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE ledgerq.tasks t
+    SET status = 'QUEUED', queued_at = now()
+    FROM due
+    WHERE t.id = due.id
+    RETURNING t.id, t.queue, t.priority;
+$$;
+
+-- task_next_run_at: when the next PENDING task falls due, so an idle
+-- dispatcher can sleep exactly until then.
+CREATE OR REPLACE FUNCTION ledgerq.task_next_run_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(t.run_at) FROM ledgerq.tasks t WHERE t.status = 'PENDING';
+$$;
+
+-- task_queued_stale: QUEUED tasks handed to Redis longer than older_than ago,
+-- oldest first, for the dispatcher to check against Redis.
+CREATE OR REPLACE FUNCTION ledgerq.task_queued_stale(
+    older_than interval,
+    batch_size integer DEFAULT 1000,
+    as_of timestamptz DEFAULT NULL
+) RETURNS TABLE(id bigint, queue text, priority integer)
+LANGUAGE sql STABLE AS $$
+    SELECT t.id, t.queue, t.priority FROM ledgerq.tasks t
+    WHERE t.status = 'QUEUED' AND t.queued_at < coalesce(as_of, now()) - older_than
+    ORDER BY t.queued_at
+    LIMIT batch_size;
+$$;
+
+-- task_queued_confirm: the dispatcher saw these ids waiting in Redis (or has
+-- just pushed them again), so their delivery is not lost: restart the clock
+-- reap_stuck measures the redelivery timeout with.
+CREATE OR REPLACE FUNCTION ledgerq.task_queued_confirm(task_ids bigint[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH confirmed AS (
+        UPDATE ledgerq.tasks t SET queued_at = now()
+        WHERE t.id = ANY (task_ids) AND t.status = 'QUEUED'
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM confirmed;
+$$;

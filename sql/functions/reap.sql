@@ -1,0 +1,84 @@
+-- reap_stuck: recover what crashed workers or a lost Redis left behind.
+--  * RUNNING tasks whose lease expired: the attempt is recorded as lost; the
+--    task is retried with backoff, or goes DEAD if that was its last attempt,
+--    or CANCELLED if cancellation had been requested.
+--  * QUEUED tasks not claimed within the redelivery timeout go back to
+--    PENDING, and the dispatcher hands them to Redis again. A dispatcher that
+--    sees the task still waiting in a Redis backlog refreshes queued_at
+--    (task_queued_confirm), so a long backlog is not redelivered; and Redis
+--    queues are sets, so a second delivery of the same id never piles up.
+-- SKIP LOCKED makes concurrent reapers (pg_cron and `ledgerq reaper` at once)
+-- take disjoint rows instead of waiting on each other or on a completing worker.
+-- The redelivery timeout is the setting ledgerq.redelivery_timeout (default
+-- 30 s), e.g. ALTER DATABASE app SET ledgerq.redelivery_timeout = '60s'.
+
+CREATE OR REPLACE FUNCTION ledgerq.task_reap(
+    as_of timestamptz DEFAULT NULL,
+    redelivery_timeout interval DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff timestamptz := coalesce(as_of, now());
+    timeout interval := coalesce(
+        redelivery_timeout,
+        nullif(current_setting('ledgerq.redelivery_timeout', true), '')::interval,
+        interval '30 seconds');
+    expired_count integer;
+    requeued_count integer;
+BEGIN
+    WITH expired AS (
+        SELECT t.id FROM ledgerq.tasks t
+        WHERE t.status = 'RUNNING' AND t.lease_expires_at < cutoff
+        FOR UPDATE SKIP LOCKED
+    ), recovered AS (
+        UPDATE ledgerq.tasks t
+        SET status = CASE
+                WHEN t.cancel_requested THEN 'CANCELLED'
+                WHEN t.attempts - t.budget_start >= t.max_attempts THEN 'DEAD'
+                ELSE 'PENDING' END,
+            run_at = CASE
+                WHEN t.cancel_requested OR t.attempts - t.budget_start >= t.max_attempts THEN t.run_at
+                ELSE now() + ledgerq.compute_backoff(t.attempts - t.budget_start) END,
+            finished_at = CASE
+                WHEN t.cancel_requested OR t.attempts - t.budget_start >= t.max_attempts THEN now() END,
+            last_error = format('lease expired: worker %s stopped heartbeating during attempt %s',
+                                t.worker_id, t.attempts),
+            lease_expires_at = NULL,
+            cancel_requested = false
+        FROM expired e
+        WHERE t.id = e.id AND t.status = 'RUNNING' AND t.lease_expires_at < cutoff
+        RETURNING t.id, t.attempts, t.status, t.last_error
+    ), closed AS (
+        UPDATE ledgerq.attempts a
+        SET finished_at = now(),
+            outcome = CASE WHEN r.status = 'CANCELLED' THEN 'cancelled' ELSE 'lost' END,
+            error = r.last_error
+        FROM recovered r
+        WHERE a.task_id = r.id AND a.attempt = r.attempts
+    )
+    SELECT count(*) INTO expired_count FROM recovered;
+
+    WITH stale AS (
+        SELECT t.id FROM ledgerq.tasks t
+        WHERE t.status = 'QUEUED' AND t.queued_at < cutoff - timeout
+        FOR UPDATE SKIP LOCKED
+    ), requeued AS (
+        UPDATE ledgerq.tasks t
+        SET status = 'PENDING', queued_at = NULL
+        FROM stale s
+        WHERE t.id = s.id AND t.status = 'QUEUED'
+        RETURNING t.id
+    )
+    SELECT count(*) INTO requeued_count FROM requeued;
+
+    IF expired_count + requeued_count > 0 THEN
+        PERFORM pg_notify('ledgerq_tasks', '');
+    END IF;
+    RETURN expired_count + requeued_count;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION ledgerq.reap_stuck() RETURNS integer
+LANGUAGE sql AS $$
+    SELECT ledgerq.task_reap();
+$$;
