@@ -1,0 +1,198 @@
+"""Shared PostgreSQL fixtures: one migrated template per test run, a clone per test.
+
+pytest-postgresql's no-process fixture (``postgresql_noproc``) serves the machine's
+own server (the ``postgresql_host/port/user`` ini options in pyproject.toml) and
+creates the run's template database, which ``ledgerq.migrations.migrate`` loads.
+Each test that asks for ``db_url`` or ``db`` gets its own database cloned from that
+template with ``CREATE DATABASE ... TEMPLATE`` (a few tens of ms), dropped after
+the test, so tests may commit, LISTEN and race connections freely.
+
+Database names carry this process's id and a counter (``ledgerq_test_<pid>_<n>``),
+so parallel runs never collide; databases left behind by a run that was killed
+are dropped at the start of the next one.
+
+If PostgreSQL cannot be reached, every test that needs it fails with a message
+saying how to start it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from psycopg import sql
+from pytest_postgresql import factories
+from pytest_postgresql.config import get_config
+from pytest_postgresql.executors import NoopExecutor
+
+from ledgerq import migrations
+
+DB_PREFIX = "ledgerq_test_"
+RUN_PREFIX = f"{DB_PREFIX}{os.getpid()}"
+START_HINT = (
+    "start it with `pg_ctlcluster --skip-systemctl-redirect 15 main start` "
+    "(or run scripts/setup, which also starts Redis)"
+)
+_STALE_NAME = re.compile(rf"^{DB_PREFIX}(\d+)(_|$)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PgServer:
+    """Where the test PostgreSQL listens, and how to reach its databases."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+
+    def url(self, dbname: str) -> str:
+        auth = quote(self.user, safe="")
+        if self.password:
+            auth += ":" + quote(self.password, safe="")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}"
+
+    def admin(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """An autocommit connection to the maintenance database."""
+        return psycopg.connect(self.url("postgres"), autocommit=True, connect_timeout=5)
+
+
+def _migrate_template(*, host: str, port: int | str, user: str, dbname: str, **kwargs: Any) -> None:
+    """pytest-postgresql loader: migrate the run's template database."""
+    server = PgServer(host, int(port), user, kwargs.get("password"))
+    migrations.migrate(server.url(dbname))
+
+
+# The run's template: named after this process so parallel runs do not share it.
+postgresql_noproc = factories.postgresql_noproc(dbname=RUN_PREFIX, load=[_migrate_template])
+
+
+def _drop_database(admin: psycopg.Connection[tuple[Any, ...]], name: str) -> None:
+    # FORCE ends connections a test left open (its threads', a LISTENer's).
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_stale_databases(server: PgServer) -> None:
+    """Drop test databases whose run (process) is gone: a killed run leaves them."""
+    with server.admin() as admin:
+        names = [
+            row[0]
+            for row in admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", (DB_PREFIX + "%",)
+            )
+        ]
+        for name in names:
+            match = _STALE_NAME.match(name)
+            if match and not _pid_alive(int(match.group(1))):
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} WITH is_template false").format(sql.Identifier(name))
+                )
+                _drop_database(admin, name)
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> PgServer:
+    """The test PostgreSQL server; fails the test with a how-to if it is down."""
+    config = get_config(request)
+    server = PgServer(
+        host=config.host, port=int(config.port or 5432), user=config.user, password=config.password
+    )
+    try:
+        with server.admin() as admin:
+            admin.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        pytest.fail(
+            f"PostgreSQL is not reachable at {server.host}:{server.port} ({first_line}); {START_HINT}",
+            pytrace=False,
+        )
+    _drop_stale_databases(server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def ledger_template(pg_server: PgServer, request: pytest.FixtureRequest) -> str:
+    """The name of this run's migrated template database."""
+    executor: NoopExecutor = request.getfixturevalue("postgresql_noproc")
+    return executor.template_dbname
+
+
+_clone_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def database_factory(
+    pg_server: PgServer, ledger_template: str
+) -> Iterator[Callable[..., contextlib.AbstractContextManager[str]]]:
+    """``with database_factory() as url:`` a fresh clone of the migrated template.
+
+    ``database_factory(migrated=False)`` gives an empty database instead.
+    Hypothesis tests use this to get a clean ledger per example.
+    """
+    admin = pg_server.admin()
+    leftovers: set[str] = set()
+
+    @contextlib.contextmanager
+    def make(*, migrated: bool = True) -> Iterator[str]:
+        name = f"{RUN_PREFIX}_{next(_clone_numbers)}"
+        template = ledger_template if migrated else "template0"
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+        leftovers.add(name)
+        try:
+            yield pg_server.url(name)
+        finally:
+            _drop_database(admin, name)
+            leftovers.discard(name)
+
+    try:
+        yield make
+    finally:
+        for name in leftovers:
+            _drop_database(admin, name)
+        admin.close()
+
+
+@pytest.fixture
+def db_url(
+    database_factory: Callable[..., contextlib.AbstractContextManager[str]],
+) -> Iterator[str]:
+    """The URL of a fresh, migrated database of this test's own."""
+    with database_factory() as url:
+        yield url
+
+
+@pytest.fixture
+def empty_db_url(
+    database_factory: Callable[..., contextlib.AbstractContextManager[str]],
+) -> Iterator[str]:
+    """The URL of a fresh database with no ledgerq schema (for migrate tests)."""
+    with database_factory(migrated=False) as url:
+        yield url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    """An autocommit connection to this test's own migrated database."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        yield conn
