@@ -6,14 +6,30 @@ PostgreSQL or Redis cannot be reached or its input is invalid.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 
 from ledgerq import __version__, config, errors, migrations
+from ledgerq.dispatch import Dispatch
+from ledgerq.dispatcher import (
+    BATCH_SIZE_DEFAULT,
+    POLL_INTERVAL_DEFAULT_S,
+    Dispatcher,
+)
+from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S, Reaper
+from ledgerq.registry import Registry
+from ledgerq.worker import CONCURRENCY_DEFAULT, GRACE_DEFAULT_S, LEASE_DEFAULT_S, Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,3 +113,238 @@ def migrate(ctx: click.Context, /, **options: Any) -> None:
 def migrate_show(name: str) -> None:
     """Print one migration's raw SQL (by number, e.g. 1, or file name)."""
     click.echo(migrations.show(name), nl=False)
+
+
+# --- services ----------------------------------------------------------------
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_registry(app: str) -> Registry:
+    """MODULE:ATTRIBUTE → the Registry it names (the current directory is importable)."""
+    module_name, _, attribute = app.partition(":")
+    if not module_name or not attribute:
+        raise errors.ConfigError(f"--app must look like MODULE:REGISTRY, got {app!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise errors.ConfigError(f"cannot import {module_name!r}: {exc}") from exc
+    registry = getattr(module, attribute, None)
+    if not isinstance(registry, Registry):
+        raise errors.ConfigError(f"{app!r} is not a ledgerq Registry")
+    return registry
+
+
+async def open_services(
+    settings: config.Settings, *, pool_size: int = 4
+) -> tuple[AsyncLedger, Dispatch]:
+    """The ledger and the dispatcher, both checked reachable."""
+    ledger = await AsyncLedger.connect(settings.database_url, max_size=pool_size)
+    dispatch = Dispatch.connect(
+        settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
+    )
+    try:
+        await dispatch.ping()
+    except errors.LedgerqError:
+        await ledger.close()
+        await dispatch.close()
+        raise
+    return ledger, dispatch
+
+
+def run_until_signalled(main_coro: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
+    """Run main_coro; SIGTERM/SIGINT call stop() (a second signal exits at once)."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                os._exit(1)
+            stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await main_coro()
+
+    asyncio.run(runner())
+
+
+def _split_queues(queues: str | None) -> list[str] | None:
+    if not queues:
+        return None
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if not names:
+        raise errors.ConfigError("--queues must name at least one queue")
+    return names
+
+
+def _worker_process(
+    settings: config.Settings,
+    app: str,
+    queues: list[str] | None,
+    concurrency: int,
+    lease_s: int,
+    grace_s: float,
+    log_level: str,
+) -> None:
+    """One worker process: its own event loop, pools and Redis connections."""
+    setup_logging(log_level)
+    registry = load_registry(app)
+    holder: dict[str, Worker] = {}
+    sync_ledger: list[Ledger] = []
+
+    def get_sync_ledger() -> Ledger:
+        if not sync_ledger:
+            sync_ledger.append(Ledger.connect(settings.database_url, max_size=concurrency))
+        return sync_ledger[0]
+
+    async def main_coro() -> None:
+        ledger, dispatch = await open_services(settings, pool_size=min(concurrency + 4, 50))
+        worker = holder["worker"] = Worker(
+            registry, ledger, dispatch, queues=queues, concurrency=concurrency,
+            lease_s=lease_s, grace_s=grace_s, sync_ledger=get_sync_ledger,
+        )  # fmt: skip
+        try:
+            await worker.run()
+        finally:
+            await ledger.close()
+            await dispatch.close()
+            if sync_ledger:
+                sync_ledger[0].close()
+
+    def stop() -> None:
+        if "worker" in holder:
+            holder["worker"].stop()
+        else:
+            raise SystemExit(0)
+
+    try:
+        run_until_signalled(main_coro, stop)
+    except errors.LedgerqError as exc:
+        click.echo(f"ledgerq: {exc.message}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--app", required=True, metavar="MODULE:REGISTRY", help="Where the Registry is.")
+@click.option("--queues", metavar="A,B", help="Queues to serve, in preference order "
+              "[default: every queue the registry's tasks declare].")  # fmt: skip
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=CONCURRENCY_DEFAULT,
+              show_default=True, help="Handlers running at once per process.")  # fmt: skip
+@click.option("--processes", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes to run.")  # fmt: skip
+@click.option("--lease-seconds", type=click.IntRange(3, 86_400), default=LEASE_DEFAULT_S,
+              show_default=True, help="Lease per attempt; heartbeats renew it every third.")  # fmt: skip
+@click.option("--grace-seconds", type=click.FloatRange(0), default=GRACE_DEFAULT_S,
+              show_default=True, help="On SIGTERM/SIGINT, how long running tasks may finish "
+              "before they are handed back.")  # fmt: skip
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@connection_options
+@one_line_errors
+def worker(
+    app: str,
+    queues: str | None,
+    concurrency: int,
+    processes: int,
+    lease_seconds: int,
+    grace_seconds: float,
+    log_level: str,
+    **options: Any,
+) -> None:
+    """Run task handlers: pop ids from Redis, claim them, run them, record outcomes.
+
+    SIGTERM/SIGINT: stop taking work, let running tasks finish within the grace
+    period, hand back the rest, exit 0.
+    """
+    settings = settings_from(options)
+    load_registry(app)  # fail fast, with a one-line message, before forking
+    queue_list = _split_queues(queues)
+    args = (settings, app, queue_list, concurrency, lease_seconds, grace_seconds, log_level)
+    if processes == 1:
+        _worker_process(*args)
+        return
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_worker_process, args=args) for _ in range(processes)]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()
+    failed = [c.exitcode for c in children if c.exitcode not in (0, None)]
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=BATCH_SIZE_DEFAULT,
+              show_default=True, help="Tasks moved to Redis per transaction.")  # fmt: skip
+@click.option("--poll-interval", type=click.FloatRange(0.01), default=POLL_INTERVAL_DEFAULT_S,
+              show_default=True, help="Seconds between polls when no NOTIFY arrives.")  # fmt: skip
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@connection_options
+@one_line_errors
+def dispatcher(batch_size: int, poll_interval: float, log_level: str, **options: Any) -> None:
+    """Move due tasks from PostgreSQL to Redis (woken by NOTIFY, and polling)."""
+    settings = settings_from(options)
+    setup_logging(log_level)
+    holder: dict[str, Dispatcher] = {}
+
+    async def main_coro() -> None:
+        ledger, dispatch = await open_services(settings)
+        service = holder["service"] = Dispatcher(
+            ledger, dispatch, database_url=settings.database_url,
+            batch_size=batch_size, poll_interval_s=poll_interval,
+        )  # fmt: skip
+        try:
+            await service.run()
+        finally:
+            await ledger.close()
+            await dispatch.close()
+
+    run_until_signalled(main_coro, lambda: holder["service"].stop() if holder else None)
+
+
+@main.command()
+@click.option("--interval", type=click.FloatRange(0.05), default=REAPER_INTERVAL_DEFAULT_S,
+              show_default=True, help="Seconds between sweeps.")  # fmt: skip
+@click.option("--once", is_flag=True, help="Sweep once, print how many tasks moved, and exit.")
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@connection_options
+@one_line_errors
+def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
+    """Recover stuck tasks: expired leases, and deliveries never claimed."""
+    settings = settings_from(options)
+    setup_logging(log_level)
+    holder: dict[str, Reaper] = {}
+
+    async def main_coro() -> None:
+        ledger = await AsyncLedger.connect(settings.database_url, max_size=2)
+        service = holder["service"] = Reaper(ledger, interval_s=interval)
+        try:
+            if once:
+                click.echo(f"reaped {await service.run_once()} task(s)")
+            else:
+                await service.run()
+        finally:
+            await ledger.close()
+
+    run_until_signalled(main_coro, lambda: holder["service"].stop() if holder else None)

@@ -81,7 +81,7 @@ ENQUEUE: LiteralString = """
 """
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
 CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
     FROM ledgerq.claim_tasks(%s, %s, %s)
 """
 HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
@@ -107,6 +107,12 @@ GET_TASK: LiteralString = """
            idempotency_key, result, last_error, created_at, started_at, finished_at,
            cancel_requested
     FROM ledgerq.tasks WHERE id = %s
+"""
+GET_TASKS: LiteralString = """
+    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
+           idempotency_key, result, last_error, created_at, started_at, finished_at,
+           cancel_requested
+    FROM ledgerq.tasks WHERE id = ANY(%s)
 """
 GET_ATTEMPTS: LiteralString = """
     SELECT attempt, worker_id, started_at, finished_at, outcome, error
@@ -174,6 +180,7 @@ def _claimed(row: Sequence[Any]) -> ClaimedTask:
         attempt=row[4],
         max_attempts=row[5],
         priority=row[6],
+        run_at=row[7],
     )
 
 
@@ -237,6 +244,10 @@ def translate(exc: psycopg.Error) -> errors.LedgerError:
         if "idempotency_key" in message:
             return errors.IdempotencyConflict(message)
         return errors.InvalidTransition(message)
+    if state in ("3F000", "42883", "42P01"):  # schema, function or table missing
+        return errors.LedgerError(
+            f"{message}: the ledgerq schema is missing or out of date; run `ledgerq migrate`"
+        )
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or (
         state is not None and state[:2] in ("08", "57")
     ):
@@ -414,14 +425,18 @@ class AsyncLedger:
         (row,) = await self._rows(RETRY, (task_id,))
         return TaskStatus(row[0])
 
-    async def get(self, task_id: int) -> Task:
-        async with self.connection() as conn:
-            with translated():
-                rows = await (await conn.execute(GET_TASK, (task_id,))).fetchall()
-                if not rows:
-                    raise errors.TaskNotFound(f"task {task_id} does not exist")
-                history = await (await conn.execute(GET_ATTEMPTS, (task_id,))).fetchall()
+    async def get(self, task_id: int, conn: AsyncConn | None = None) -> Task:
+        """The task with its attempt history; conn sees the caller's own transaction."""
+        rows = await self._rows(GET_TASK, (task_id,), conn)
+        if not rows:
+            raise errors.TaskNotFound(f"task {task_id} does not exist")
+        history = await self._rows(GET_ATTEMPTS, (task_id,), conn)
         return _task(rows[0], [_attempt(a) for a in history])
+
+    async def get_many(self, task_ids: Sequence[int], conn: AsyncConn | None = None) -> list[Task]:
+        """Tasks by id (without attempt history), in no particular order."""
+        rows = await self._rows(GET_TASKS, (list(task_ids),), conn)
+        return [_task(r) for r in rows]
 
     async def list_tasks(
         self,
@@ -526,13 +541,18 @@ class Ledger:
         (row,) = self._rows(RETRY, (task_id,))
         return TaskStatus(row[0])
 
-    def get(self, task_id: int) -> Task:
-        with translated(), self.pool.connection() as conn:
-            rows = conn.execute(GET_TASK, (task_id,)).fetchall()
-            if not rows:
-                raise errors.TaskNotFound(f"task {task_id} does not exist")
-            history = conn.execute(GET_ATTEMPTS, (task_id,)).fetchall()
+    def get(self, task_id: int, conn: SyncConn | None = None) -> Task:
+        """The task with its attempt history; conn sees the caller's own transaction."""
+        rows = self._rows(GET_TASK, (task_id,), conn)
+        if not rows:
+            raise errors.TaskNotFound(f"task {task_id} does not exist")
+        history = self._rows(GET_ATTEMPTS, (task_id,), conn)
         return _task(rows[0], [_attempt(a) for a in history])
+
+    def get_many(self, task_ids: Sequence[int], conn: SyncConn | None = None) -> list[Task]:
+        """Tasks by id (without attempt history), in no particular order."""
+        rows = self._rows(GET_TASKS, (list(task_ids),), conn)
+        return [_task(r) for r in rows]
 
     def list_tasks(
         self,

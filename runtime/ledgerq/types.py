@@ -130,6 +130,7 @@ class ClaimedTask:
     attempt: int
     max_attempts: int
     priority: int
+    run_at: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,0 +1,237 @@
+"""Client and AsyncClient: enqueue, get, cancel and retry tasks from Python.
+
+    client = Client()                 # reads LEDGERQ_* from the environment
+    task = client.enqueue("email.send", {"to": "a@b.c"}, idempotency_key="welcome-42")
+    task.id, task.created, task.status
+
+``enqueue(..., conn=my_psycopg_connection)`` runs inside the caller's
+transaction: the task exists only if that transaction commits. Given a
+``registry=``, a task type's declared queue and max_attempts are the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from ledgerq import errors, metrics
+from ledgerq.config import Settings
+from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, NewTask, SyncConn
+from ledgerq.registry import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, Registry
+from ledgerq.types import Task, TaskStatus
+
+_TASK_FIELDS = {
+    "task_type", "payload", "queue", "priority", "run_at", "delay", "max_attempts",
+    "idempotency_key",
+}  # fmt: skip
+
+
+class _Defaults:
+    """Turns enqueue arguments into a NewTask, with the registry's defaults."""
+
+    def __init__(self, registry: Registry | None) -> None:
+        self.registry = registry
+
+    def new_task(
+        self,
+        task_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        delay: float | timedelta = 0,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+    ) -> NewTask:
+        definition = self.registry.get(task_type) if self.registry is not None else None
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if delay < 0:
+            raise errors.InvalidInput(f"delay must be >= 0 seconds, got {delay}")
+        if run_at is not None and delay:
+            raise errors.InvalidInput("give run_at or delay, not both")
+        if payload is not None and not isinstance(payload, Mapping):
+            raise errors.InvalidInput(
+                f"payload must be a JSON object (a dict), got {type(payload).__name__}"
+            )
+        if delay:
+            run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+        return NewTask(
+            task_type=task_type,
+            payload=dict(payload or {}),
+            queue=queue or (definition.queue if definition else QUEUE_DEFAULT),
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts
+            or (definition.max_attempts if definition else MAX_ATTEMPTS_DEFAULT),
+            idempotency_key=idempotency_key,
+        )
+
+    def from_mapping(self, item: Mapping[str, Any]) -> NewTask:
+        unknown = set(item) - _TASK_FIELDS
+        if unknown:
+            raise errors.InvalidInput(f"unknown task field(s): {', '.join(sorted(unknown))}")
+        if "task_type" not in item:
+            raise errors.InvalidInput("every task needs a task_type")
+        fields = dict(item)
+        return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
+
+
+def _with_created(task: Task, created: bool) -> Task:
+    return dataclasses.replace(task, created=created)
+
+
+def _count_enqueued(tasks: Iterable[NewTask], created: Iterable[bool]) -> None:
+    for task, was_created in zip(tasks, created, strict=True):
+        if was_created:
+            metrics.TASKS_ENQUEUED.labels(task.task_type, task.queue).inc()
+
+
+class Client:
+    """Synchronous client of the ledger."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self._defaults = _Defaults(registry)
+        self._ledger = ledger
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger.connect(self.settings.database_url)
+        return self._ledger
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def enqueue(
+        self,
+        task_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        delay: float | timedelta = 0,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        conn: SyncConn | None = None,
+    ) -> Task:
+        """Create a task (or return the one its idempotency key already names)."""
+        new = self._defaults.new_task(
+            task_type, payload, idempotency_key=idempotency_key, priority=priority,
+            delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+        )  # fmt: skip
+        task_id, created = self.ledger.enqueue(new, conn)
+        _count_enqueued([new], [created])
+        return _with_created(self.ledger.get(task_id, conn), created)
+
+    def enqueue_many(
+        self, tasks: Sequence[Mapping[str, Any]], conn: SyncConn | None = None
+    ) -> list[Task]:
+        """Create many tasks in one all-or-nothing call; results in input order."""
+        news = [self._defaults.from_mapping(item) for item in tasks]
+        results = self.ledger.enqueue_many(news, conn)
+        _count_enqueued(news, [created for _, created in results])
+        by_id = {t.id: t for t in self.ledger.get_many([task_id for task_id, _ in results], conn)}
+        return [_with_created(by_id[task_id], created) for task_id, created in results]
+
+    def get(self, task_id: int) -> Task:
+        return self.ledger.get(task_id)
+
+    def cancel(self, task_id: int) -> TaskStatus:
+        return self.ledger.cancel(task_id)
+
+    def retry(self, task_id: int) -> TaskStatus:
+        return self.ledger.retry(task_id)
+
+
+class AsyncClient:
+    """Asynchronous client of the ledger: the same calls as Client, awaited."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        ledger: AsyncLedger | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self._defaults = _Defaults(registry)
+        self._ledger = ledger
+
+    async def ledger(self) -> AsyncLedger:
+        if self._ledger is None:
+            self._ledger = await AsyncLedger.connect(self.settings.database_url)
+        return self._ledger
+
+    async def close(self) -> None:
+        if self._ledger is not None:
+            await self._ledger.close()
+            self._ledger = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def enqueue(
+        self,
+        task_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        delay: float | timedelta = 0,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        conn: AsyncConn | None = None,
+    ) -> Task:
+        """Create a task (or return the one its idempotency key already names)."""
+        new = self._defaults.new_task(
+            task_type, payload, idempotency_key=idempotency_key, priority=priority,
+            delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+        )  # fmt: skip
+        ledger = await self.ledger()
+        task_id, created = await ledger.enqueue(new, conn)
+        _count_enqueued([new], [created])
+        return _with_created(await ledger.get(task_id, conn), created)
+
+    async def enqueue_many(
+        self, tasks: Sequence[Mapping[str, Any]], conn: AsyncConn | None = None
+    ) -> list[Task]:
+        """Create many tasks in one all-or-nothing call; results in input order."""
+        news = [self._defaults.from_mapping(item) for item in tasks]
+        ledger = await self.ledger()
+        results = await ledger.enqueue_many(news, conn)
+        _count_enqueued(news, [created for _, created in results])
+        by_id = {t.id: t for t in await ledger.get_many([task_id for task_id, _ in results], conn)}
+        return [_with_created(by_id[task_id], created) for task_id, created in results]
+
+    async def get(self, task_id: int) -> Task:
+        return await (await self.ledger()).get(task_id)
+
+    async def cancel(self, task_id: int) -> TaskStatus:
+        return await (await self.ledger()).cancel(task_id)
+
+    async def retry(self, task_id: int) -> TaskStatus:
+        return await (await self.ledger()).retry(task_id)

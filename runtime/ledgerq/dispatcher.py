@@ -1,0 +1,181 @@
+"""The dispatcher: due PENDING tasks → Redis, woken by NOTIFY and by polling.
+
+Each pass takes up to ``batch_size`` due tasks (``task_take_due``: priority,
+then run_at, then creation; SKIP LOCKED so several dispatchers share the work),
+pushes their ids to Redis, and only then commits: a failed push leaves them
+PENDING, and a crash after the push leaves ids that ``claim_task`` still
+accepts. It drains in batches, then sleeps until a NOTIFY on ``ledgerq_tasks``
+(an enqueue, a retry, a reap), the next task's ``run_at``, or
+``poll_interval_s`` (POLL_INTERVAL_DEFAULT_S), whichever comes first.
+
+Redelivery (every ``sweep_interval_s``, SWEEP_INTERVAL_DEFAULT_S): QUEUED tasks
+handed out more than ``recheck_after_s`` ago are looked up in Redis. Still
+waiting there → a long backlog: their ``queued_at`` is refreshed so reap_stuck
+leaves them alone. Missing (a worker popped the id and died before claiming
+it, or Redis lost it) → pushed again. When Redis's epoch changes (FLUSHALL, a
+restart without persistence) every QUEUED task is checked at once.
+
+Log events (logger ``ledgerq.dispatcher``): ``dispatcher.started``,
+``dispatcher.redelivered``, ``dispatcher.redis_reset``, ``ledger.unavailable``,
+``dispatch.unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import psycopg
+
+from ledgerq import errors
+from ledgerq.dispatch import Dispatch
+from ledgerq.ledger import NOTIFY_CHANNEL, AsyncLedger
+
+BATCH_SIZE_DEFAULT = 500
+POLL_INTERVAL_DEFAULT_S = 1.0
+SWEEP_INTERVAL_DEFAULT_S = 5.0
+RECHECK_AFTER_DEFAULT_S = 10.0
+SWEEP_BATCH = 5000
+RECONNECT_MAX_S = 5.0
+
+log = logging.getLogger("ledgerq.dispatcher")
+
+
+class Dispatcher:
+    """Moves due tasks from the ledger to Redis."""
+
+    def __init__(
+        self,
+        ledger: AsyncLedger,
+        dispatch: Dispatch,
+        *,
+        database_url: str,
+        batch_size: int = BATCH_SIZE_DEFAULT,
+        poll_interval_s: float = POLL_INTERVAL_DEFAULT_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_DEFAULT_S,
+        recheck_after_s: float = RECHECK_AFTER_DEFAULT_S,
+    ) -> None:
+        self.ledger = ledger
+        self.dispatch = dispatch
+        self.database_url = database_url
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.sweep_interval_s = sweep_interval_s
+        self.recheck_after_s = recheck_after_s
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._epoch: str | None = None
+        #: Totals since start, for tests and stats.
+        self.dispatched = 0
+        self.redelivered = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Dispatch every task due now; return how many were handed to Redis."""
+        moved = 0
+        while True:
+            async with self.ledger.take_due(self.batch_size) as due:
+                await self.dispatch.push(due)
+            moved += len(due)
+            if len(due) < self.batch_size:
+                break
+        self.dispatched += moved
+        return moved
+
+    async def sweep(self, recheck_after_s: float | None = None) -> tuple[int, int]:
+        """Check QUEUED tasks against Redis; return (still waiting, pushed again)."""
+        older_than = self.recheck_after_s if recheck_after_s is None else recheck_after_s
+        waiting_total = pushed_total = 0
+        last_id = None
+        while True:
+            stale = await self.ledger.queued_stale(older_than, SWEEP_BATCH)
+            if not stale or stale[-1].id == last_id:
+                break
+            present = await self.dispatch.waiting(stale)
+            missing = [t for t, here in zip(stale, present, strict=True) if not here]
+            if missing:
+                await self.dispatch.push(missing)
+            await self.ledger.queued_confirm([t.id for t in stale])
+            waiting_total += len(stale) - len(missing)
+            pushed_total += len(missing)
+            last_id = stale[-1].id
+            if len(stale) < SWEEP_BATCH:
+                break
+        if pushed_total:
+            log.warning("dispatcher.redelivered %d task(s) missing from Redis", pushed_total)
+        self.redelivered += pushed_total
+        return waiting_total, pushed_total
+
+    async def check_epoch(self) -> bool:
+        """Whether Redis lost its data since the last check (then sweep everything)."""
+        epoch = await self.dispatch.epoch()
+        changed = self._epoch is not None and epoch != self._epoch
+        first = self._epoch is None
+        self._epoch = epoch
+        if changed:
+            log.warning("dispatcher.redis_reset: Redis lost its data; re-checking QUEUED tasks")
+        return changed or first
+
+    async def run(self) -> None:
+        """Serve until stop() is called."""
+        log.info("dispatcher.started batch=%d poll=%.1fs", self.batch_size, self.poll_interval_s)
+        listener = asyncio.create_task(self._listen(), name="ledgerq-listen")
+        failures = 0
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                try:
+                    if await self.check_epoch():
+                        await self.sweep(recheck_after_s=0)
+                        next_sweep = loop.time() + self.sweep_interval_s
+                    await self.run_once()
+                    if loop.time() >= next_sweep:
+                        await self.sweep()
+                        next_sweep = loop.time() + self.sweep_interval_s
+                    sleep_s = await self._sleep_budget()
+                    failures = 0
+                except (errors.LedgerUnavailable, errors.DispatchError) as exc:
+                    failures += 1
+                    event = (
+                        "dispatch.unavailable"
+                        if isinstance(exc, errors.DispatchError)
+                        else "ledger.unavailable"
+                    )
+                    log.warning("%s %s (retrying)", event, exc.message)
+                    sleep_s = min(RECONNECT_MAX_S, 0.1 * 2**failures)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=sleep_s)
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    async def _sleep_budget(self) -> float:
+        next_run_at = await self.ledger.next_run_at()
+        if next_run_at is None:
+            return self.poll_interval_s
+        until_due = (next_run_at - datetime.now(UTC)).total_seconds()
+        return max(0.0, min(self.poll_interval_s, until_due))
+
+    async def _listen(self) -> None:
+        """Set the wake event on every NOTIFY; reconnect when the connection drops."""
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    failures = 0
+                    self._wake.set()  # something may have been enqueued while we were away
+                    async for _notify in conn.notifies():
+                        self._wake.set()
+            except psycopg.Error as exc:
+                failures += 1
+                log.warning("ledger.unavailable listen: %s", str(exc).strip().splitlines()[0])
+                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))

@@ -1,0 +1,302 @@
+"""Registry, task definitions and Context: what a handler is and what it is given.
+
+    tasks = Registry()
+
+    @tasks.task("email.send", queue="default", max_attempts=5, timeout=30)
+    async def send_email(ctx: Context, payload: dict) -> dict | None: ...
+
+A handler may be ``async def`` (run on the worker's event loop) or plain
+``def`` (run in a worker thread). Its second parameter's annotation declares
+the payload type: ``dict`` (the default) takes the JSON object as it is; a
+dataclass, TypedDict or pydantic model is validated before the handler runs,
+and a payload that does not fit sends the task DEAD after that one attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import threading
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pydantic
+
+from ledgerq import errors
+from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
+from ledgerq.types import JsonObject, JsonValue, TaskId
+
+TIMEOUT_DEFAULT_S = 30.0
+MAX_ATTEMPTS_DEFAULT = 5
+QUEUE_DEFAULT = "default"
+
+Handler = Callable[..., Any]
+ExceptionTypes = tuple[type[BaseException], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskDefinition:
+    """A registered task type: its handler and how its attempts are run."""
+
+    name: str
+    fn: Handler
+    queue: str = QUEUE_DEFAULT
+    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    timeout_s: float | None = TIMEOUT_DEFAULT_S
+    retry_on: ExceptionTypes = ()
+    dont_retry_on: ExceptionTypes = ()
+    payload_type: Any = dict
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    def parse_payload(self, payload: JsonObject) -> Any:
+        """The payload as the handler declared it; InvalidPayload if it does not fit."""
+        if (
+            self.payload_type in (dict, JsonObject, Any)
+            or self.payload_type is inspect.Parameter.empty
+        ):
+            return payload
+        try:
+            return _adapter(self.payload_type).validate_python(payload)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}"
+                for e in exc.errors()[:5]
+            )
+            raise errors.InvalidPayload(
+                f"payload does not match {getattr(self.payload_type, '__name__', self.payload_type)}: {problems}"
+            ) from None
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """Whether a failed attempt with this exception should be retried."""
+        if isinstance(exc, errors.NonRetryable):
+            return False
+        if self.dont_retry_on and isinstance(exc, self.dont_retry_on):
+            return False
+        if isinstance(exc, errors.Retryable):
+            return True
+        if self.retry_on:
+            return isinstance(exc, self.retry_on)
+        return not is_integrity_error(exc)
+
+
+_ADAPTERS: dict[Any, pydantic.TypeAdapter[Any]] = {}
+
+
+def _adapter(payload_type: Any) -> pydantic.TypeAdapter[Any]:
+    adapter = _ADAPTERS.get(payload_type)
+    if adapter is None:
+        adapter = _ADAPTERS[payload_type] = pydantic.TypeAdapter(payload_type)
+    return adapter
+
+
+def _payload_type(fn: Handler) -> Any:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2:
+        raise errors.ConfigError(
+            f"handler {fn.__qualname__} must take (ctx, payload), got {len(params)} parameter(s)"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    annotation = hints.get(params[1].name, dict)
+    origin = typing.get_origin(annotation)
+    if annotation is dict or origin is dict:
+        return dict
+    return annotation
+
+
+class Registry:
+    """The task types a worker can run, by name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskDefinition] = {}
+
+    def task(
+        self,
+        name: str,
+        *,
+        queue: str = QUEUE_DEFAULT,
+        max_attempts: int = MAX_ATTEMPTS_DEFAULT,
+        timeout: float | None = TIMEOUT_DEFAULT_S,
+        retry_on: Sequence[type[BaseException]] = (),
+        dont_retry_on: Sequence[type[BaseException]] = (),
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of task type ``name``."""
+        if not name or not name.strip():
+            raise errors.ConfigError("task name must be a non-empty string")
+        if max_attempts < 1:
+            raise errors.ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
+        if timeout is not None and timeout <= 0:
+            raise errors.ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+
+        def register(fn: Handler) -> Handler:
+            if name in self._tasks:
+                raise errors.ConfigError(f"task {name!r} is registered twice")
+            self._tasks[name] = TaskDefinition(
+                name=name,
+                fn=fn,
+                queue=queue,
+                max_attempts=max_attempts,
+                timeout_s=timeout,
+                retry_on=tuple(retry_on),
+                dont_retry_on=tuple(dont_retry_on),
+                payload_type=_payload_type(fn),
+            )
+            return fn
+
+        return register
+
+    def get(self, name: str) -> TaskDefinition | None:
+        return self._tasks.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def queues(self) -> list[str]:
+        return sorted({d.queue for d in self._tasks.values()})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+class Context:
+    """What a handler knows about the attempt it runs, and its effect helpers.
+
+    ``ctx.once(key, fn, *args)`` runs ``fn`` only if the effect ``key`` was
+    never recorded, records it with fn's JSON result, and returns the recorded
+    result on later attempts. Attempts racing on one key take turns (an
+    advisory lock), so fn never runs twice at once; if the worker dies while fn
+    runs, the record is not written and a later attempt runs fn again
+    (at-least-once in that one window: give the side effect's provider the same
+    key as its own idempotency key where it has one).
+
+    ``ctx.once_in_transaction(key, fn)`` hands ``fn`` a database connection
+    whose writes commit atomically with the effect record and the task's
+    completion: exactly once for effects that are database writes.
+
+    In an ``async def`` handler both are awaited; in a plain ``def`` handler
+    they return the value directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: TaskId,
+        attempt: int,
+        task_type: str,
+        queue: str,
+        worker_id: str,
+        ledger: AsyncLedger,
+        loop: asyncio.AbstractEventLoop,
+        sync_ledger: Callable[[], Ledger] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.task_type = task_type
+        self.queue = queue
+        self.worker_id = worker_id
+        self.logger = logging.LoggerAdapter(
+            logging.getLogger(f"ledgerq.task.{task_type}"),
+            {"task_id": task_id, "attempt": attempt, "worker_id": worker_id},
+        )
+        #: Set when the ledger asked this attempt to stop (cancelled, or lease lost).
+        self.stop_requested = threading.Event()
+        self._ledger = ledger
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._sync_ledger = sync_ledger
+        self.transaction: AsyncConn | None = None
+        self.sync_transaction: SyncConn | None = None
+        self._sync_tx_cm: Any = None
+
+    def _in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def once(self, effect_key: str, fn: Callable[..., Any], *args: Any) -> JsonValue:
+        """Run fn(*args) once per effect_key; return its (recorded) JSON result."""
+        if self._in_loop_thread():
+            return self._once(effect_key, fn, args, fn_in_thread=False)
+        future = asyncio.run_coroutine_threadsafe(
+            self._once(effect_key, fn, args, fn_in_thread=True), self._loop
+        )
+        return future.result()
+
+    async def _once(
+        self, effect_key: str, fn: Callable[..., Any], args: tuple[Any, ...], *, fn_in_thread: bool
+    ) -> JsonValue:
+        async with self._ledger.connection() as conn, conn.transaction():
+            recorded, result = await self._ledger.effect_lock(conn, effect_key)
+            if recorded:
+                return result
+            if fn_in_thread:
+                value = await asyncio.to_thread(fn, *args)
+            else:
+                value = fn(*args)
+            if inspect.isawaitable(value):
+                value = await value
+            await self._ledger.record_effect(conn, effect_key, self.task_id, value)
+            return value
+
+    def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> JsonValue:
+        """Run fn(conn) once per effect_key, inside the transaction that completes the task."""
+        if self._in_loop_thread():
+            return self._once_in_transaction(effect_key, fn)
+        return self._sync_once_in_transaction(effect_key, fn)
+
+    async def _once_in_transaction(
+        self, effect_key: str, fn: Callable[[AsyncConn], Awaitable[JsonValue] | JsonValue]
+    ) -> JsonValue:
+        if self.transaction is None:
+            conn = await self._ledger.pool.getconn()
+            try:
+                await conn.execute("BEGIN")
+            except BaseException:
+                await self._ledger.pool.putconn(conn)
+                raise
+            self.transaction = conn
+        conn = self.transaction
+        recorded, result = await self._ledger.effect_lock(conn, effect_key)
+        if recorded:
+            return result
+        value = fn(conn)
+        if inspect.isawaitable(value):
+            value = await value
+        await self._ledger.record_effect(conn, effect_key, self.task_id, value)
+        return value
+
+    def _sync_once_in_transaction(
+        self, effect_key: str, fn: Callable[[SyncConn], JsonValue]
+    ) -> JsonValue:
+        if self._sync_ledger is None:
+            raise errors.ConfigError("once_in_transaction needs a worker with a database")
+        ledger = self._sync_ledger()
+        if self.sync_transaction is None:
+            conn = ledger.pool.getconn()
+            try:
+                conn.execute("BEGIN")
+            except BaseException:
+                ledger.pool.putconn(conn)
+                raise
+            self.sync_transaction = conn
+        conn = self.sync_transaction
+        recorded, result = ledger.effect_lock(conn, effect_key)
+        if recorded:
+            return result
+        value = fn(conn)
+        ledger.record_effect(conn, effect_key, self.task_id, value)
+        return value
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the ledger asked this attempt to stop; long sync handlers may poll it."""
+        return self.stop_requested.is_set()

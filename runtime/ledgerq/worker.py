@@ -1,0 +1,454 @@
+"""The worker: pop task ids from Redis → claim_tasks → run handlers → complete_tasks.
+
+One ``Worker`` is one process's event loop running up to ``concurrency``
+handlers at once: ``async def`` handlers on the loop, plain ``def`` handlers in
+a thread pool of the same size. Round trips per task are the cost, so
+everything is batched: one Redis call pops as many ids as there are free slots,
+one ``claim_tasks`` claims them, one ``complete_tasks`` records every outcome
+that finished while the previous one was in flight, and one ``heartbeat_tasks``
+renews every lease this worker holds.
+
+Options and defaults: ``concurrency`` (CONCURRENCY_DEFAULT), ``lease_s``
+(LEASE_DEFAULT_S; heartbeats every third of it), ``grace_s``
+(GRACE_DEFAULT_S: how long a stopping worker lets running handlers finish
+before it hands their tasks back).
+
+Known limits: the worker never changes a task's status itself; the ledger
+decides. A handler whose lease is lost (the worker stalled past its lease)
+is cancelled when the worker learns it, but may already have done work: use
+``ctx.once`` for side effects. A sync handler cannot be interrupted: on
+timeout or cancellation its thread runs on, and its result is discarded.
+
+Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
+``worker.stopped``, ``task.failed``, ``task.lost``, ``ledger.unavailable``,
+``dispatch.unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from ledgerq import errors, metrics
+from ledgerq.dispatch import Dispatch
+from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.registry import Context, Registry, TaskDefinition
+from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
+
+CONCURRENCY_DEFAULT = 10
+LEASE_DEFAULT_S = 30
+GRACE_DEFAULT_S = 30.0
+POP_WAIT_S = 5.0
+RECONNECT_MAX_S = 5.0
+ERROR_TEXT_MAX = 8000
+
+log = logging.getLogger("ledgerq.worker")
+
+_OUTCOME_COUNTERS = {
+    TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED,
+    TaskStatus.PENDING: metrics.TASKS_RETRIED,
+    TaskStatus.DEAD: metrics.TASKS_DEAD,
+    TaskStatus.CANCELLED: metrics.TASKS_CANCELLED,
+}
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class _Running:
+    """A handler in flight."""
+
+    __slots__ = ("ctx", "definition", "future", "lost", "task")
+
+    def __init__(self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None) -> None:
+        self.task = task
+        self.ctx = ctx
+        self.definition = definition
+        self.future: asyncio.Task[None] | None = None
+        self.lost = False
+
+
+class Worker:
+    """Runs the handlers of one registry for the given queues."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        ledger: AsyncLedger,
+        dispatch: Dispatch,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = CONCURRENCY_DEFAULT,
+        lease_s: int = LEASE_DEFAULT_S,
+        grace_s: float = GRACE_DEFAULT_S,
+        worker_id: str | None = None,
+        sync_ledger: Callable[[], Ledger] | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if lease_s < 3:
+            raise errors.ConfigError(f"lease must be >= 3 seconds, got {lease_s}")
+        self.registry = registry
+        self.ledger = ledger
+        self.dispatch = dispatch
+        self.queues = queues or registry.queues() or ["default"]
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.grace_s = grace_s
+        self.worker_id = worker_id or new_worker_id()
+        self._sync_ledger = sync_ledger
+        self._running: dict[TaskId, _Running] = {}
+        self._slot_freed = asyncio.Event()
+        self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
+        self._outcomes_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="ledgerq-handler"
+        )
+        #: Outcomes the ledger recorded, by resulting status (for tests and stats).
+        self.completed: dict[str, int] = {}
+
+    # --- life cycle ----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking work; run() then finishes within the grace period."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until stop() is called; then drain, hand back, and return."""
+        log.info(
+            "worker.started id=%s queues=%s concurrency=%d lease=%ds",
+            self.worker_id, ",".join(self.queues), self.concurrency, self.lease_s,
+        )  # fmt: skip
+        completer = asyncio.create_task(self._complete_loop(), name="ledgerq-completer")
+        heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        try:
+            await self._fetch_loop()
+            log.info("worker.stopping id=%s running=%d", self.worker_id, len(self._running))
+            await self._drain()
+        finally:
+            heartbeater.cancel()
+            await asyncio.gather(heartbeater, return_exceptions=True)
+            self._outcomes_ready.set()
+            self._stopping.set()
+            await completer
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker.stopped id=%s", self.worker_id)
+
+    async def _drain(self) -> None:
+        """Let running handlers finish within the grace period; hand back the rest."""
+        pending = [r.future for r in self._running.values() if r.future is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=self.grace_s)
+        leftovers = [r for r in self._running.values() if not r.lost]
+        if not leftovers:
+            return
+        for running in leftovers:
+            running.lost = True  # its outcome, if it comes, must not be recorded
+            running.ctx.stop_requested.set()
+            if running.future is not None:
+                running.future.cancel()
+        leases = [(r.task.id, r.task.attempt) for r in leftovers]
+        with contextlib.suppress(errors.LedgerError):
+            # If the ledger is down, the leases expire and reap_stuck recovers them.
+            await self.ledger.release(leases, f"worker {self.worker_id} shut down")
+        await asyncio.gather(
+            *(r.future for r in leftovers if r.future is not None), return_exceptions=True
+        )
+
+    # --- fetching ------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_either(self._slot_freed.wait())
+                continue
+            try:
+                ids = await self.dispatch.pop(self.queues, free)
+                if not ids:
+                    first = await self._wait_either(self.dispatch.pop_wait(self.queues, POP_WAIT_S))
+                    if first is None:
+                        continue
+                    ids = [first, *await self.dispatch.pop(self.queues, free - 1)]
+                # Ids popped but not claimed (the ledger is unreachable) stay
+                # QUEUED; the dispatcher finds them missing from Redis and
+                # hands them out again.
+                claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+                failures = 0
+            except (errors.LedgerUnavailable, errors.DispatchError) as exc:
+                failures += 1
+                event = (
+                    "dispatch.unavailable"
+                    if isinstance(exc, errors.DispatchError)
+                    else "ledger.unavailable"
+                )
+                log.warning("%s %s (retrying)", event, exc.message)
+                await self._wait_either(asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures)))
+                continue
+            for task in claimed:
+                self._start(task)
+
+    async def _wait_either(self, awaitable: Any) -> Any:
+        """Await awaitable, or give up (returning None) as soon as stop() is called."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return None
+
+    # --- running handlers ------------------------------------------------------
+
+    def _start(self, task: ClaimedTask) -> None:
+        ctx = Context(
+            task_id=task.id,
+            attempt=task.attempt,
+            task_type=task.type,
+            queue=task.queue,
+            worker_id=self.worker_id,
+            ledger=self.ledger,
+            loop=asyncio.get_running_loop(),
+            sync_ledger=self._sync_ledger,
+        )
+        running = _Running(task, ctx, self.registry.get(task.type))
+        self._running[task.id] = running
+        running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
+
+    async def _run(self, running: _Running) -> None:
+        task, ctx, definition = running.task, running.ctx, running.definition
+        labels = (task.type, task.queue)
+        metrics.TASKS_STARTED.labels(*labels).inc()
+        metrics.WORKER_INFLIGHT.inc()
+        now = datetime.now(UTC)
+        metrics.PICKUP_LATENCY.labels(task.queue).observe(
+            max(0.0, (now - task.run_at).total_seconds())
+        )
+        started = time.perf_counter()
+        outcome: Outcome | None
+        try:
+            result = await self._call(task, ctx, definition)
+            outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
+        except asyncio.CancelledError:
+            # Cancelled by a heartbeat ('cancel' or 'lost') or by shutdown.
+            outcome = Outcome(
+                task.id, task.attempt, succeeded=False, error="cancelled while running"
+            )
+        except BaseException as exc:
+            retryable = definition.is_retryable(exc) if definition is not None else False
+            outcome = Outcome(
+                task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
+            )
+            log.info(
+                "task.failed id=%s type=%s attempt=%d retryable=%s error=%s",
+                task.id, task.type, task.attempt, retryable, (outcome.error or "").splitlines()[0],
+            )  # fmt: skip
+        finally:
+            metrics.WORKER_INFLIGHT.dec()
+            metrics.TASK_DURATION.labels(*labels).observe(time.perf_counter() - started)
+        try:
+            if running.lost:
+                await self._abandon_transaction(ctx)
+            elif ctx.transaction is not None or ctx.sync_transaction is not None:
+                await self._complete_in_transaction(ctx, outcome, labels)
+            else:
+                self._outcomes.append((outcome, labels))
+                self._outcomes_ready.set()
+        finally:
+            self._running.pop(task.id, None)
+            self._slot_freed.set()
+
+    async def _call(
+        self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> JsonValue:
+        if definition is None:
+            raise _internal(
+                errors.NonRetryable(f"unknown task type {task.type!r}: no handler is registered")
+            )
+        try:
+            payload = definition.parse_payload(task.payload)
+        except errors.InvalidPayload as exc:
+            raise _internal(exc) from None
+        if definition.is_async:
+            call = definition.fn(ctx, payload)
+        else:
+            loop = asyncio.get_running_loop()
+            call = loop.run_in_executor(self._executor, definition.fn, ctx, payload)
+        try:
+            result = await asyncio.wait_for(call, timeout=definition.timeout_s)
+        except TimeoutError:
+            ctx.stop_requested.set()
+            raise _internal(
+                errors.Retryable(f"timed out after {definition.timeout_s:g} s")
+            ) from None
+        return _json_result(result)
+
+    async def _complete_in_transaction(
+        self, ctx: Context, outcome: Outcome, labels: tuple[str, str]
+    ) -> None:
+        """Complete inside the handler's transaction: commit its writes, the effect
+        records and the completion together, or (a failed or fenced attempt) none."""
+        if ctx.transaction is not None:
+            conn, ctx.transaction = ctx.transaction, None
+            status: TaskStatus | None = None
+            try:
+                if outcome.succeeded:
+                    (status,) = await self.ledger.complete([outcome], conn)
+                # Fenced (status None: another attempt owns the task) or failed:
+                # none of the handler's writes may land.
+                await conn.execute("COMMIT" if status is not None else "ROLLBACK")
+            except errors.LedgerError:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            finally:
+                await self.ledger.pool.putconn(conn)
+        else:
+            status = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._complete_in_sync_transaction, ctx, outcome
+            )
+        if status is not None:
+            self._count(status, labels)
+        elif not outcome.succeeded:
+            self._outcomes.append((outcome, labels))
+            self._outcomes_ready.set()
+
+    def _complete_in_sync_transaction(self, ctx: Context, outcome: Outcome) -> TaskStatus | None:
+        """The thread-side twin of the block above, for plain ``def`` handlers."""
+        conn, ctx.sync_transaction = ctx.sync_transaction, None
+        assert conn is not None and self._sync_ledger is not None
+        ledger = self._sync_ledger()
+        status: TaskStatus | None = None
+        try:
+            if outcome.succeeded:
+                (status,) = ledger.complete([outcome], conn)
+            conn.execute("COMMIT" if status is not None else "ROLLBACK")
+        finally:
+            ledger.pool.putconn(conn)
+        return status
+
+    async def _abandon_transaction(self, ctx: Context) -> None:
+        if ctx.transaction is not None:
+            conn, ctx.transaction = ctx.transaction, None
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            await self.ledger.pool.putconn(conn)
+
+    # --- completing ------------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._outcomes_ready.wait()
+            self._outcomes_ready.clear()
+            if not self._outcomes:
+                if self._stopping.is_set() and not self._running:
+                    return
+                continue
+            batch, self._outcomes = self._outcomes, []
+            try:
+                statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+                failures = 0
+            except errors.LedgerError as exc:
+                # Keep the outcomes and try again: if the ledger stays away past
+                # the lease, reap_stuck retries the task and this attempt is fenced.
+                self._outcomes = batch + self._outcomes
+                failures += 1
+                log.warning("ledger.unavailable completing %d task(s): %s", len(batch), exc.message)
+                if self._stopping.is_set() and failures > 5:
+                    return
+                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
+                self._outcomes_ready.set()
+                continue
+            for (_outcome, labels), status in zip(batch, statuses, strict=True):
+                self._count(status, labels)
+            if self._outcomes:
+                self._outcomes_ready.set()
+
+    def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
+        key = status.value if status is not None else "FENCED"
+        self.completed[key] = self.completed.get(key, 0) + 1
+        counter = _OUTCOME_COUNTERS.get(status) if status is not None else None
+        if counter is not None:
+            counter.labels(*labels).inc()
+
+    # --- heartbeats ------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            leases = [(r.task.id, r.task.attempt) for r in self._running.values() if not r.lost]
+            if not leases:
+                continue
+            try:
+                states = await self.ledger.heartbeat(leases, self.lease_s)
+            except errors.LedgerError as exc:
+                log.warning("ledger.unavailable heartbeat: %s", exc.message)
+                continue
+            for task_id, _attempt, state in states:
+                running = self._running.get(task_id)
+                if running is None or state == "ok":
+                    continue
+                running.ctx.stop_requested.set()
+                if state == "lost":
+                    running.lost = True
+                    log.warning("task.lost id=%s attempt=%d", task_id, running.task.attempt)
+                if (
+                    running.future is not None
+                    and running.definition is not None
+                    and running.definition.is_async
+                ):
+                    running.future.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    """The error the ledger keeps: a first line a person can read at a glance
+    ("ValueError: bad amount"), then, for a handler's own exception, where it
+    came from."""
+    summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if getattr(exc, "_ledgerq_internal", False):
+        return summary
+    trace = "".join(traceback.format_exception(exc, limit=-8)).strip()
+    text = f"{summary}\n{trace}"
+    if len(text) > ERROR_TEXT_MAX:
+        text = text[: ERROR_TEXT_MAX // 2] + "\n...\n" + text[-ERROR_TEXT_MAX // 2 :]
+    return text
+
+
+def _internal(exc: BaseException) -> BaseException:
+    """Mark an error the worker itself raised: its traceback helps nobody."""
+    exc._ledgerq_internal = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _json_result(result: Any) -> JsonValue:
+    """A handler's return value as JSON; a value that is not JSON fails the attempt."""
+    if result is None or isinstance(result, str | int | float | bool):
+        return result
+    try:
+        return json.loads(json.dumps(result))
+    except (TypeError, ValueError) as exc:
+        raise _internal(
+            errors.NonRetryable(f"handler returned a value that is not JSON: {exc}")
+        ) from None
