@@ -71,6 +71,27 @@ class NewTask:
         return body
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """Tasks of one queue in one live status (or DEAD), for the metrics gauges."""
+
+    queue: str
+    status: TaskStatus
+    count: int
+    #: Seconds since the oldest due task of this status became due (PENDING, QUEUED).
+    oldest_due_age_s: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """One queue: tasks by status, its oldest due task's age, what finished lately."""
+
+    queue: str
+    counts: dict[TaskStatus, int]
+    oldest_due_age_s: float | None
+    finished_last_minute: int
+
+
 # --- query texts -----------------------------------------------------------
 
 ENQUEUE: LiteralString = """
@@ -132,6 +153,40 @@ LIST_TASKS: LiteralString = """
 """
 QUEUE_STATS: LiteralString = """
     SELECT queue, status, count, oldest_run_at FROM ledgerq.queue_stats ORDER BY queue, status
+"""
+# Live statuses only, one partial index each (tasks_dispatch_idx, tasks_queued_idx,
+# tasks_lease_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
+# count over SUCCEEDED rows would scan the whole table.
+QUEUE_DEPTHS: LiteralString = """
+    SELECT queue, 'PENDING', count(*),
+           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
+    FROM ledgerq.tasks WHERE status = 'PENDING' GROUP BY queue
+    UNION ALL
+    SELECT queue, 'QUEUED', count(*), extract(epoch FROM now() - min(run_at))::float8
+    FROM ledgerq.tasks WHERE status = 'QUEUED' GROUP BY queue
+    UNION ALL
+    SELECT queue, 'RUNNING', count(*), NULL FROM ledgerq.tasks WHERE status = 'RUNNING' GROUP BY queue
+    UNION ALL
+    SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
+"""
+# Every status of every queue in one pass: a full scan, for operators (GET /queues,
+# `ledgerq stats`), not for anything scraped on a timer.
+QUEUE_SUMMARY: LiteralString = """
+    SELECT queue,
+           count(*) FILTER (WHERE status = 'PENDING'),
+           count(*) FILTER (WHERE status = 'QUEUED'),
+           count(*) FILTER (WHERE status = 'RUNNING'),
+           count(*) FILTER (WHERE status = 'SUCCEEDED'),
+           count(*) FILTER (WHERE status = 'DEAD'),
+           count(*) FILTER (WHERE status = 'CANCELLED'),
+           extract(epoch FROM now() - min(run_at)
+               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
+           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
+    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
+"""
+GET_ATTEMPTS_MANY: LiteralString = """
+    SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
+    FROM ledgerq.attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt
 """
 
 
@@ -226,6 +281,17 @@ def _list_params(
 
 def _status_or_none(value: str | None) -> TaskStatus | None:
     return TaskStatus(value) if value is not None else None
+
+
+_SUMMARY_STATUSES = (
+    TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING,
+    TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED,
+)  # fmt: skip
+
+
+def _queue_summary(row: Sequence[Any]) -> QueueSummary:
+    counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
+    return QueueSummary(row[0], counts, row[7], int(row[8]))
 
 
 # --- error translation -----------------------------------------------------------
@@ -455,6 +521,24 @@ class AsyncLedger:
     async def queue_stats(self) -> list[QueueStat]:
         rows = await self._rows(QUEUE_STATS)
         return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+    async def queue_depths(self) -> list[QueueDepth]:
+        """Live (and DEAD) task counts per queue, from partial indexes: cheap to scrape."""
+        rows = await self._rows(QUEUE_DEPTHS)
+        return [QueueDepth(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+    async def queue_summary(self) -> list[QueueSummary]:
+        """Every queue's counts by status, oldest due age and last minute's finishes.
+
+        Scans the whole tasks table: for operators, not for a scrape loop."""
+        return [_queue_summary(r) for r in await self._rows(QUEUE_SUMMARY)]
+
+    async def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
+        """The attempt history of each task that has one (for a page of tasks)."""
+        history: dict[TaskId, list[Attempt]] = {}
+        for row in await self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
+            history.setdefault(TaskId(row[0]), []).append(_attempt(row[1:]))
+        return {task_id: tuple(attempts) for task_id, attempts in history.items()}
 
 
 # --- the sync ledger ---------------------------------------------------------------
