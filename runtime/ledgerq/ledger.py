@@ -110,7 +110,13 @@ COMPLETE: LiteralString = """
     SELECT task_id, attempt, status FROM ledgerq.complete_tasks(%s, %s, %s, %s, %s, %s)
 """
 RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %s, %s)"
-TAKE_DUE: LiteralString = "SELECT id, queue, priority FROM ledgerq.task_take_due(%s)"
+# The dispatch transaction commits without waiting for the WAL flush: a QUEUED
+# mark lost in a crash leaves the task PENDING, and it is simply dispatched
+# again (claim_task accepts either). set_config here saves a round trip.
+TAKE_DUE: LiteralString = """
+    SELECT d.id, d.queue, d.priority
+    FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
+"""
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
 QUEUED_STALE: LiteralString = """
     SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
@@ -367,8 +373,10 @@ class AsyncLedger:
             max_size=max_size,
             open=False,
             timeout=timeout_s,
+            # No check= on checkout: it would cost a round trip per query. A
+            # connection broken by a PostgreSQL restart fails its next query
+            # (LedgerUnavailable, the caller retries) and the pool drops it.
             kwargs={"autocommit": True},
-            check=AsyncConnectionPool.check_connection,
         )
         with translated():
             await pool.open(wait=True, timeout=timeout_s)
@@ -561,7 +569,6 @@ class Ledger:
             open=False,
             timeout=timeout_s,
             kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,
         )
         with translated():
             pool.open(wait=True, timeout=timeout_s)

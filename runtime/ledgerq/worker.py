@@ -184,7 +184,9 @@ class Worker:
                     first = await self._wait_either(self.dispatch.pop_wait(self.queues, POP_WAIT_S))
                     if first is None:
                         continue
-                    ids = [first, *await self.dispatch.pop(self.queues, free - 1)]
+                    # Claim the one that woke us at once; under load the
+                    # non-blocking pop above takes whole batches instead.
+                    ids = [first]
                 # Ids popped but not claimed (the ledger is unreachable) stay
                 # QUEUED; the dispatcher finds them missing from Redis and
                 # hands them out again.

@@ -1,0 +1,26 @@
+"""Task handlers for bench/runtime_bench.py: `ledgerq worker --app bench_app:tasks`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ledgerq import Context, Registry
+
+tasks = Registry()
+
+
+@tasks.task("bench.noop", queue="bench")
+async def noop(ctx: Context, payload: dict[str, object]) -> None:
+    return None
+
+
+@tasks.task("bench.sleep", queue="bench")
+async def sleep(ctx: Context, payload: dict[str, float]) -> None:
+    await asyncio.sleep(payload.get("seconds", 0.01))
+
+
+@tasks.task("bench.stamp", queue="bench")
+async def stamp(ctx: Context, payload: dict[str, object]) -> float:
+    """Returns when the handler started, for pickup latency."""
+    return time.time()
