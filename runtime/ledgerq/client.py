@@ -19,8 +19,7 @@ from typing import Any
 from ledgerq import errors, metrics
 from ledgerq.config import Settings
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, NewTask, SyncConn
-from ledgerq.registry import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, Registry
-from ledgerq.types import Task, TaskStatus
+from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, Task, TaskStatus, TaskTypes
 
 _TASK_FIELDS = {
     "task_type", "payload", "queue", "priority", "run_at", "delay", "max_attempts",
@@ -31,7 +30,7 @@ _TASK_FIELDS = {
 class _Defaults:
     """Turns enqueue arguments into a NewTask, with the registry's defaults."""
 
-    def __init__(self, registry: Registry | None) -> None:
+    def __init__(self, registry: TaskTypes | None) -> None:
         self.registry = registry
 
     def new_task(
@@ -97,7 +96,7 @@ class Client:
         self,
         settings: Settings | None = None,
         *,
-        registry: Registry | None = None,
+        registry: TaskTypes | None = None,
         ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
@@ -170,7 +169,7 @@ class AsyncClient:
         self,
         settings: Settings | None = None,
         *,
-        registry: Registry | None = None,
+        registry: TaskTypes | None = None,
         ledger: AsyncLedger | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()

@@ -27,11 +27,9 @@ import pydantic
 
 from ledgerq import errors
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
-from ledgerq.types import JsonObject, JsonValue, TaskId
+from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
 
 TIMEOUT_DEFAULT_S = 30.0
-MAX_ATTEMPTS_DEFAULT = 5
-QUEUE_DEFAULT = "default"
 
 Handler = Callable[..., Any]
 ExceptionTypes = tuple[type[BaseException], ...]

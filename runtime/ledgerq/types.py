@@ -5,13 +5,32 @@ from __future__ import annotations
 import dataclasses
 import enum
 from datetime import datetime
-from typing import Any, NewType
+from typing import Any, NewType, Protocol
 
 #: A JSON value (payloads, results). The one place ``Any`` is allowed.
 JsonValue = Any
 JsonObject = dict[str, JsonValue]
 
 TaskId = NewType("TaskId", int)
+
+QUEUE_DEFAULT = "default"
+MAX_ATTEMPTS_DEFAULT = 5
+
+
+class TaskDefaults(Protocol):
+    """What a client needs to know of a registered task type."""
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+
+class TaskTypes(Protocol):
+    """Registered task types by name (a Registry), as a client sees them."""
+
+    def get(self, name: str, /) -> TaskDefaults | None: ...
 
 
 class TaskStatus(enum.StrEnum):
