@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -75,8 +76,24 @@ postgresql_noproc = factories.postgresql_noproc(dbname=RUN_PREFIX, load=[_migrat
 
 
 def _drop_database(admin: psycopg.Connection[tuple[Any, ...]], name: str) -> None:
-    # FORCE ends connections a test left open (its threads', a LISTENer's).
+    # DROP DATABASE re-checks for other sessions only every 100 ms, while the
+    # backend of a connection a test just closed is gone within a millisecond
+    # or two: wait for that briefly, end what a test left open (its threads',
+    # a LISTENer's), and the drop takes ~20 ms instead of ~110.
+    deadline = time.monotonic() + 0.05
+    while _sessions(admin, name) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    admin.execute(
+        "SELECT pg_terminate_backend(pid, 1000) FROM pg_stat_activity WHERE datname = %s", (name,)
+    )
     admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _sessions(admin: psycopg.Connection[tuple[Any, ...]], name: str) -> int:
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _pid_alive(pid: int) -> bool:
