@@ -86,11 +86,13 @@ BEGIN
         SET lease_expires_at = now() + make_interval(secs => lease_seconds)
         FROM input i
         WHERE t.id = i.task_id AND t.attempts = i.attempt AND t.status = 'RUNNING'
-        RETURNING t.id, t.cancel_requested
+        RETURNING t.id, t.attempts, t.cancel_requested
     )
     SELECT i.task_id, i.attempt,
            CASE WHEN r.id IS NULL THEN 'lost' WHEN r.cancel_requested THEN 'cancel' ELSE 'ok' END
-    FROM input i LEFT JOIN renewed r ON r.id = i.task_id
+    -- Join on the attempt too: a stale attempt listed beside the current one
+    -- must still hear 'lost'.
+    FROM input i LEFT JOIN renewed r ON r.id = i.task_id AND r.attempts = i.attempt
     ORDER BY i.ord;
 END;
 $$;
