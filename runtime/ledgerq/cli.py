@@ -235,6 +235,11 @@ def _worker_process(
     except errors.LedgerqError as exc:
         click.echo(f"ledgerq: {exc.message}", err=True)
         sys.exit(1)
+    if "worker" in holder and holder["worker"].abandoned_threads:
+        # Handler threads still running were left to their leases; Python would
+        # wait for them at exit, so leave now (the ledger has everything).
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

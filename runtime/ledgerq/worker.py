@@ -119,6 +119,9 @@ class Worker:
         )
         #: Outcomes the ledger recorded, by resulting status (for tests and stats).
         self.completed: dict[str, int] = {}
+        #: Sync handlers still running in threads when the worker stopped; the
+        #: process should exit without waiting for them (their leases expire).
+        self.abandoned_threads = 0
 
     # --- life cycle ----------------------------------------------------------
 
@@ -148,25 +151,41 @@ class Worker:
             log.info("worker.stopped id=%s", self.worker_id)
 
     async def _drain(self) -> None:
-        """Let running handlers finish within the grace period; hand back the rest."""
+        """Let running handlers finish within the grace period; hand back the rest.
+
+        An async handler still running is cancelled, awaited, and only then
+        handed back (task_release), so it cannot overlap the next attempt. A
+        thread cannot be stopped: its task is left to its lease (the process
+        exits, the lease expires, reap_stuck retries the task).
+        """
         pending = [r.future for r in self._running.values() if r.future is not None]
         if pending:
             await asyncio.wait(pending, timeout=self.grace_s)
         leftovers = [r for r in self._running.values() if not r.lost]
-        if not leftovers:
-            return
         for running in leftovers:
             running.lost = True  # its outcome, if it comes, must not be recorded
             running.ctx.stop_requested.set()
+        cancellable = [r for r in leftovers if r.definition is None or r.definition.is_async]
+        for running in cancellable:
             if running.future is not None:
                 running.future.cancel()
-        leases = [(r.task.id, r.task.attempt) for r in leftovers]
-        with contextlib.suppress(errors.LedgerError):
-            # If the ledger is down, the leases expire and reap_stuck recovers them.
-            await self.ledger.release(leases, f"worker {self.worker_id} shut down")
         await asyncio.gather(
-            *(r.future for r in leftovers if r.future is not None), return_exceptions=True
+            *(r.future for r in cancellable if r.future is not None), return_exceptions=True
         )
+        if cancellable:
+            leases = [(r.task.id, r.task.attempt) for r in cancellable]
+            with contextlib.suppress(errors.LedgerError):
+                # If the ledger is down, the leases expire and reap_stuck recovers them.
+                await self.ledger.release(leases, f"worker {self.worker_id} shut down")
+        for running in leftovers:
+            if running not in cancellable:
+                self._running.pop(running.task.id, None)
+                self.abandoned_threads += 1
+                log.warning(
+                    "task.abandoned id=%s attempt=%d: a thread cannot be stopped; "
+                    "its lease will expire and the reaper will retry it",
+                    running.task.id, running.task.attempt,
+                )  # fmt: skip
 
     # --- fetching ------------------------------------------------------------
 
@@ -292,18 +311,30 @@ class Worker:
         except errors.InvalidPayload as exc:
             raise _internal(exc) from None
         if definition.is_async:
-            call = definition.fn(ctx, payload)
+            try:
+                result = await asyncio.wait_for(definition.fn(ctx, payload), definition.timeout_s)
+            except TimeoutError:
+                raise _internal(
+                    errors.Retryable(f"timed out after {definition.timeout_s:g} s")
+                ) from None
         else:
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._executor, definition.fn, ctx, payload)
-        try:
-            result = await asyncio.wait_for(call, timeout=definition.timeout_s)
-        except TimeoutError:
-            ctx.stop_requested.set()
-            raise _internal(
-                errors.Retryable(f"timed out after {definition.timeout_s:g} s")
-            ) from None
+            result = await self._call_in_thread(definition, ctx, payload)
         return _json_result(result)
+
+    async def _call_in_thread(
+        self, definition: TaskDefinition, ctx: Context, payload: Any
+    ) -> JsonValue:
+        """Run a plain ``def`` handler in the thread pool. A thread cannot be
+        stopped: on timeout the attempt waits for it (ctx.cancelled tells the
+        handler to give up), so the next attempt never overlaps this one."""
+        future = asyncio.wrap_future(self._executor.submit(definition.fn, ctx, payload))
+        done, _ = await asyncio.wait({future}, timeout=definition.timeout_s)
+        if not done:
+            ctx.stop_requested.set()
+            with contextlib.suppress(BaseException):
+                await future
+            raise _internal(errors.Retryable(f"timed out after {definition.timeout_s:g} s"))
+        return future.result()
 
     async def _complete_in_transaction(
         self, ctx: Context, outcome: Outcome, labels: tuple[str, str]
@@ -361,11 +392,11 @@ class Worker:
     async def _complete_loop(self) -> None:
         failures = 0
         while True:
-            await self._outcomes_ready.wait()
-            self._outcomes_ready.clear()
             if not self._outcomes:
                 if self._stopping.is_set() and not self._running:
                     return
+                self._outcomes_ready.clear()
+                await self._outcomes_ready.wait()
                 continue
             batch, self._outcomes = self._outcomes, []
             try:
@@ -380,12 +411,9 @@ class Worker:
                 if self._stopping.is_set() and failures > 5:
                     return
                 await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
-                self._outcomes_ready.set()
                 continue
             for (_outcome, labels), status in zip(batch, statuses, strict=True):
                 self._count(status, labels)
-            if self._outcomes:
-                self._outcomes_ready.set()
 
     def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
