@@ -57,7 +57,9 @@ BEGIN
             cancel_requested = false
         FROM locked l
         WHERE t.id = l.id AND t.attempts = l.attempt AND t.status = 'RUNNING'
-        RETURNING t.id, t.attempts, t.status, l.error
+        -- The attempt records the same error as the task, the default
+        -- message included, so the history never shows a silent failure.
+        RETURNING t.id, t.attempts, t.status, t.last_error AS error
     ), closed AS (
         UPDATE ledgerq.attempts a
         SET finished_at = now(),
@@ -123,7 +125,9 @@ BEGIN
         WHERE a.task_id = r.id AND a.attempt = r.attempts
     )
     SELECT i.task_id, r.status
-    FROM input i LEFT JOIN released r ON r.id = i.task_id
+    -- Join on the attempt too: a stale attempt listed beside the current one
+    -- was not released.
+    FROM input i LEFT JOIN released r ON r.id = i.task_id AND r.attempts = i.attempt
     ORDER BY i.ord;
     IF FOUND THEN
         PERFORM pg_notify('ledgerq_tasks', '');
