@@ -1,0 +1,84 @@
+"""``create_app()``: the one place the HTTP API's objects are built and wired.
+
+Given a ledger and a dispatcher, the app uses them and leaves closing them to
+the caller (tests, ``ledgerq api``, ``ledgerq run``). Given neither, it opens
+both from the settings when it starts (the ASGI lifespan) and closes them when
+it stops, so ``uvicorn 'module:app'`` works with a plain ``create_app(settings)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from ledgerq import __version__, config
+from ledgerq.api import auth, body, state
+from ledgerq.api import errors as api_errors
+from ledgerq.api.routes import system, tasks
+from ledgerq.dispatch import Dispatch
+from ledgerq.ledger import AsyncLedger
+
+#: Connections the API's pool keeps at most; each request holds one briefly.
+POOL_SIZE_DEFAULT = 10
+
+
+def create_app(
+    settings: config.Settings,
+    *,
+    ledger: AsyncLedger | None = None,
+    dispatch: Dispatch | None = None,
+    max_body_bytes: int = body.MAX_BODY_BYTES_DEFAULT,
+) -> FastAPI:
+    """The ledgerq HTTP API, with SPEC.md's routes, errors and auth."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.services is not None:
+            yield
+            return
+        opened_ledger = ledger or await AsyncLedger.connect(
+            settings.database_url, max_size=POOL_SIZE_DEFAULT
+        )
+        opened_dispatch = dispatch or Dispatch.connect(
+            settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
+        )
+        app.state.services = state.Services(opened_ledger, opened_dispatch)
+        try:
+            yield
+        finally:
+            app.state.services = None
+            if ledger is None:
+                await opened_ledger.close()
+            if dispatch is None:
+                await opened_dispatch.close()
+
+    app = FastAPI(
+        title="ledgerq",
+        version=__version__,
+        summary="A task queue whose ledger is PostgreSQL and whose dispatcher is Redis.",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.max_body_bytes = max_body_bytes
+    app.state.services = (
+        state.Services(ledger, dispatch) if ledger is not None and dispatch is not None else None
+    )
+    app.include_router(tasks.router())
+    app.include_router(system.router())
+    api_errors.install(app)
+    # The last added middleware runs first: the catch-all wraps auth.
+    if settings.api_token is not None:
+        app.add_middleware(auth.BearerAuthMiddleware, token=settings.api_token)
+        plain_openapi = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = auth.document(plain_openapi())
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(api_errors.CatchAllMiddleware)
+    return app

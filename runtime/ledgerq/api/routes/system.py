@@ -1,0 +1,144 @@
+"""Operations routes: health, readiness, queue state and Prometheus metrics.
+
+- ``GET /healthz``: the process answers; touches nothing else.
+- ``GET /readyz``: PostgreSQL and Redis each answer a ping within
+  ``READY_TIMEOUT_S``; otherwise 503 naming which is down.
+- ``GET /queues``: counts by status per queue, the oldest due task's age and
+  last minute's finishes; one full pass over the tasks table, so for people
+  and ``ledgerq stats``, not for a poll loop.
+- ``GET /metrics``: every metric in ``ledgerq.metrics.REGISTRY``; the queue
+  depth gauges are read from the ledger at each scrape through partial
+  indexes (live statuses and DEAD only: counting SUCCEEDED rows would scan the
+  table). If PostgreSQL is down the scrape still succeeds without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from ledgerq import errors, metrics
+from ledgerq.api import errors as api_errors
+from ledgerq.api import schemas
+from ledgerq.api.body import LimitedRoute
+from ledgerq.api.state import Services, services
+from ledgerq.types import TaskStatus
+
+log = logging.getLogger("ledgerq.api")
+
+READY_TIMEOUT_S = 2.0
+_AGE_STATUSES = (TaskStatus.PENDING, TaskStatus.QUEUED)
+
+
+async def _problem(check: Awaitable[None]) -> str | None:
+    """None if check finishes in time; otherwise why not."""
+    try:
+        await asyncio.wait_for(check, READY_TIMEOUT_S)
+    except errors.LedgerqError as exc:
+        return exc.message
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT_S:g} s"
+    return None
+
+
+async def refresh_queue_gauges(found: Services) -> None:
+    """Set the queue depth and oldest-pending gauges from the ledger."""
+    try:
+        depths = await found.ledger.queue_depths()
+    except errors.LedgerUnavailable as exc:
+        # Stale numbers would mislead more than missing ones.
+        log.warning("queue gauges not refreshed: %s", exc.message)
+        metrics.QUEUE_DEPTH.clear()
+        metrics.QUEUE_OLDEST_PENDING.clear()
+        found.depth_series.clear()
+        found.age_series.clear()
+        return
+    counts = {(d.queue, d.status.value): d.count for d in depths}
+    ages: dict[str, float] = {}
+    for d in depths:
+        if d.status in _AGE_STATUSES and d.oldest_due_age_s is not None:
+            ages[d.queue] = max(ages.get(d.queue, 0.0), d.oldest_due_age_s)
+    # Series seen before and absent now read 0, so a drained queue shows as drained.
+    for series in found.depth_series - counts.keys():
+        metrics.QUEUE_DEPTH.labels(*series).set(0)
+    for series, count in counts.items():
+        metrics.QUEUE_DEPTH.labels(*series).set(count)
+    found.depth_series |= counts.keys()
+    found.age_series |= {d.queue for d in depths}
+    for queue in found.age_series:
+        metrics.QUEUE_OLDEST_PENDING.labels(queue).set(ages.get(queue, 0.0))
+
+
+def router() -> APIRouter:
+    """The operations routes."""
+    api = APIRouter(route_class=LimitedRoute, tags=["operations"])
+
+    @api.get("/healthz", response_model=schemas.HealthOut, summary="The process is alive")
+    async def healthz() -> Response:
+        """Always 200 while the process serves requests."""
+        return JSONResponse({"status": "ok"})
+
+    @api.get(
+        "/readyz",
+        response_model=schemas.HealthOut,
+        summary="PostgreSQL and Redis are reachable",
+        responses={503: {"model": schemas.NotReadyOut, "description": "Not ready."}},
+    )
+    async def readyz(request: Request) -> Response:
+        """200 when both answer a ping; 503 naming the one(s) that did not."""
+        found = services(request)
+        pg, redis = await asyncio.gather(
+            _problem(found.ledger.ping()), _problem(found.dispatch.ping())
+        )
+        if pg is None and redis is None:
+            return JSONResponse({"status": "ok"})
+        down = [
+            f"{name} is down ({why})" for name, why in (("PostgreSQL", pg), ("Redis", redis)) if why
+        ]
+        body = api_errors.error_body("not_ready", "; ".join(down))
+        body["checks"] = {"postgresql": pg or "ok", "redis": redis or "ok"}
+        return JSONResponse(body, status_code=503)
+
+    @api.get(
+        "/queues",
+        response_model=None,
+        summary="Per queue: counts by status, oldest pending age, throughput",
+        responses={
+            200: {"model": schemas.QueuesOut, "description": "Every queue with tasks."},
+            **schemas.error_responses(500, 503),
+        },
+    )
+    async def queues(request: Request) -> Response:
+        """Every queue that has tasks, in name order."""
+        summary = await services(request).ledger.queue_summary()
+        return JSONResponse(
+            {
+                "queues": [
+                    {
+                        "queue": q.queue,
+                        "counts": {status.value: n for status, n in q.counts.items()},
+                        "oldest_pending_age_seconds": q.oldest_due_age_s,
+                        "finished_last_minute": q.finished_last_minute,
+                    }
+                    for q in summary
+                ]
+            }
+        )
+
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        summary="Prometheus metrics",
+        responses={200: {"description": "Prometheus text format."}},
+    )
+    async def prometheus(request: Request) -> Response:
+        """Every ledgerq metric of this process, queue gauges read just now."""
+        await refresh_queue_gauges(services(request))
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return api

@@ -1,0 +1,225 @@
+"""Task routes: enqueue (one or a batch), read, list, cancel, retry.
+
+Every state change goes through the ledger's SQL functions (enqueue_task,
+enqueue_tasks, cancel_task, retry_task); a reply is sent only after the
+change has committed. Listings page newest first with an opaque cursor that
+encodes the last id seen, so a page never repeats or skips a task, however
+many are enqueued in between.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import dataclasses
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from starlette.responses import JSONResponse, Response
+
+from ledgerq import metrics
+from ledgerq.api import errors as api_errors
+from ledgerq.api import schemas
+from ledgerq.api.body import LimitedRoute
+from ledgerq.api.state import services
+from ledgerq.ledger import NewTask
+from ledgerq.types import Task, TaskId, TaskStatus
+
+_CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
+
+TaskIdPath = Annotated[int, Path(ge=1, le=schemas.BIGINT_MAX, description="The task's id.")]
+
+
+def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> NewTask:
+    run_at = item.run_at
+    if item.delay_seconds:
+        # The API host's clock: a delay of seconds tolerates the usual NTP skew.
+        run_at = datetime.now(UTC) + timedelta(seconds=item.delay_seconds)
+    return NewTask(
+        task_type=item.type,
+        payload=item.payload,
+        queue=item.queue,
+        priority=item.priority,
+        run_at=run_at,
+        max_attempts=item.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+
+
+def encode_cursor(before_id: int) -> str:
+    """An opaque cursor for the page after the task before_id."""
+    return base64.urlsafe_b64encode(f"before:{before_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The id a cursor from encode_cursor stands for."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    match = _CURSOR.match(text)
+    if match is None or int(match.group(1)) > schemas.BIGINT_MAX:
+        raise api_errors.invalid_input("cursor: not a cursor this API returned")
+    return int(match.group(1))
+
+
+def _task_json(task: Task, created: bool | None = None) -> dict[str, Any]:
+    if created is not None:
+        task = dataclasses.replace(task, created=created)
+    return task.to_json()
+
+
+def router() -> APIRouter:
+    """The task routes."""
+    api = APIRouter(route_class=LimitedRoute, tags=["tasks"])
+
+    @api.post(
+        "/tasks",
+        status_code=201,
+        response_model=None,
+        summary="Enqueue a task",
+        responses={
+            201: {"model": schemas.TaskOut, "description": "Created."},
+            200: {"model": schemas.TaskOut, "description": "The task an idempotency key made."},
+            **schemas.error_responses(409, 413, 422, 500, 503),
+        },
+    )
+    async def create_task(
+        request: Request,
+        body: schemas.TaskCreate,
+        idempotency_key_header: Annotated[
+            schemas.IdempotencyKey | None, Header(alias="Idempotency-Key")
+        ] = None,
+    ) -> Response:
+        """Enqueue one task; the reply comes once it is committed to PostgreSQL."""
+        key = body.idempotency_key
+        if idempotency_key_header is not None:
+            if key is not None and key != idempotency_key_header:
+                raise api_errors.invalid_input(
+                    "idempotency_key: the body field and the Idempotency-Key header differ"
+                )
+            key = idempotency_key_header
+        ledger = services(request).ledger
+        new = _new_task(body, key)
+        task_id, created = await ledger.enqueue(new)
+        if created:
+            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+        task = await ledger.get(task_id)
+        return JSONResponse(_task_json(task, created), status_code=201 if created else 200)
+
+    @api.post(
+        "/tasks/batch",
+        response_model=None,
+        summary="Enqueue up to 1,000 tasks, all or none",
+        responses={
+            200: {"model": schemas.BatchOut, "description": "One result per item, in order."},
+            **schemas.error_responses(409, 413, 422, 500, 503),
+        },
+    )
+    async def create_tasks(request: Request, body: schemas.BatchCreate) -> Response:
+        """Enqueue every task in one transaction; one result per item, in input order."""
+        ledger = services(request).ledger
+        new_tasks = [_new_task(item, item.idempotency_key) for item in body.tasks]
+        rows = await ledger.enqueue_many(new_tasks) if new_tasks else []
+        replayed = [task_id for task_id, created in rows if not created]
+        # A replayed key's task may have moved on since: report its status now.
+        current = {t.id: t.status for t in await ledger.get_many(replayed)} if replayed else {}
+        made = collections.Counter(
+            (new.task_type, new.queue) for new, (_, created) in zip(new_tasks, rows, strict=True)
+            if created
+        )  # fmt: skip
+        for (task_type, queue), count in made.items():
+            metrics.TASKS_ENQUEUED.labels(task_type, queue).inc(count)
+        results = [
+            {
+                "id": task_id,
+                "status": (TaskStatus.PENDING if created else current[task_id]).value,
+                "created": created,
+            }
+            for task_id, created in rows
+        ]
+        return JSONResponse({"results": results})
+
+    @api.get(
+        "/tasks/{task_id}",
+        response_model=None,
+        summary="A task with its attempts",
+        responses={
+            200: {"model": schemas.TaskOut, "description": "The task."},
+            **schemas.error_responses(404, 422, 500, 503),
+        },
+    )
+    async def get_task(request: Request, task_id: TaskIdPath) -> Response:
+        """The task, its attempt history, result and last error."""
+        task = await services(request).ledger.get(task_id)
+        return JSONResponse(task.to_json())
+
+    @api.get(
+        "/tasks",
+        response_model=None,
+        summary="List tasks, newest first",
+        responses={
+            200: {"model": schemas.TaskPage, "description": "A page of tasks."},
+            **schemas.error_responses(422, 500, 503),
+        },
+    )
+    async def list_tasks(
+        request: Request,
+        status: TaskStatus | None = None,
+        queue: Annotated[schemas.Name | None, Query()] = None,
+        task_type: Annotated[schemas.Name | None, Query(alias="type")] = None,
+        limit: Annotated[int, Query(ge=1, le=schemas.LIST_LIMIT_MAX)] = schemas.LIST_LIMIT_DEFAULT,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> Response:
+        """A page of tasks matching every filter given; pass next_cursor for the next."""
+        ledger = services(request).ledger
+        before_id = decode_cursor(cursor) if cursor is not None else None
+        # One more than asked says whether another page exists.
+        found = await ledger.list_tasks(
+            status=status.value if status is not None else None,
+            queue=queue,
+            task_type=task_type,
+            limit=limit + 1,
+            before_id=before_id,
+        )
+        page = found[:limit]
+        history = await ledger.attempts_of([t.id for t in page]) if page else {}
+        tasks = [
+            dataclasses.replace(t, attempt_history=history.get(TaskId(t.id), ())).to_json()
+            for t in page
+        ]
+        next_cursor = encode_cursor(page[-1].id) if len(found) > limit else None
+        return JSONResponse({"tasks": tasks, "next_cursor": next_cursor})
+
+    @api.post(
+        "/tasks/{task_id}/cancel",
+        response_model=None,
+        summary="Cancel a task",
+        responses={
+            200: {"model": schemas.StatusOut, "description": "The task's status now."},
+            **schemas.error_responses(404, 422, 500, 503),
+        },
+    )
+    async def cancel_task(request: Request, task_id: TaskIdPath) -> Response:
+        """PENDING/QUEUED → CANCELLED; RUNNING → cancellation requested (stays RUNNING)."""
+        status = await services(request).ledger.cancel(task_id)
+        return JSONResponse({"id": task_id, "status": status.value})
+
+    @api.post(
+        "/tasks/{task_id}/retry",
+        response_model=None,
+        summary="Retry a DEAD or CANCELLED task",
+        responses={
+            200: {"model": schemas.StatusOut, "description": "The task's status now."},
+            **schemas.error_responses(404, 409, 422, 500, 503),
+        },
+    )
+    async def retry_task(request: Request, task_id: TaskIdPath) -> Response:
+        """DEAD/CANCELLED → PENDING with a fresh attempt budget; 409 for other statuses."""
+        status = await services(request).ledger.retry(task_id)
+        return JSONResponse({"id": task_id, "status": status.value})
+
+    return api

@@ -1,0 +1,229 @@
+"""The HTTP API's request and response shapes (pydantic), apart from ledger rows.
+
+Requests are validated strictly: ``"5"`` is not an integer and ``5.0`` is not
+a priority; unknown fields are refused, so a misspelt ``delay_second`` is an
+error rather than a task that runs at once. Responses are built from
+``Task.to_json()`` and friends without a second validation pass (it would cost
+more than the rest of the request); these models document them in OpenAPI, and
+the schemathesis test holds the two together.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from ledgerq import dispatch
+from ledgerq.types import AttemptOutcome, TaskStatus
+
+BATCH_MAX = 1000
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
+#: The longest delay_seconds accepted: ten years.
+DELAY_MAX_S = 10 * 365 * 24 * 3600
+INT32_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+
+
+def _text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain U+0000")
+    if not value.strip(" "):
+        raise ValueError("must not be blank")
+    return value
+
+
+def _iso_string(value: Any) -> Any:
+    # Lax datetime parsing would also take numbers as Unix times; a run_at of 5
+    # is far likelier a mistake than 1970.
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an ISO 8601 timestamp string with a time zone")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
+RunAt = Annotated[AwareDatetime, BeforeValidator(_iso_string), Field(strict=False)]
+TaskIdParam = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+
+
+class TaskCreate(BaseModel):
+    """A task to enqueue: POST /tasks, and each item of POST /tasks/batch."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Name = Field(description="The task type a handler is registered for.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="A JSON object.")
+    queue: Name = "default"
+    priority: int = Field(
+        0,
+        ge=dispatch.PRIORITY_MIN,
+        le=dispatch.PRIORITY_MAX,
+        description="Higher runs first.",
+    )
+    run_at: RunAt | None = Field(None, description="When the task is due; not with delay_seconds.")
+    delay_seconds: float | None = Field(
+        None,
+        ge=0,
+        le=DELAY_MAX_S,
+        allow_inf_nan=False,
+        description="Due this many seconds from now; not with run_at.",
+    )
+    max_attempts: int = Field(5, ge=1, le=INT32_MAX)
+    idempotency_key: IdempotencyKey | None = Field(
+        None,
+        description="Replaying a key returns the task it created (an Idempotency-Key header works too).",
+    )
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> TaskCreate:
+        if self.run_at is not None and self.delay_seconds is not None:
+            raise ValueError("give run_at or delay_seconds, not both")
+        return self
+
+
+class BatchCreate(BaseModel):
+    """POST /tasks/batch: all are enqueued, or none."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tasks: list[TaskCreate] = Field(max_length=BATCH_MAX)
+
+
+class AttemptOut(BaseModel):
+    """One attempt at running a task."""
+
+    attempt: int
+    worker_id: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: AttemptOutcome | None
+    error: str | None
+
+
+class TaskOut(BaseModel):
+    """A task, as the ledger records it."""
+
+    id: int
+    type: str
+    queue: str
+    status: TaskStatus
+    priority: int
+    payload: dict[str, Any]
+    attempts: int = Field(description="How many attempts have started.")
+    max_attempts: int
+    run_at: datetime
+    idempotency_key: str | None
+    result: Any = Field(description="The handler's JSON result, once SUCCEEDED.")
+    last_error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool = Field(description="Cancellation asked for while RUNNING.")
+    attempt_history: list[AttemptOut]
+    created: bool | None = Field(
+        None, description="Only in POST /tasks replies: false when a key replayed an old task."
+    )
+
+
+class TaskPage(BaseModel):
+    """A page of tasks, newest first."""
+
+    tasks: list[TaskOut]
+    next_cursor: str | None = Field(
+        description="Pass as cursor= for the next page; null at the end."
+    )
+
+
+class BatchItemOut(BaseModel):
+    """The result for one item of a batch, in input order."""
+
+    id: int
+    status: TaskStatus
+    created: bool
+
+
+class BatchOut(BaseModel):
+    """The results of a batch, one per item, in input order."""
+
+    results: list[BatchItemOut]
+
+
+class StatusOut(BaseModel):
+    """A task's status after cancel or retry."""
+
+    id: int
+    status: TaskStatus
+
+
+class QueueOut(BaseModel):
+    """One queue's state."""
+
+    queue: str
+    counts: dict[TaskStatus, int] = Field(description="Tasks by status.")
+    oldest_pending_age_seconds: float | None = Field(
+        description="How long the oldest due, not yet started task has waited; null if none."
+    )
+    finished_last_minute: int = Field(
+        description="Tasks that reached a final status in the last 60 s."
+    )
+
+
+class QueuesOut(BaseModel):
+    """Every queue with tasks."""
+
+    queues: list[QueueOut]
+
+
+class HealthOut(BaseModel):
+    """The process is alive, or ready."""
+
+    status: Literal["ok"]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+class NotReadyOut(ErrorOut):
+    """GET /readyz when a dependency is down: which one, and why."""
+
+    checks: dict[str, str]
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing or wrong bearer token.",
+    404: "No such task, or no such route.",
+    409: "Conflict.",
+    413: "Request body over the size limit.",
+    422: "Invalid input; the message names the field.",
+    500: "Internal error.",
+    503: "PostgreSQL or Redis is unavailable.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses a route can answer with."""
+    return {
+        status: {"model": ErrorOut, "description": _ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }

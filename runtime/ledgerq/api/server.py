@@ -1,0 +1,72 @@
+"""Serving the API with uvicorn inside a loop the caller owns.
+
+``ledgerq api`` opens the ledger and the dispatcher itself (so an unreachable
+PostgreSQL or Redis is a one-line error before anything listens), builds the
+app around them and awaits ``serve()``. Speed comes from uvicorn's httptools
+parser on a uvloop loop (both installed with ``uvicorn[standard]``) and no
+access log unless asked for.
+
+SIGTERM/SIGINT stop accepting connections, finish the requests in flight and
+return, so the caller closes its pools and exits 0 (plain uvicorn re-raises
+the signal after shutdown instead, which skips that and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop when it is installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+
+async def serve(app: FastAPI, *, host: str, port: int, access_log: bool = False) -> None:
+    """Serve app until SIGTERM/SIGINT; returns after a graceful shutdown."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        access_log=access_log,
+        log_config=None,  # the command's logging setup applies
+        server_header=False,
+        lifespan="on",
+    )
+    await _Server(config).serve()
