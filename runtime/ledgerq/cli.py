@@ -7,6 +7,7 @@ PostgreSQL or Redis cannot be reached or its input is invalid.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib
 import logging
@@ -353,3 +354,56 @@ def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
             await ledger.close()
 
     run_until_signalled(main_coro, lambda: holder["service"].stop() if holder else None)
+
+
+API_POOL_SIZE = 10
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on.")  # fmt: skip
+@click.option("--api-token", metavar="TOKEN", help="Require `Authorization: Bearer TOKEN` "
+              "on every route but /healthz and /readyz [env LEDGERQ_API_TOKEN].")  # fmt: skip
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--access-log", is_flag=True, help="Log every request (off by default: it is slow).")
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@connection_options
+@one_line_errors
+def api(
+    host: str,
+    port: int,
+    api_token: str | None,
+    insecure: bool,
+    access_log: bool,
+    log_level: str,
+    **options: Any,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM/SIGINT."""
+    # Imported here so the other commands do not pay for loading FastAPI.
+    from ledgerq.api import app as api_app
+    from ledgerq.api import server as api_server
+
+    settings = settings_from(options)
+    if api_token:
+        settings = dataclasses.replace(settings, api_token=api_token)
+    if settings.api_token is None and not insecure and not api_server.is_loopback(host):
+        click.echo(
+            f"ledgerq: refusing to serve on {host} without an API token: set --api-token "
+            "or LEDGERQ_API_TOKEN, or pass --insecure",
+            err=True,
+        )
+        sys.exit(2)
+    setup_logging(log_level)
+
+    async def main_coro() -> None:
+        ledger, dispatch = await open_services(settings, pool_size=API_POOL_SIZE)
+        try:
+            app = api_app.create_app(settings, ledger=ledger, dispatch=dispatch)
+            await api_server.serve(app, host=host, port=port, access_log=access_log)
+        finally:
+            await ledger.close()
+            await dispatch.close()
+
+    with asyncio.Runner(loop_factory=api_server.loop_factory()) as runner:
+        runner.run(main_coro())
