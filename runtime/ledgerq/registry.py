@@ -203,12 +203,10 @@ class Context:
         self.task_type = task_type
         self.queue = queue
         self.worker_id = worker_id
-        self.logger = logging.LoggerAdapter(
-            logging.getLogger(f"ledgerq.task.{task_type}"),
-            {"task_id": task_id, "attempt": attempt, "worker_id": worker_id},
-        )
-        #: Set when the ledger asked this attempt to stop (cancelled, or lease lost).
-        self.stop_requested = threading.Event()
+        # A plain flag, not a threading.Event: a bool read is atomic, and this
+        # object is built once per task on the worker's hot path.
+        self._stop_requested = False
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._ledger = ledger
         self._loop = loop
         self._loop_thread = threading.get_ident()
@@ -295,6 +293,20 @@ class Context:
         return value
 
     @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger named after the task type, carrying task id, attempt and worker."""
+        if self._logger is None:
+            self._logger = logging.LoggerAdapter(
+                logging.getLogger(f"ledgerq.task.{self.task_type}"),
+                {"task_id": self.task_id, "attempt": self.attempt, "worker_id": self.worker_id},
+            )
+        return self._logger
+
+    def request_stop(self) -> None:
+        """Ask the handler to stop: the task was cancelled, timed out, or its lease lost."""
+        self._stop_requested = True
+
+    @property
     def cancelled(self) -> bool:
         """True once the ledger asked this attempt to stop; long sync handlers may poll it."""
-        return self.stop_requested.is_set()
+        return self._stop_requested

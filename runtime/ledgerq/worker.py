@@ -55,12 +55,33 @@ ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
 
-_OUTCOME_COUNTERS = {
-    TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED,
-    TaskStatus.PENDING: metrics.TASKS_RETRIED,
-    TaskStatus.DEAD: metrics.TASKS_DEAD,
-    TaskStatus.CANCELLED: metrics.TASKS_CANCELLED,
-}
+
+class _Series:
+    """The labelled metric children of one (type, queue), looked up once:
+    prometheus-client's labels() takes a lock and builds a key on every call."""
+
+    __slots__ = ("duration", "outcomes", "pickup", "started")
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.started = metrics.TASKS_STARTED.labels(*labels)
+        self.duration = metrics.TASK_DURATION.labels(*labels)
+        self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
+        self.outcomes = {
+            TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
+            TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
+            TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
+            TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
+        }
+
+
+_SERIES: dict[tuple[str, str], _Series] = {}
+
+
+def _series(labels: tuple[str, str]) -> _Series:
+    series = _SERIES.get(labels)
+    if series is None:
+        series = _SERIES[labels] = _Series(labels)
+    return series
 
 
 def new_worker_id() -> str:
@@ -164,7 +185,7 @@ class Worker:
         leftovers = [r for r in self._running.values() if not r.lost]
         for running in leftovers:
             running.lost = True  # its outcome, if it comes, must not be recorded
-            running.ctx.stop_requested.set()
+            running.ctx.request_stop()
         cancellable = [r for r in leftovers if r.definition is None or r.definition.is_async]
         for running in cancellable:
             if running.future is not None:
@@ -259,12 +280,10 @@ class Worker:
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
         labels = (task.type, task.queue)
-        metrics.TASKS_STARTED.labels(*labels).inc()
+        series = _series(labels)
+        series.started.inc()
         metrics.WORKER_INFLIGHT.inc()
-        now = datetime.now(UTC)
-        metrics.PICKUP_LATENCY.labels(task.queue).observe(
-            max(0.0, (now - task.run_at).total_seconds())
-        )
+        series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
         started = time.perf_counter()
         outcome: Outcome | None
         try:
@@ -286,7 +305,7 @@ class Worker:
             )  # fmt: skip
         finally:
             metrics.WORKER_INFLIGHT.dec()
-            metrics.TASK_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            series.duration.observe(time.perf_counter() - started)
         try:
             if running.lost:
                 await self._abandon_transaction(ctx)
@@ -312,7 +331,9 @@ class Worker:
             raise _internal(exc) from None
         if definition.is_async:
             try:
-                result = await asyncio.wait_for(definition.fn(ctx, payload), definition.timeout_s)
+                # asyncio.timeout, not wait_for: no extra task per handler.
+                async with asyncio.timeout(definition.timeout_s):
+                    result = await definition.fn(ctx, payload)
             except TimeoutError:
                 raise _internal(
                     errors.Retryable(f"timed out after {definition.timeout_s:g} s")
@@ -330,7 +351,7 @@ class Worker:
         future = asyncio.wrap_future(self._executor.submit(definition.fn, ctx, payload))
         done, _ = await asyncio.wait({future}, timeout=definition.timeout_s)
         if not done:
-            ctx.stop_requested.set()
+            ctx.request_stop()
             with contextlib.suppress(BaseException):
                 await future
             raise _internal(errors.Retryable(f"timed out after {definition.timeout_s:g} s"))
@@ -418,9 +439,9 @@ class Worker:
     def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
-        counter = _OUTCOME_COUNTERS.get(status) if status is not None else None
+        counter = _series(labels).outcomes.get(status) if status is not None else None
         if counter is not None:
-            counter.labels(*labels).inc()
+            counter.inc()
 
     # --- heartbeats ------------------------------------------------------------
 
@@ -440,7 +461,7 @@ class Worker:
                 running = self._running.get(task_id)
                 if running is None or state == "ok":
                     continue
-                running.ctx.stop_requested.set()
+                running.ctx.request_stop()
                 if state == "lost":
                     running.lost = True
                     log.warning("task.lost id=%s attempt=%d", task_id, running.task.attempt)
