@@ -219,7 +219,7 @@ def main() -> None:
             )
             print(results[-1], flush=True)
     if "sleep" in args.which:
-        for concurrency in (50, 100, 200, 400):
+        for concurrency in (25, 50, 100, 200, 400):
             rate, secs = drain("bench.sleep", args.tasks, 2, concurrency, {"seconds": 0.01})
             results.append(
                 (
