@@ -101,6 +101,14 @@ ENQUEUE: LiteralString = """
         max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
 """
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
+# ENQUEUE plus the transaction's now(): the created_at (and default run_at) the
+# new row got, so the caller can answer with the task without reading it back.
+ENQUEUE_STAMPED: LiteralString = """
+    SELECT id, created, now() FROM ledgerq.enqueue_task(
+        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+        priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
+        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
+"""
 CLAIM: LiteralString = """
     SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
     FROM ledgerq.claim_tasks(%s, %s, %s)
@@ -417,6 +425,38 @@ class AsyncLedger:
         body = [t.to_json() if isinstance(t, NewTask) else t for t in tasks]
         rows = await self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
         return [(TaskId(r[0]), bool(r[1])) for r in rows]
+
+    async def enqueue_task(self, task: NewTask) -> Task:
+        """Enqueue, and return the task with ``created`` set.
+
+        A task this call created is built from its arguments and the insert's
+        timestamp (enqueue_task stores exactly those, PENDING with no attempt),
+        saving a read; one an idempotency key returned is read back.
+        """
+        async with self.connection() as conn:
+            (row,) = await self._rows(ENQUEUE_STAMPED, _enqueue_params(task), conn)
+            if not row[1]:
+                existing = await self.get(row[0], conn)
+                return dataclasses.replace(existing, created=False)
+        stamp: datetime = row[2]
+        return Task(
+            id=TaskId(row[0]),
+            type=task.task_type,
+            queue=task.queue,
+            status=TaskStatus.PENDING,
+            priority=task.priority,
+            payload=task.payload,
+            attempts=0,
+            max_attempts=task.max_attempts,
+            run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
+            idempotency_key=task.idempotency_key,
+            result=None,
+            last_error=None,
+            created_at=stamp,
+            started_at=None,
+            finished_at=None,
+            created=True,
+        )
 
     # worker
     async def claim(

@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import JSONResponse, Response
@@ -26,7 +26,7 @@ from ledgerq.api import schemas
 from ledgerq.api.body import LimitedRoute
 from ledgerq.api.state import services
 from ledgerq.ledger import NewTask
-from ledgerq.types import Task, TaskId, TaskStatus
+from ledgerq.types import TaskId, TaskStatus
 
 _CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
 
@@ -66,12 +66,6 @@ def decode_cursor(cursor: str) -> int:
     return int(match.group(1))
 
 
-def _task_json(task: Task, created: bool | None = None) -> dict[str, Any]:
-    if created is not None:
-        task = dataclasses.replace(task, created=created)
-    return task.to_json()
-
-
 def router() -> APIRouter:
     """The task routes."""
     api = APIRouter(route_class=LimitedRoute, tags=["tasks"])
@@ -102,13 +96,11 @@ def router() -> APIRouter:
                     "idempotency_key: the body field and the Idempotency-Key header differ"
                 )
             key = idempotency_key_header
-        ledger = services(request).ledger
         new = _new_task(body, key)
-        task_id, created = await ledger.enqueue(new)
-        if created:
+        task = await services(request).ledger.enqueue_task(new)
+        if task.created:
             metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
-        task = await ledger.get(task_id)
-        return JSONResponse(_task_json(task, created), status_code=201 if created else 200)
+        return JSONResponse(task.to_json(), status_code=201 if task.created else 200)
 
     @api.post(
         "/tasks/batch",
