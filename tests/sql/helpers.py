@@ -136,6 +136,8 @@ def wait_for_lock_waiters(conn: Conn, waiters: int = 1, timeout_s: float = 10.0)
     """Return once ``waiters`` backends of this database are blocked on a lock."""
     deadline = time.monotonic() + timeout_s
     while True:
+        # Inside a transaction pg_stat_activity is read once and cached.
+        conn.execute("SELECT pg_stat_clear_snapshot()")
         blocked = count(
             conn,
             "SELECT count(*) FROM pg_stat_activity"
