@@ -92,6 +92,15 @@ class QueueSummary:
     finished_last_minute: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EffectRecord:
+    """One row of the effect log: which task recorded an effect key, and when."""
+
+    effect_key: str
+    task_id: TaskId | None
+    recorded_at: datetime
+
+
 # --- query texts -----------------------------------------------------------
 
 ENQUEUE: LiteralString = """
@@ -201,6 +210,10 @@ QUEUE_SUMMARY: LiteralString = """
 GET_ATTEMPTS_MANY: LiteralString = """
     SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
     FROM ledgerq.attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt
+"""
+EFFECTS_OF: LiteralString = """
+    SELECT effect_key, task_id, recorded_at FROM ledgerq.effects
+    WHERE task_id = ANY(%s) ORDER BY effect_key
 """
 
 
@@ -359,6 +372,16 @@ def is_integrity_error(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def probe(database_url: str, *, timeout_s: int = 5) -> None:
+    """Connect once and run ``SELECT 1``: LedgerUnavailable at once if PostgreSQL
+    cannot be reached (a pool would retry until its timeout, logging each try)."""
+    with (
+        translated(),
+        psycopg.connect(database_url, autocommit=True, connect_timeout=max(2, timeout_s)) as conn,
+    ):
+        conn.execute("SELECT 1")
 
 
 # --- the async ledger ------------------------------------------------------------
@@ -588,6 +611,11 @@ class AsyncLedger:
             history.setdefault(TaskId(row[0]), []).append(_attempt(row[1:]))
         return {task_id: tuple(attempts) for task_id, attempts in history.items()}
 
+    async def effects_of(self, task_ids: Sequence[int]) -> list[EffectRecord]:
+        """The effects these tasks recorded, by effect key."""
+        rows = await self._rows(EFFECTS_OF, (list(task_ids),))
+        return [EffectRecord(r[0], TaskId(r[1]) if r[1] is not None else None, r[2]) for r in rows]
+
 
 # --- the sync ledger ---------------------------------------------------------------
 
@@ -700,3 +728,16 @@ class Ledger:
     def queue_stats(self) -> list[QueueStat]:
         rows = self._rows(QUEUE_STATS)
         return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+    def queue_summary(self) -> list[QueueSummary]:
+        """Every queue's counts by status, oldest due age and last minute's finishes.
+
+        Scans the whole tasks table: for operators, not for a scrape loop."""
+        return [_queue_summary(r) for r in self._rows(QUEUE_SUMMARY)]
+
+    def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
+        """The attempt history of each task that has one (for a page of tasks)."""
+        history: dict[TaskId, list[Attempt]] = {}
+        for row in self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
+            history.setdefault(TaskId(row[0]), []).append(_attempt(row[1:]))
+        return {task_id: tuple(attempts) for task_id, attempts in history.items()}
