@@ -9,6 +9,11 @@ CREATE OR REPLACE FUNCTION ledgerq.compute_backoff(
 ) RETURNS interval
 LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
 DECLARE
+    -- About 100 years: a larger cap ('Infinity' included, meaning none) would
+    -- overflow make_interval into a negative delay, i.e. a retry due at once.
+    longest_s constant double precision := 3153600000;
+    cap_s double precision;
+    exponent integer;
     ceiling_s double precision;
 BEGIN
     IF attempt IS NULL OR attempt < 1 THEN
@@ -19,8 +24,15 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'LQ422',
             MESSAGE = 'compute_backoff: base_seconds and max_seconds must be >= 0';
     END IF;
-    -- Cap the exponent first: 2^1100 overflows double precision.
-    ceiling_s := least(max_seconds, base_seconds * power(2::double precision, least(attempt - 1, 1000)));
+    -- Cap the exponent first: 2^1100 overflows double precision. And compare
+    -- base with cap / 2^n (exact) rather than multiply: a large base overflows.
+    cap_s := least(max_seconds, longest_s);
+    exponent := least(attempt - 1, 1000);
+    IF base_seconds > cap_s / power(2::double precision, exponent) THEN
+        ceiling_s := cap_s;
+    ELSE
+        ceiling_s := base_seconds * power(2::double precision, exponent);
+    END IF;
     IF coalesce(jitter, true) THEN
         ceiling_s := random() * ceiling_s;
     END IF;

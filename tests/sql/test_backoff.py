@@ -67,3 +67,22 @@ def test_compute_backoff_rejects_bad_argument_with_lq422_naming_it(
 ) -> None:
     with raises_sqlstate("LQ422", field):
         backoff(db, **arguments)
+
+
+@pytest.mark.parametrize("max_seconds", [1e20, float("inf")], ids=["1e20", "infinity"])
+def test_compute_backoff_with_a_cap_beyond_intervals_never_goes_negative(
+    db: Conn, max_seconds: float
+) -> None:
+    # A huge cap (or 'Infinity', meaning none) used to overflow make_interval
+    # into a negative delay, i.e. a retry due at once.
+    delay = backoff(db, attempt=80, max_seconds=max_seconds, jitter=False)
+    assert delay >= dt.timedelta(days=365 * 99)
+    assert dt.timedelta(0) <= backoff(db, attempt=80, max_seconds=max_seconds)
+    assert backoff(db, attempt=3, max_seconds=max_seconds, jitter=False) == dt.timedelta(seconds=4)
+
+
+def test_compute_backoff_with_a_large_base_is_the_cap_not_an_overflow(db: Conn) -> None:
+    assert backoff(db, attempt=2000, base_seconds=1e9, jitter=False) == dt.timedelta(hours=1)
+    assert backoff(
+        db, attempt=2000, base_seconds=1e300, max_seconds=60, jitter=False
+    ) == dt.timedelta(minutes=1)
