@@ -1,0 +1,84 @@
+"""``ledgerq api`` as a real process: serves, authenticates, refuses what it must,
+and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+import pytest
+from api_support import LEDGERQ, TOKEN, api_process, command_env, free_port
+
+from ledgerq import config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_ledgerq_api_serves_tasks_and_exits_0_on_sigterm(settings: config.Settings) -> None:
+    with api_process(settings) as api, httpx.Client(base_url=api.base_url) as http:
+        created = http.post("/tasks", json={"type": "email.send", "payload": {"to": "a@b.c"}})
+        fetched = http.get(f"/tasks/{created.json()['id']}")
+        ready = http.get("/readyz")
+        exit_status = api.stop()
+
+    assert created.status_code == 201
+    assert fetched.status_code == 200
+    assert fetched.json()["payload"] == {"to": "a@b.c"}
+    assert ready.status_code == 200
+    assert exit_status == 0
+
+
+def test_ledgerq_api_with_a_token_requires_it(settings: config.Settings) -> None:
+    with (
+        api_process(settings, "--api-token", TOKEN) as api,
+        httpx.Client(base_url=api.base_url) as http,
+    ):
+        without = http.post("/tasks", json={"type": "a"})
+        with_token = http.post(
+            "/tasks", json={"type": "a"}, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        health = http.get("/healthz")
+
+    assert without.status_code == 401
+    assert with_token.status_code == 201
+    assert health.status_code == 200
+
+
+def run_api(settings: config.Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LEDGERQ, "api", "--port", str(free_port()), *args],
+        env=command_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "api.example.com"])
+def test_ledgerq_api_refuses_a_public_address_without_a_token(
+    settings: config.Settings, host: str
+) -> None:
+    result = run_api(settings, "--host", host)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"ledgerq: refusing to serve on {host} without an API token")
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> None:
+    result = run_api(settings, "--api-token", "short")
+
+    assert result.returncode == 1
+    assert result.stderr == "ledgerq: API token must be at least 8 characters\n"
+
+
+def test_ledgerq_api_with_redis_unreachable_exits_with_one_line(
+    settings: config.Settings,
+) -> None:
+    result = run_api(settings, "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("ledgerq: Redis is unavailable")
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
