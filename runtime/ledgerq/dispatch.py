@@ -53,6 +53,11 @@ def _translated() -> Any:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise errors.DispatchUnavailable(f"Redis is unavailable: {exc}") from exc
+    except redis.exceptions.RedisClusterException as exc:
+        # Not a RedisError: raised when no startup node of a cluster answers.
+        if "cannot be connected" in str(exc):
+            raise errors.DispatchUnavailable(f"Redis is unavailable: {exc}") from exc
+        raise errors.DispatchError(f"Redis refused the call: {exc}") from exc
     except redis.exceptions.RedisError as exc:
         if "CLUSTERDOWN" in str(exc) or "MOVED" in str(exc) or "TRYAGAIN" in str(exc):
             raise errors.DispatchUnavailable(f"Redis is unavailable: {exc}") from exc
@@ -75,7 +80,11 @@ class Dispatch:
         """A client for redis_url (connections are made lazily, on first use)."""
         client: aioredis.Redis | RedisCluster
         if cluster:
-            client = RedisCluster.from_url(redis_url, socket_connect_timeout=timeout_s)
+            # No read timeout, as on a single node: the cluster client's default
+            # (5 s) cuts BZPOPMIN off before its own timeout and then retries it.
+            client = RedisCluster.from_url(
+                redis_url, socket_connect_timeout=timeout_s, socket_timeout=None
+            )
         else:
             client = aioredis.Redis.from_url(
                 redis_url, socket_connect_timeout=timeout_s, health_check_interval=30

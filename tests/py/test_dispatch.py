@@ -1,0 +1,233 @@
+"""The Redis layer (ledgerq.dispatch): one contract suite, run against a single
+Redis node and against a private Redis Cluster alike (the ``cluster`` marked
+parameters), plus the score function and the unreachable-Redis errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import helpers
+import pytest
+import redis
+from redis.crc import key_slot
+
+from ledgerq import errors
+from ledgerq.dispatch import PRIORITY_MAX, PRIORITY_MIN, Dispatch, task_score
+from ledgerq.types import DueTask, TaskId
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(request: pytest.FixtureRequest) -> helpers.LocalRedisCluster:
+    return helpers.shared_cluster(request.config)
+
+
+@dataclasses.dataclass
+class Backend:
+    name: str
+    url: str
+    cluster: bool
+    prefix: str
+    dispatch: Dispatch
+
+    def raw(self) -> redis.Redis | redis.RedisCluster:
+        """A plain synchronous client on the same Redis, to look behind Dispatch's back."""
+        if self.cluster:
+            return redis.RedisCluster.from_url(self.url)
+        return redis.Redis.from_url(self.url)
+
+    def keys(self) -> list[str]:
+        client = self.raw()
+        try:
+            if isinstance(client, redis.RedisCluster):
+                found = client.keys(
+                    f"{{{self.prefix}}}*", target_nodes=redis.RedisCluster.ALL_NODES
+                )
+            else:
+                found = client.keys(f"{{{self.prefix}}}*")
+            return sorted(k.decode() for k in found)
+        finally:
+            client.close()
+
+    def delete_namespace(self) -> None:
+        """What FLUSHALL does to this test: every key of its namespace is gone."""
+        client = self.raw()
+        try:
+            for key in self.keys():
+                client.delete(key)
+        finally:
+            client.close()
+
+
+@pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def backend(
+    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+) -> AsyncIterator[Backend]:
+    """A Dispatch on a fresh namespace, on a single node or on the cluster."""
+    if request.param == "cluster":
+        cluster: helpers.LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        url, is_cluster = cluster.url, True
+    else:
+        url, is_cluster = redis_url, False
+    dispatch = Dispatch.connect(url, redis_prefix, cluster=is_cluster)
+    backend = Backend(request.param, url, is_cluster, redis_prefix, dispatch)
+    try:
+        yield backend
+    finally:
+        await dispatch.close()
+        if is_cluster:
+            backend.delete_namespace()
+
+
+def due(task_id: int, queue: str = "default", priority: int = 0) -> DueTask:
+    return DueTask(TaskId(task_id), queue, priority)
+
+
+# --- the contract, on both backends ------------------------------------------------
+
+
+async def test_pop_takes_higher_priority_first_then_older_ids(backend: Backend) -> None:
+    d = backend.dispatch
+    added = await d.push([due(5), due(3), due(4, priority=2), due(9, priority=-1), due(1)])
+    assert added == 5
+    assert await d.pop(["default"], 10) == [4, 1, 3, 5, 9]
+    assert await d.pop(["default"], 10) == []
+
+
+async def test_push_does_not_add_an_id_already_waiting(backend: Backend) -> None:
+    d = backend.dispatch
+    assert await d.push([due(1), due(2)]) == 2
+    assert await d.push([due(1), due(2, priority=7), due(3)]) == 1
+    assert await d.queue_lengths(["default"]) == {"default": 3}
+    # The copy already waiting keeps its place: the second push did not re-score it.
+    assert await d.pop(["default"], 3) == [1, 2, 3]
+
+
+async def test_pop_takes_at_most_count(backend: Backend) -> None:
+    d = backend.dispatch
+    await d.push([due(i) for i in range(1, 8)])
+    assert await d.pop(["default"], 3) == [1, 2, 3]
+    assert await d.pop(["default"], 0) == []
+    assert await d.queue_lengths(["default"]) == {"default": 4}
+
+
+async def test_pop_honours_priority_across_queues(backend: Backend) -> None:
+    d = backend.dispatch
+    await d.push([due(1, "a", 0), due(2, "b", 5), due(3, "a", 10), due(4, "b", 0), due(5, "c", 99)])
+    assert await d.pop(["a", "b"], 2) == [3, 2]
+    assert await d.pop(["b", "a"], 10) == [1, 4]
+    # Queue c was never asked for: its id is still there.
+    assert await d.queue_lengths(["a", "b", "c"]) == {"a": 0, "b": 0, "c": 1}
+
+
+async def test_pop_wait_returns_an_id_pushed_while_it_waits(backend: Backend) -> None:
+    d = backend.dispatch
+    other = Dispatch.connect(backend.url, backend.prefix, cluster=backend.cluster)
+    try:
+        waiter = asyncio.create_task(d.pop_wait(["a", "b"], 5))
+        await asyncio.sleep(0)  # let the waiter send its BZPOPMIN first
+        await other.push([due(42, "b", 3)])
+        assert await asyncio.wait_for(waiter, 5) == 42
+    finally:
+        await other.close()
+    assert await d.queue_lengths(["a", "b"]) == {"a": 0, "b": 0}
+
+
+async def test_pop_wait_returns_none_after_its_timeout(backend: Backend) -> None:
+    assert await backend.dispatch.pop_wait(["a"], 0.1) is None
+
+
+async def test_waiting_reports_which_ids_are_in_their_queues(backend: Backend) -> None:
+    d = backend.dispatch
+    await d.push([due(1, "a"), due(2, "b"), due(3, "a")])
+    await d.pop(["a"], 1)
+    assert await d.waiting([due(1, "a"), due(2, "b"), due(3, "a"), due(2, "a"), due(4, "b")]) == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert await d.waiting([]) == []
+
+
+async def test_epoch_is_stable_until_redis_loses_its_data(backend: Backend) -> None:
+    d = backend.dispatch
+    first = await d.epoch()
+    assert first and await d.epoch() == first
+    backend.delete_namespace()
+    second = await d.epoch()
+    assert second and second != first
+    assert await d.epoch() == second
+
+
+async def test_queue_lengths_count_ids_per_queue(backend: Backend) -> None:
+    d = backend.dispatch
+    await d.push([due(1, "a"), due(2, "a"), due(3, "b")])
+    assert await d.queue_lengths(["a", "b", "empty"]) == {"a": 2, "b": 1, "empty": 0}
+    assert await d.queue_lengths([]) == {}
+
+
+async def test_every_key_is_in_the_namespace_and_one_hash_slot(backend: Backend) -> None:
+    d = backend.dispatch
+    await d.push([due(1, "a"), due(2, "b.c")])
+    await d.epoch()
+    keys = backend.keys()
+    p = backend.prefix
+    assert keys == sorted([f"{{{p}}}:epoch", f"{{{p}}}:queue:a", f"{{{p}}}:queue:b.c"])
+    assert d.queue_of_key(f"{{{p}}}:queue:b.c".encode()) == "b.c"
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+async def test_ping_succeeds_on_a_reachable_redis(backend: Backend) -> None:
+    await backend.dispatch.ping()
+
+
+@pytest.mark.parametrize("cluster", [False, pytest.param(True, marks=pytest.mark.cluster)])
+async def test_unreachable_redis_raises_dispatch_unavailable(cluster: bool) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens
+    d = Dispatch.connect(f"redis://127.0.0.1:{port}", f"x-{uuid.uuid4().hex[:6]}",
+                         cluster=cluster, timeout_s=1)  # fmt: skip
+    try:
+        calls: list[Callable[[], Awaitable[object]]] = [
+            d.ping,
+            lambda: d.push([due(1)]),
+            lambda: d.pop(["a"], 1),
+            lambda: d.pop(["a", "b"], 1),
+            lambda: d.pop_wait(["a"], 0.1),
+            lambda: d.waiting([due(1)]),
+            d.epoch,
+            lambda: d.queue_lengths(["a"]),
+        ]
+        for call in calls:
+            with pytest.raises(errors.DispatchUnavailable, match="Redis is unavailable"):
+                await call()
+    finally:
+        await d.close()
+
+
+# --- the score --------------------------------------------------------------------
+
+
+def test_task_score_orders_by_priority_then_id() -> None:
+    scores = [
+        task_score(10, 500),
+        task_score(0, 1),
+        task_score(0, 2),
+        task_score(-5, 1),
+    ]
+    assert scores == sorted(scores)
+    assert len(set(scores)) == 4
+
+
+def test_task_score_clamps_priority_and_stays_exact_in_a_double() -> None:
+    assert task_score(PRIORITY_MAX + 100, 7) == task_score(PRIORITY_MAX, 7)
+    assert task_score(PRIORITY_MIN - 100, 7) == task_score(PRIORITY_MIN, 7)
+    worst = task_score(PRIORITY_MIN, 2**37 - 1)
+    assert worst < 2**53
+    assert float(worst) == worst
