@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ledgerq import __version__, config, errors, migrations
+from ledgerq import __version__, admin, config, errors, migrations
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import (
     BATCH_SIZE_DEFAULT,
@@ -84,7 +84,7 @@ def one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=admin.OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ledgerq")
 def main() -> None:
     """ledgerq: a task queue whose ledger is PostgreSQL and whose dispatcher is Redis."""
@@ -407,3 +407,8 @@ def api(
 
     with asyncio.Runner(loop_factory=api_server.loop_factory()) as runner:
         runner.run(main_coro())
+
+
+# The operator, development and demo commands live in ledgerq.cli_ops; importing
+# it registers them on `main` (it uses the helpers above, hence the late import).
+from ledgerq import cli_ops  # noqa: E402, F401
