@@ -310,7 +310,20 @@ class Worker:
             if running.lost:
                 await self._abandon_transaction(ctx)
             elif ctx.transaction is not None or ctx.sync_transaction is not None:
-                await self._complete_in_transaction(ctx, outcome, labels)
+                try:
+                    await self._complete_in_transaction(ctx, outcome, labels)
+                except Exception as exc:
+                    # The transaction's connection failed (PostgreSQL restarted):
+                    # its writes did not commit, so record the attempt as failed the
+                    # usual way, and it is retried. Had the COMMIT gone through, the
+                    # task would be final and this outcome fenced out.
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
+                    if outcome.succeeded:
+                        error = f"the task's transaction did not commit: {reason}"
+                        outcome = Outcome(task.id, task.attempt, succeeded=False, error=error)
+                    self._outcomes.append((outcome, labels))
+                    self._outcomes_ready.set()
             else:
                 self._outcomes.append((outcome, labels))
                 self._outcomes_ready.set()
@@ -383,7 +396,9 @@ class Worker:
             )
         if status is not None:
             self._count(status, labels)
-        elif not outcome.succeeded:
+        elif outcome.succeeded:
+            self._count(None, labels)  # fenced: another attempt owns the task
+        else:
             self._outcomes.append((outcome, labels))
             self._outcomes_ready.set()
 

@@ -28,7 +28,9 @@ BEGIN
         WHERE t.id = ANY (task_ids)
           AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
         ORDER BY t.id
-        FOR UPDATE
+        -- NO KEY UPDATE: not blocked by the KEY SHARE lock a stale attempt's
+        -- once_in_transaction may still hold on the row (see reap.sql).
+        FOR NO KEY UPDATE
     ), claimed AS (
         UPDATE ledgerq.tasks t
         SET status = 'RUNNING',

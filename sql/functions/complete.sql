@@ -35,7 +35,8 @@ BEGIN
         FROM ledgerq.tasks t JOIN first_outcome o ON t.id = o.task_id AND t.attempts = o.attempt
         WHERE t.status = 'RUNNING'
         ORDER BY t.id
-        FOR UPDATE OF t
+        -- NO KEY UPDATE: see reap.sql (a stale attempt's effect transaction).
+        FOR NO KEY UPDATE OF t
     ), finished AS (
         UPDATE ledgerq.tasks t
         SET status = CASE

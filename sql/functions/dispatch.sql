@@ -15,7 +15,8 @@ LANGUAGE sql AS $$
         WHERE t.status = 'PENDING' AND t.run_at <= coalesce(as_of, now())
         ORDER BY t.priority DESC, t.run_at, t.id
         LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
+        -- NO KEY UPDATE: see reap.sql (a stale attempt's effect transaction).
+        FOR NO KEY UPDATE SKIP LOCKED
     )
     UPDATE ledgerq.tasks t
     SET status = 'QUEUED', queued_at = now()

@@ -29,7 +29,11 @@ BEGIN
     WITH expired AS (
         SELECT t.id FROM ledgerq.tasks t
         WHERE t.status = 'RUNNING' AND t.lease_expires_at < cutoff
-        FOR UPDATE SKIP LOCKED
+        -- NO KEY UPDATE, the lock the UPDATE takes anyway: FOR UPDATE would also
+        -- conflict with the KEY SHARE lock a handler's once_in_transaction holds
+        -- on its task (the effects.task_id foreign key) until it completes, and
+        -- skip exactly the task whose worker froze with that transaction open.
+        FOR NO KEY UPDATE SKIP LOCKED
     ), recovered AS (
         UPDATE ledgerq.tasks t
         SET status = CASE
@@ -61,7 +65,7 @@ BEGIN
     WITH stale AS (
         SELECT t.id FROM ledgerq.tasks t
         WHERE t.status = 'QUEUED' AND t.queued_at < cutoff - timeout
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED
     ), requeued AS (
         UPDATE ledgerq.tasks t
         SET status = 'PENDING', queued_at = NULL

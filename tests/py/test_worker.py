@@ -1,0 +1,631 @@
+"""The Worker end to end, in process: the real Dispatcher, Worker (and Reaper
+where a lease must be recovered) run as tasks in the test's loop against real
+PostgreSQL and Redis; the tests await ledger states, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import helpers
+import psycopg
+import pytest
+
+from ledgerq import Context, NonRetryable, Registry, Retryable, config
+from ledgerq.dispatcher import Dispatcher
+from ledgerq.types import AttemptOutcome, TaskStatus
+from ledgerq.worker import Worker
+
+Conn = psycopg.Connection[Any]
+
+
+@dataclasses.dataclass
+class Order:
+    order_id: int
+    amount: float
+
+
+# --- success ---------------------------------------------------------------------
+
+
+async def test_async_task_succeeds_with_its_result_stored(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("add")
+    async def add(ctx: Context, payload: dict[str, int]) -> dict[str, int]:
+        return {"sum": payload["a"] + payload["b"]}
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("add", {"a": 2, "b": 3})
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert task.result == {"sum": 5}
+    assert task.attempts == 1
+    assert task.last_error is None
+    assert task.finished_at is not None
+    assert helpers.attempts(db, task_id) == [(1, "succeeded", None)]
+    assert [a.worker_id for a in task.attempt_history] == ["test-worker"]
+
+
+async def test_sync_handler_runs_in_a_thread_and_succeeds(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    seen: list[str] = []
+
+    @tasks.task("report.build")
+    def build(ctx: Context, payload: dict[str, Any]) -> list[int]:
+        seen.append(threading.current_thread().name)
+        return [1, 2, 3]
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("report.build")
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert task.result == [1, 2, 3]
+    assert len(seen) == 1 and seen[0].startswith("ledgerq-handler")
+    assert helpers.attempts(db, task_id) == [(1, "succeeded", None)]
+
+
+# --- failures that are not retried -------------------------------------------------
+
+
+async def test_payload_that_does_not_fit_the_declared_type_is_dead_after_one_attempt(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    calls: list[Order] = []
+
+    @tasks.task("order.charge", max_attempts=5)
+    async def charge(ctx: Context, payload: Order) -> None:
+        calls.append(payload)
+
+    async with helpers.running(settings, tasks) as s:
+        bad = await s.enqueue("order.charge", {"order_id": "not a number"})
+        good = await s.enqueue("order.charge", {"order_id": 7, "amount": 9.5})
+        dead = await helpers.wait_for_status(s.ledger, bad, "DEAD")
+        await helpers.wait_for_status(s.ledger, good, "SUCCEEDED")
+    assert dead.attempts == 1
+    assert dead.last_error is not None
+    assert dead.last_error.startswith("InvalidPayload: payload does not match Order")
+    assert "order_id" in dead.last_error and "amount" in dead.last_error
+    assert helpers.attempts(db, bad) == [(1, "failed", dead.last_error.splitlines()[0])]
+    assert calls == [Order(7, 9.5)]
+
+
+async def test_unknown_task_type_is_dead_after_one_attempt(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("known")
+    async def known(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("nobody.handles.this", max_attempts=5)
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert task.attempts == 1
+    assert task.last_error == (
+        "NonRetryable: unknown task type 'nobody.handles.this': no handler is registered"
+    )
+    assert helpers.attempts(db, task_id) == [(1, "failed", task.last_error)]
+
+
+async def test_non_retryable_error_is_dead_after_one_attempt(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("card.charge", max_attempts=5)
+    async def charge(ctx: Context, payload: dict[str, Any]) -> None:
+        raise NonRetryable("card declined")
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("card.charge")
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert task.attempts == 1
+    assert task.last_error is not None
+    assert task.last_error.splitlines()[0] == "NonRetryable: card declined"
+    assert "Traceback" in task.last_error  # a handler's own error keeps where it came from
+    assert helpers.attempts(db, task_id) == [(1, "failed", "NonRetryable: card declined")]
+
+
+async def test_integrity_error_from_the_handlers_own_connection_is_dead_after_one_attempt(
+    settings: config.Settings, db: Conn, db_url: str
+) -> None:
+    db.execute("CREATE TABLE signups (email text PRIMARY KEY)")
+    db.execute("INSERT INTO signups VALUES ('a@b.c')")
+    tasks = Registry()
+
+    @tasks.task("signup", max_attempts=5)
+    async def signup(ctx: Context, payload: dict[str, str]) -> None:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("INSERT INTO signups VALUES (%s)", (payload["email"],))
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("signup", {"email": "a@b.c"})
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert task.attempts == 1
+    assert task.last_error is not None
+    assert task.last_error.startswith("UniqueViolation: duplicate key value")
+    assert helpers.attempts(db, task_id) == [(1, "failed", task.last_error.splitlines()[0])]
+
+
+async def test_integrity_error_inside_once_in_transaction_is_dead_and_rolled_back(
+    settings: config.Settings, db: Conn
+) -> None:
+    db.execute("CREATE TABLE payments (ref text PRIMARY KEY, amount int NOT NULL)")
+    db.execute("INSERT INTO payments VALUES ('dup', 1)")
+    tasks = Registry()
+
+    @tasks.task("pay", max_attempts=5)
+    async def pay(ctx: Context, payload: dict[str, Any]) -> None:
+        async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("INSERT INTO payments VALUES ('fresh', 2)")
+            await conn.execute("INSERT INTO payments VALUES (%s, 3)", (payload["ref"],))
+
+        await ctx.once_in_transaction(f"pay:{ctx.task_id}", write)
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("pay", {"ref": "dup"})
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert task.attempts == 1
+    assert task.last_error is not None
+    assert task.last_error.startswith("UniqueViolation")
+    assert helpers.attempts(db, task_id) == [(1, "failed", task.last_error.splitlines()[0])]
+    # Nothing of the failed transaction landed: not the first insert, not the effect.
+    assert db.execute("SELECT ref FROM payments ORDER BY ref").fetchall() == [("dup",)]
+    assert db.execute("SELECT count(*) FROM ledgerq.effects").fetchone() == (0,)
+
+
+# --- failures that are retried ------------------------------------------------------
+
+
+async def test_plain_exception_is_retried_with_backoff_until_attempts_run_out(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    calls: list[int] = []
+
+    @tasks.task("flaky", max_attempts=3)
+    async def flaky(ctx: Context, payload: dict[str, Any]) -> None:
+        calls.append(ctx.attempt)
+        raise ValueError(f"boom {ctx.attempt}")
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("flaky")
+        retrying = await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+        first = retrying.attempt_history[0]
+        assert first.finished_at is not None
+        # Backoff after attempt 1: full jitter in [0, 1 s].
+        assert first.finished_at <= retrying.run_at <= first.finished_at + timedelta(seconds=1)
+        assert retrying.last_error is not None and retrying.last_error.startswith(
+            "ValueError: boom 1"
+        )
+        task = await helpers.run_retries(s.ledger, db, task_id, "DEAD")
+    assert calls == [1, 2, 3]
+    assert task.attempts == 3
+    assert helpers.attempts(db, task_id) == [
+        (1, "failed", "ValueError: boom 1"),
+        (2, "failed", "ValueError: boom 2"),
+        (3, "failed", "ValueError: boom 3"),
+    ]
+
+
+async def test_retryable_is_retried_then_succeeds(settings: config.Settings, db: Conn) -> None:
+    tasks = Registry()
+
+    @tasks.task("upstream", max_attempts=2)
+    async def upstream(ctx: Context, payload: dict[str, Any]) -> str:
+        if ctx.attempt == 1:
+            raise Retryable("upstream returned 503")
+        return "ok"
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("upstream")
+        task = await helpers.run_retries(s.ledger, db, task_id, "SUCCEEDED", "DEAD")
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.result == "ok"
+    assert helpers.attempts(db, task_id) == [
+        (1, "failed", "Retryable: upstream returned 503"),
+        (2, "succeeded", None),
+    ]
+
+
+async def test_retryable_ends_dead_when_attempts_run_out(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("always.503", max_attempts=2)
+    async def always(ctx: Context, payload: dict[str, Any]) -> None:
+        raise Retryable("503")
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("always.503")
+        task = await helpers.run_retries(s.ledger, db, task_id, "DEAD")
+    assert task.attempts == 2
+    assert [a.outcome for a in task.attempt_history] == [AttemptOutcome.FAILED] * 2
+    assert task.last_error is not None and task.last_error.startswith("Retryable: 503")
+
+
+async def test_retry_on_and_dont_retry_on_narrow_what_is_retried(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("only.conn", max_attempts=3, retry_on=[ConnectionError])
+    async def only_conn(ctx: Context, payload: dict[str, str]) -> None:
+        raise {"conn": ConnectionError, "key": KeyError}[payload["raise"]]("x")
+
+    @tasks.task("not.value", max_attempts=3, dont_retry_on=[ValueError])
+    async def not_value(ctx: Context, payload: dict[str, str]) -> None:
+        raise {"value": ValueError, "runtime": RuntimeError}[payload["raise"]]("x")
+
+    async with helpers.running(settings, tasks) as s:
+        conn_id = await s.enqueue("only.conn", {"raise": "conn"})
+        key_id = await s.enqueue("only.conn", {"raise": "key"})
+        value_id = await s.enqueue("not.value", {"raise": "value"})
+        runtime_id = await s.enqueue("not.value", {"raise": "runtime"})
+        # Not retried: DEAD after one attempt.
+        for task_id in (key_id, value_id):
+            task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+            assert task.attempts == 1
+        # Retried: back to PENDING after attempt 1.
+        for task_id in (conn_id, runtime_id):
+            await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+    assert helpers.attempts(db, key_id) == [(1, "failed", "KeyError: 'x'")]
+    assert helpers.attempts(db, value_id) == [(1, "failed", "ValueError: x")]
+
+
+async def test_timeout_ends_the_attempt_as_a_retryable_failure(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    stopped: list[str] = []
+
+    @tasks.task("slow", max_attempts=2, timeout=0.2)
+    async def slow(ctx: Context, payload: dict[str, Any]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopped.append(f"attempt {ctx.attempt}")
+            raise
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("slow")
+        retrying = await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+        assert retrying.last_error == "Retryable: timed out after 0.2 s"
+        task = await helpers.run_retries(s.ledger, db, task_id, "DEAD")
+    assert stopped == ["attempt 1", "attempt 2"]
+    assert helpers.attempts(db, task_id) == [
+        (1, "failed", "Retryable: timed out after 0.2 s"),
+        (2, "failed", "Retryable: timed out after 0.2 s"),
+    ]
+    assert task.attempts == 2
+
+
+async def test_sync_handler_timeout_is_retryable_and_tells_the_handler_to_stop(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    gave_up = threading.Event()
+
+    @tasks.task("slow.sync", max_attempts=2, timeout=0.2)
+    def slow(ctx: Context, payload: dict[str, Any]) -> str:
+        while not ctx.cancelled:
+            threading.Event().wait(0.01)
+        gave_up.set()
+        return "too late"
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("slow.sync")
+        task = await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+    assert gave_up.is_set()
+    assert task.result is None
+    assert helpers.attempts(db, task_id) == [(1, "failed", "Retryable: timed out after 0.2 s")]
+
+
+# --- cancellation ---------------------------------------------------------------------
+
+
+async def test_cancelling_a_running_task_reaches_the_handler_at_the_next_heartbeat(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    cancelled: list[int] = []
+
+    @tasks.task("long")
+    async def long(ctx: Context, payload: dict[str, Any]) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(ctx.task_id)
+            raise
+
+    async with helpers.running(settings, tasks, lease_s=3) as s:
+        task_id = await s.enqueue("long")
+        await asyncio.wait_for(started.wait(), 10)
+        assert await s.client.cancel(task_id) == TaskStatus.RUNNING
+        task = await helpers.wait_for_status(s.ledger, task_id, "CANCELLED", deadline_s=5)
+    assert cancelled == [task_id]
+    assert task.attempts == 1 and task.finished_at is not None
+    assert helpers.attempts(db, task_id) == [(1, "cancelled", "cancelled while running")]
+
+
+async def test_success_after_cancellation_was_requested_stays_succeeded(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @tasks.task("almost.done")
+    async def almost(ctx: Context, payload: dict[str, Any]) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    # A long lease: no heartbeat (every lease/3 = 10 s) comes before the handler returns.
+    async with helpers.running(settings, tasks, lease_s=30) as s:
+        task_id = await s.enqueue("almost.done")
+        await asyncio.wait_for(started.wait(), 10)
+        assert await s.client.cancel(task_id) == TaskStatus.RUNNING
+        assert (await s.ledger.get(task_id)).cancel_requested
+        release.set()
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED", "CANCELLED")
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.result == "done"
+    assert not task.cancel_requested
+    assert helpers.attempts(db, task_id) == [(1, "succeeded", None)]
+
+
+# --- order and timing -------------------------------------------------------------------
+
+
+async def test_higher_priority_runs_first_within_a_queue(settings: config.Settings) -> None:
+    tasks = Registry()
+    order: list[str] = []
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, str]) -> None:
+        order.append(payload["name"])
+
+    async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
+        ids = [
+            await s.enqueue("job", {"name": name}, priority=priority)
+            for name, priority in [("low", -1), ("mid-1", 0), ("top", 9), ("mid-2", 0), ("high", 5)]
+        ]
+        assert s.dispatcher is None
+        # Everything waits in Redis before the worker takes its first id.
+        assert (
+            await Dispatcher(s.ledger, s.dispatch, database_url=settings.database_url).run_once()
+            == 5
+        )
+        s.start_worker(_worker(tasks, s, concurrency=1))
+        for task_id in ids:
+            await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert order == ["top", "high", "mid-1", "mid-2", "low"]
+
+
+async def test_priority_is_honoured_across_the_queues_one_worker_serves(
+    settings: config.Settings,
+) -> None:
+    tasks = Registry()
+    order: list[str] = []
+
+    @tasks.task("mail", queue="mail")
+    async def mail(ctx: Context, payload: dict[str, str]) -> None:
+        order.append(f"{ctx.queue}:{payload['name']}")
+
+    @tasks.task("sms", queue="sms")
+    async def sms(ctx: Context, payload: dict[str, str]) -> None:
+        order.append(f"{ctx.queue}:{payload['name']}")
+
+    async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
+        ids = [
+            await s.enqueue(kind, {"name": name}, priority=priority)
+            for kind, name, priority in [
+                ("mail", "m0", 0),
+                ("sms", "s5", 5),
+                ("mail", "m10", 10),
+                ("sms", "s0", 0),
+                ("mail", "m-3", -3),
+                ("sms", "s7", 7),
+            ]
+        ]
+        assert (
+            await Dispatcher(s.ledger, s.dispatch, database_url=settings.database_url).run_once()
+            == 6
+        )
+        s.start_worker(_worker(tasks, s, concurrency=1))
+        for task_id in ids:
+            await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert order == ["mail:m10", "sms:s7", "sms:s5", "mail:m0", "sms:s0", "mail:m-3"]
+
+
+async def test_delayed_task_does_not_run_before_its_run_at(settings: config.Settings) -> None:
+    tasks = Registry()
+    ran_at: dict[str, datetime] = {}
+
+    @tasks.task("tick")
+    async def tick(ctx: Context, payload: dict[str, str]) -> None:
+        ran_at[payload["name"]] = datetime.now(UTC)
+
+    async with helpers.running(settings, tasks) as s:
+        later = await s.enqueue("tick", {"name": "later"}, delay=0.6)
+        now = await s.enqueue("tick", {"name": "now"})
+        await helpers.wait_for_status(s.ledger, now, "SUCCEEDED")
+        assert (await s.ledger.get(later)).status == TaskStatus.PENDING
+        task = await helpers.wait_for_status(s.ledger, later, "SUCCEEDED")
+    assert task.started_at is not None and task.started_at >= task.run_at
+    assert ran_at["later"] >= task.run_at
+    assert ran_at["now"] < task.run_at
+
+
+async def test_concurrency_limit_is_never_exceeded(settings: config.Settings) -> None:
+    tasks = Registry()
+    running_now = 0
+    peak = 0
+
+    @tasks.task("busy")
+    async def busy(ctx: Context, payload: dict[str, Any]) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        await asyncio.sleep(0.05)  # the work itself
+        running_now -= 1
+
+    async with helpers.running(settings, tasks, concurrency=3) as s:
+        ids = [await s.enqueue("busy") for _ in range(12)]
+        for task_id in ids:
+            await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert peak == 3
+
+
+# --- stopping ---------------------------------------------------------------------------
+
+
+async def test_stop_lets_a_task_finish_within_grace_and_hands_back_one_that_does_not(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started: dict[str, asyncio.Event] = {"quick": asyncio.Event(), "stuck": asyncio.Event()}
+    may_finish = asyncio.Event()
+    stuck_cancelled = asyncio.Event()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, str]) -> str:
+        started[payload["name"]].set()
+        if payload["name"] == "quick":
+            await may_finish.wait()
+            return "finished"
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stuck_cancelled.set()
+            raise
+        return "never"
+
+    async with helpers.running(settings, tasks, concurrency=2, grace_s=0.5) as s:
+        quick = await s.enqueue("job", {"name": "quick"}, max_attempts=3)
+        stuck = await s.enqueue("job", {"name": "stuck"}, max_attempts=3)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 10)
+        assert s.dispatcher is not None
+        s.dispatcher.stop()  # nothing may pick the handed-back task up again here
+        await s.tasks["dispatcher"]
+        assert s.worker is not None
+        s.worker.stop()
+        may_finish.set()  # finishes within grace
+        await s.stop_worker()
+        done = await s.ledger.get(quick)
+        handed_back = await s.ledger.get(stuck)
+    assert stuck_cancelled.is_set()
+    assert done.status == TaskStatus.SUCCEEDED and done.result == "finished"
+    assert handed_back.status == TaskStatus.PENDING
+    assert handed_back.run_at <= datetime.now(UTC)  # due again at once
+    assert helpers.attempts(db, stuck) == [(1, "lost", "worker test-worker shut down")]
+    # The handed-back attempt does not count against the task's budget.
+    row = db.execute("SELECT attempts, budget_start FROM ledgerq.tasks WHERE id = %s", (stuck,))
+    assert row.fetchone() == (1, 1)
+
+
+# --- fencing ------------------------------------------------------------------------------
+
+
+async def test_stale_attempt_cannot_overwrite_the_newer_attempts_outcome(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @tasks.task("job", max_attempts=3)
+    async def job(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        await release.wait()
+        return {"by": ctx.worker_id, "attempt": ctx.attempt}
+
+    async with helpers.running(settings, tasks, worker=False, reaper=True) as s:
+        task_id = await s.enqueue("job")
+        # A worker (simulated in SQL) claims attempt 1, then stops heartbeating.
+        await helpers.wait_for_status(s.ledger, task_id, "QUEUED")
+        assert helpers.claim_by_sql(db, task_id, "ghost", lease_s=30) == 1
+        helpers.expire_lease(db, task_id)
+        # The reaper records attempt 1 as lost; the real worker runs attempt 2.
+        await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+        helpers.make_due(db, task_id)
+        s.start_worker(_worker(tasks, s))
+        await asyncio.wait_for(started.wait(), 10)
+        # The ghost wakes up: its heartbeat and its completion are fenced out.
+        assert db.execute("SELECT ledgerq.heartbeat(%s, 1)", (task_id,)).fetchone() == ("lost",)
+        assert helpers.complete_by_sql(db, task_id, 1, "ghost") is None
+        assert (await s.ledger.get(task_id)).status == TaskStatus.RUNNING
+        release.set()
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert task.result == {"by": "test-worker", "attempt": 2}
+    assert [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost"), (2, "succeeded")]
+
+
+async def test_worker_whose_lease_was_taken_over_cannot_record_its_outcome(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    release = threading.Event()
+
+    @tasks.task("job", max_attempts=3)
+    def job(ctx: Context, payload: dict[str, Any]) -> str:
+        started_in_loop()
+        release.wait(10)
+        return "stale result"
+
+    loop = asyncio.get_running_loop()
+
+    def started_in_loop() -> None:
+        loop.call_soon_threadsafe(started.set)
+
+    async with helpers.running(settings, tasks, lease_s=30) as s:
+        task_id = await s.enqueue("job")
+        await asyncio.wait_for(started.wait(), 10)
+        # The worker stalls past its lease: the reaper recovers the task and
+        # another worker (simulated in SQL) runs and finishes attempt 2.
+        helpers.expire_lease(db, task_id)
+        assert await s.ledger.reap() == 1
+        helpers.make_due(db, task_id)
+        assert helpers.claim_by_sql(db, task_id, "other") == 2
+        assert helpers.complete_by_sql(db, task_id, 2, "other") == "SUCCEEDED"
+        release.set()
+        assert s.worker is not None
+        await helpers.eventually(
+            lambda: _completed(s.worker, "FENCED"), what="the stale outcome to be fenced"
+        )
+        task = await s.ledger.get(task_id)
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.result == {"by": "other"}
+    assert [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost"), (2, "succeeded")]
+
+
+async def _completed(worker: Any, key: str) -> int:
+    return int(worker.completed.get(key, 0))
+
+
+def _worker(tasks: Registry, s: helpers.Services, **options: Any) -> Worker:
+    return Worker(tasks, s.ledger, s.dispatch, worker_id="test-worker", **options)
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_thread_left_busy() -> Any:
+    yield
+    # Idle pool threads exit once the worker shuts its executor down; a busy one
+    # (a sync handler nobody released) would leak into the next test.
+    threads = [t for t in threading.enumerate() if t.name.startswith("ledgerq-handler")]
+    for thread in threads:
+        thread.join(2)
+    assert not [t.name for t in threads if t.is_alive()]
