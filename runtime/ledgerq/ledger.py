@@ -118,6 +118,7 @@ ENQUEUE_STAMPED: LiteralString = """
         priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
         max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
 """
+ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
 CLAIM: LiteralString = """
     SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
     FROM ledgerq.claim_tasks(%s, %s, %s)
@@ -263,6 +264,28 @@ def _claimed(row: Sequence[Any]) -> ClaimedTask:
         max_attempts=row[5],
         priority=row[6],
         run_at=row[7],
+    )
+
+
+def _created_task(task: NewTask, task_id: int, stamp: datetime) -> Task:
+    """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
+    return Task(
+        id=TaskId(task_id),
+        type=task.task_type,
+        queue=task.queue,
+        status=TaskStatus.PENDING,
+        priority=task.priority,
+        payload=task.payload,
+        attempts=0,
+        max_attempts=task.max_attempts,
+        run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
+        idempotency_key=task.idempotency_key,
+        result=None,
+        last_error=None,
+        created_at=stamp,
+        started_at=None,
+        finished_at=None,
+        created=True,
     )
 
 
@@ -461,25 +484,20 @@ class AsyncLedger:
             if not row[1]:
                 existing = await self.get(row[0], conn)
                 return dataclasses.replace(existing, created=False)
-        stamp: datetime = row[2]
-        return Task(
-            id=TaskId(row[0]),
-            type=task.task_type,
-            queue=task.queue,
-            status=TaskStatus.PENDING,
-            priority=task.priority,
-            payload=task.payload,
-            attempts=0,
-            max_attempts=task.max_attempts,
-            run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
-            idempotency_key=task.idempotency_key,
-            result=None,
-            last_error=None,
-            created_at=stamp,
-            started_at=None,
-            finished_at=None,
-            created=True,
-        )
+        return _created_task(task, row[0], row[2])
+
+    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+        """enqueue_task for many tasks in one transaction (all or nothing), in order."""
+        async with self.connection() as conn:
+            body = Jsonb([t.to_json() for t in tasks])
+            rows = await self._rows(ENQUEUE_MANY_STAMPED, (body,), conn)
+            replayed = {r[0]: await self.get(r[0], conn) for r in rows if not r[1]}
+        return [
+            _created_task(task, row[0], row[2])
+            if row[1]
+            else dataclasses.replace(replayed[row[0]], created=False)
+            for task, row in zip(tasks, rows, strict=True)
+        ]
 
     # worker
     async def claim(

@@ -7,20 +7,25 @@ import dataclasses
 from starlette.requests import Request
 
 from ledgerq import errors
+from ledgerq.api.batcher import EnqueueBatcher
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
 
 @dataclasses.dataclass(slots=True)
 class Services:
-    """The app's ledger and dispatcher, and the metric series it has published."""
+    """The app's ledger and dispatcher, its enqueue batcher, and the metric series it set."""
 
     ledger: AsyncLedger
     dispatch: Dispatch
+    enqueuer: EnqueueBatcher = dataclasses.field(init=False)
     #: (queue, status) pairs given a depth gauge, so a drained queue reads 0.
     depth_series: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     #: Queues given an oldest-pending gauge.
     age_series: set[str] = dataclasses.field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.enqueuer = EnqueueBatcher(self.ledger)
 
 
 def services(request: Request) -> Services:

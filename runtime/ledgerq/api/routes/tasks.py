@@ -97,7 +97,8 @@ def router() -> APIRouter:
                 )
             key = idempotency_key_header
         new = _new_task(body, key)
-        task = await services(request).ledger.enqueue_task(new)
+        # Concurrent requests share transactions; each answer waits for its commit.
+        task = await services(request).enqueuer.enqueue(new)
         if task.created:
             metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
         return JSONResponse(task.to_json(), status_code=201 if task.created else 200)

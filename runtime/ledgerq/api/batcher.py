@@ -1,0 +1,97 @@
+"""Coalescing concurrent ``POST /tasks`` requests into ``enqueue_tasks`` calls.
+
+Every enqueue is a transaction, and every transaction waits for its WAL flush
+and takes the database-wide NOTIFY lock at commit, so single enqueues from
+many clients queue behind one another in PostgreSQL. ``EnqueueBatcher`` sends
+a request's task at once when fewer than ``max_in_flight`` calls are under
+way, and otherwise holds it until one returns, then sends everything that
+gathered meanwhile as one ``enqueue_tasks`` call: one transaction, one flush,
+one NOTIFY. An idle API adds no wait; a busy one commits hundreds of tasks per
+transaction. Each request still gets its answer only after its task commits.
+
+``enqueue_tasks`` is all or nothing, so one bad task (a reused idempotency key
+with other content, say) would fail its batch-mates: when a batch is refused,
+each of its tasks is sent again on its own and gets its own answer, exactly as
+if it had come alone. A batch that fails because PostgreSQL is unavailable
+fails every request in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ledgerq import errors
+from ledgerq.ledger import AsyncLedger, NewTask
+from ledgerq.types import Task
+
+MAX_BATCH_DEFAULT = 500
+MAX_IN_FLIGHT_DEFAULT = 4
+
+_Pending = tuple[NewTask, "asyncio.Future[Task]"]
+
+
+class EnqueueBatcher:
+    """Enqueues tasks for concurrent callers, in as few transactions as load allows."""
+
+    def __init__(
+        self,
+        ledger: AsyncLedger,
+        *,
+        max_batch: int = MAX_BATCH_DEFAULT,
+        max_in_flight: int = MAX_IN_FLIGHT_DEFAULT,
+    ) -> None:
+        self.ledger = ledger
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self._waiting: list[_Pending] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def enqueue(self, task: NewTask) -> Task:
+        """Enqueue task; returns once it is committed (``created`` set, as enqueue_task)."""
+        future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+        self._waiting.append((task, future))
+        self._send()
+        return await future
+
+    def _send(self) -> None:
+        while self._waiting and len(self._running) < self.max_in_flight:
+            batch = self._waiting[: self.max_batch]
+            del self._waiting[: self.max_batch]
+            call = asyncio.create_task(self._run(batch))
+            self._running.add(call)
+            call.add_done_callback(self._done)
+
+    def _done(self, call: asyncio.Task[None]) -> None:
+        self._running.discard(call)
+        self._send()
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                await self._one(*batch[0])
+                return
+            try:
+                tasks = await self.ledger.enqueue_tasks([task for task, _ in batch])
+            except errors.LedgerUnavailable:
+                raise
+            except errors.LedgerError:
+                # One task spoiled the batch: every task gets its own answer.
+                await asyncio.gather(*(self._one(task, future) for task, future in batch))
+                return
+            for (_, future), result in zip(batch, tasks, strict=True):
+                if not future.done():  # done: its request was cancelled
+                    future.set_result(result)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+
+    async def _one(self, task: NewTask, future: asyncio.Future[Task]) -> None:
+        try:
+            result = await self.ledger.enqueue_task(task)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
