@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import logging
 import threading
+import types
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -99,14 +100,33 @@ def _payload_type(fn: Handler) -> Any:
         raise errors.ConfigError(
             f"handler {fn.__qualname__} must take (ctx, payload), got {len(params)} parameter(s)"
         )
+    raw = params[1].annotation
+    if raw is inspect.Parameter.empty:
+        return dict
+    # Resolve the payload's annotation on its own: another parameter's (ctx:
+    # Context imported only under TYPE_CHECKING) must not hide it. A type that
+    # cannot be resolved or validated is an error now, not a payload accepted
+    # unchecked at run time.
+    holder = types.SimpleNamespace(__annotations__={params[1].name: raw})
+    globalns = getattr(inspect.unwrap(fn), "__globals__", {})
     try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        hints = {}
-    annotation = hints.get(params[1].name, dict)
+        annotation = typing.get_type_hints(holder, globalns=globalns)[params[1].name]
+    except Exception as exc:
+        raise errors.ConfigError(
+            f"handler {fn.__qualname__}: cannot resolve the payload type {raw!r} ({exc}); "
+            "define it at module level"
+        ) from None
     origin = typing.get_origin(annotation)
     if annotation is dict or origin is dict:
         return dict
+    if annotation not in (JsonObject, Any):
+        try:
+            _adapter(annotation)
+        except pydantic.PydanticUserError as exc:
+            raise errors.ConfigError(
+                f"handler {fn.__qualname__}: payload type {raw!r} cannot be validated: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
     return annotation
 
 
