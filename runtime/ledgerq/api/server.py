@@ -67,6 +67,7 @@ async def serve(app: FastAPI, *, host: str, port: int, access_log: bool = False)
         access_log=access_log,
         log_config=None,  # the command's logging setup applies
         server_header=False,
+        proxy_headers=False,  # nothing here reads the client address
         lifespan="on",
     )
     await _Server(config).serve()
