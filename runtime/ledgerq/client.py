@@ -61,11 +61,14 @@ class _Defaults:
         return NewTask(
             task_type=task_type,
             payload=dict(payload or {}),
-            queue=queue or (definition.queue if definition else QUEUE_DEFAULT),
+            # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
+            # to refuse (LQ422), not a request for the default.
+            queue=(definition.queue if definition else QUEUE_DEFAULT) if queue is None else queue,
             priority=priority,
             run_at=run_at,
-            max_attempts=max_attempts
-            or (definition.max_attempts if definition else MAX_ATTEMPTS_DEFAULT),
+            max_attempts=(definition.max_attempts if definition else MAX_ATTEMPTS_DEFAULT)
+            if max_attempts is None
+            else max_attempts,
             idempotency_key=idempotency_key,
         )
 
