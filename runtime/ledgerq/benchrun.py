@@ -40,6 +40,9 @@ SUITES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "api": ("api_bench.py", ("--seconds", "3", "--throughput-seconds", "3"), ()),
 }
 
+#: Where the scripts are: the source tree's bench/ (absent from an installed wheel).
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
 _NAME_COLUMNS = {"benchmark", "metric", "measure", "name"}
 _RESULT_COLUMNS = {"value", "result", "unit"}
 _SEPARATOR = re.compile(r"^[- ]*-{3,}[- ]*$")
@@ -70,7 +73,7 @@ class SuiteRun:
 
 def bench_dir(explicit: Path | None = None) -> Path:
     """The source tree's bench/; ConfigError when this ledgerq has none (a wheel)."""
-    folder = explicit or Path(__file__).resolve().parents[2] / "bench"
+    folder = explicit or BENCH_DIR
     if not folder.is_dir():
         raise errors.ConfigError(
             f"no benchmarks at {folder}: `ledgerq bench` runs the bench/ scripts of a source "

@@ -106,6 +106,7 @@ def stats(as_json: bool, **options: Any) -> None:
             settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
         )
         try:
+            await dispatch.ping()  # even with no queues: stats reports Redis's side too
             return await dispatch.queue_lengths([q.queue for q in summary])
         finally:
             await dispatch.close()

@@ -1,0 +1,573 @@
+"""The command line: enqueue, show, stats, dead, cancel, run and bench.
+
+The read and write commands run in-process through click's runner against a
+fresh database and Redis prefix; ``run`` and the unreachable-server cases run
+the real ``ledgerq`` script, because what they promise (exit codes, one line
+of stderr, no orphan processes) is about processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import cli_support
+import httpx
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from ledgerq import admin, benchrun, config
+from ledgerq.dispatch import Dispatch
+from ledgerq.types import DueTask, TaskId
+
+Conn = psycopg.Connection[Any]
+
+
+# --- making tasks in the states a test needs (through the SQL functions) ------------
+
+
+def enqueue(db: Conn, task_type: str = "t", **fields: Any) -> int:
+    payload = fields.pop("payload", {})
+    row = db.execute(
+        "SELECT id FROM ledgerq.enqueue_task(task_type => %s, payload => %s, queue => %s, "
+        "max_attempts => %s)",
+        (task_type, Jsonb(payload), fields.get("queue", "default"), fields.get("max_attempts", 5)),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def claim(db: Conn, task_id: int, worker: str = "w1") -> int:
+    row = db.execute(
+        "SELECT attempts FROM ledgerq.claim_task(%s, %s, 30)", (task_id, worker)
+    ).fetchone()
+    assert row is not None, f"task {task_id} not claimable"
+    return int(row[0])
+
+
+def complete(
+    db: Conn, task_id: int, attempt: int, *, error: str | None = None, retryable: bool = True
+) -> str:
+    row = db.execute(
+        "SELECT ledgerq.complete_task(task_id => %s, attempt => %s, succeeded => %s, "
+        "result => %s, error => %s, retryable => %s)",
+        (
+            task_id,
+            attempt,
+            error is None,
+            Jsonb({"ok": True}) if error is None else None,
+            error,
+            retryable,
+        ),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def make_dead(
+    db: Conn, queue: str = "default", error: str = "ValueError: boom\n  at line 1"
+) -> int:
+    task_id = enqueue(db, "report.build", queue=queue)
+    assert complete(db, task_id, claim(db, task_id), error=error, retryable=False) == "DEAD"
+    return task_id
+
+
+def status_of(db: Conn, task_id: int) -> str:
+    row = db.execute("SELECT status FROM ledgerq.tasks WHERE id = %s", (task_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+# --- enqueue ---------------------------------------------------------------------------------
+
+
+def test_enqueue_prints_the_new_task_and_a_replayed_key_returns_it(
+    settings: config.Settings, db: Conn
+) -> None:
+    first = cli_support.invoke(
+        ["enqueue", "email.send", '{"to": "a@b.c"}', "--idempotency-key", "welcome-1"], settings
+    )
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("task 1 created: email.send on queue default, PENDING")
+
+    again = cli_support.invoke(
+        ["enqueue", "email.send", '{"to": "a@b.c"}', "--idempotency-key", "welcome-1", "--json"],
+        settings,
+    )
+    assert again.exit_code == 0, again.output
+    body = json.loads(again.stdout)
+    assert (body["id"], body["created"], body["status"]) == (1, False, "PENDING")
+    assert body["payload"] == {"to": "a@b.c"}
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (1,)
+
+
+def test_enqueue_options_reach_the_ledger(settings: config.Settings, db: Conn) -> None:
+    result = cli_support.invoke(
+        ["enqueue", "report.build", "--queue", "reports", "--priority", "7", "--delay", "60",
+         "--max-attempts", "2", "--json"],
+        settings,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert (body["queue"], body["priority"], body["max_attempts"], body["created"]) == (
+        "reports", 7, 2, True,
+    )  # fmt: skip
+    row = db.execute(
+        "SELECT payload, extract(epoch FROM run_at - created_at) FROM ledgerq.tasks WHERE id = %s",
+        (body["id"],),
+    ).fetchone()
+    assert row is not None and row[0] == {}
+    assert 55 < float(row[1]) < 65
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ("{bad", "PAYLOAD_JSON is not valid JSON"),
+        ("[1, 2]", "PAYLOAD_JSON must be a JSON object, got array"),
+        ('"text"', "PAYLOAD_JSON must be a JSON object, got str"),
+        ("null", "PAYLOAD_JSON must be a JSON object, got null"),
+    ],
+)
+def test_enqueue_bad_payload_is_one_line_and_exit_2(
+    settings: config.Settings, db: Conn, payload: str, needle: str
+) -> None:
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["enqueue", "t", payload], settings), 2, needle
+    )
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["enqueue", "t", "--priority", "high"], "Invalid value for '--priority'"),
+        (["enqueue", "t", "--max-attempts", "0"], "Invalid value for '--max-attempts'"),
+        (["enqueue", "t", "--delay", "-1"], "Invalid value for '--delay'"),
+        (["enqueue"], "Missing argument 'TYPE'"),
+        (["show", "abc"], "Invalid value for 'ID'"),
+        (["dead", "--retry", "1", "--retry-all"], "give --retry ID or --retry-all, not both"),
+        (["run"], "Missing option '--app'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_invalid_input_is_one_line_and_exit_2(
+    settings: config.Settings, args: list[str], needle: str
+) -> None:
+    cli_support.assert_one_line_failure(cli_support.invoke(args, settings), 2, needle)
+
+
+def test_enqueue_ledger_rejection_is_one_line(settings: config.Settings) -> None:
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["enqueue", " "], settings), 2, "task_type must be a non-empty string"
+    )
+
+
+def test_enqueue_key_reused_with_other_payload_is_a_conflict(
+    settings: config.Settings, db: Conn
+) -> None:
+    assert (
+        cli_support.invoke(
+            ["enqueue", "t", '{"n": 1}', "--idempotency-key", "k"], settings
+        ).exit_code
+        == 0
+    )
+    result = cli_support.invoke(["enqueue", "t", '{"n": 2}', "--idempotency-key", "k"], settings)
+    cli_support.assert_one_line_failure(result, 1, "idempotency_key 'k' is already used by task 1")
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (1,)
+
+
+# --- show ----------------------------------------------------------------------------------
+
+
+def test_show_prints_the_task_and_its_attempt_history(settings: config.Settings, db: Conn) -> None:
+    task_id = enqueue(db, "email.send", payload={"to": "a@b.c"})
+    assert (
+        complete(db, task_id, claim(db, task_id, "host:1:aa"), error="OSError: reset\nframe 1")
+        == "PENDING"
+    )
+    db.execute(
+        "UPDATE ledgerq.tasks SET run_at = now() WHERE id = %s", (task_id,)
+    )  # skip the backoff
+    assert complete(db, task_id, claim(db, task_id, "host:2:bb")) == "SUCCEEDED"
+
+    text = cli_support.invoke(["show", str(task_id)], settings)
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"task {task_id}"
+    assert "  status           SUCCEEDED" in lines
+    assert '  result           {"ok": true}' in lines
+    assert '  payload          {"to": "a@b.c"}' in lines
+    attempt_rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1], r[-1]) for r in attempt_rows[:1]] == [("1", "host:1:aa", "reset")]
+    assert "failed" in attempt_rows[0] and "succeeded" in attempt_rows[1]
+    assert "frame 1" not in text.stdout  # only an error's first line
+
+    body = json.loads(cli_support.invoke(["show", str(task_id), "--json"], settings).stdout)
+    assert [(a["attempt"], a["worker_id"], a["outcome"]) for a in body["attempt_history"]] == [
+        (1, "host:1:aa", "failed"),
+        (2, "host:2:bb", "succeeded"),
+    ]
+    assert body["attempt_history"][0]["error"] == "OSError: reset\nframe 1"
+    assert (body["status"], body["attempts"], body["result"]) == ("SUCCEEDED", 2, {"ok": True})
+
+
+def test_show_unknown_task_is_one_line_and_exit_1(settings: config.Settings) -> None:
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["show", "12345"], settings), 1, "task 12345 does not exist"
+    )
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def test_stats_counts_tasks_by_queue_and_status_with_redis_waiting(
+    settings: config.Settings, db: Conn
+) -> None:
+    pending = [enqueue(db) for _ in range(3)]
+    done = enqueue(db)
+    complete(db, done, claim(db, done))
+    make_dead(db, queue="reports")
+    cancelled = enqueue(db, queue="reports")
+    db.execute("SELECT ledgerq.cancel_task(%s)", (cancelled,))
+    running = enqueue(db, queue="reports")
+    claim(db, running)
+
+    async def push() -> None:
+        dispatch = Dispatch.connect(settings.redis_url, settings.redis_prefix)
+        try:
+            await dispatch.push([DueTask(TaskId(i), "default", 0) for i in pending[:2]])
+        finally:
+            await dispatch.close()
+
+    asyncio.run(push())
+    result = cli_support.invoke(["stats", "--json"], settings)
+    assert result.exit_code == 0, result.output
+    queues = {q["queue"]: q for q in json.loads(result.stdout)["queues"]}
+    assert queues["default"]["counts"] == {
+        "PENDING": 3, "QUEUED": 0, "RUNNING": 0, "SUCCEEDED": 1, "DEAD": 0, "CANCELLED": 0,
+    }  # fmt: skip
+    assert queues["reports"]["counts"] == {
+        "PENDING": 0, "QUEUED": 0, "RUNNING": 1, "SUCCEEDED": 0, "DEAD": 1, "CANCELLED": 1,
+    }  # fmt: skip
+    assert queues["default"]["waiting_in_redis"] == 2
+    assert queues["reports"]["waiting_in_redis"] == 0
+    assert queues["default"]["oldest_pending_age_seconds"] >= 0
+    assert queues["reports"]["oldest_pending_age_seconds"] is None
+    assert (
+        queues["default"]["finished_last_minute"],
+        queues["reports"]["finished_last_minute"],
+    ) == (1, 2)
+
+    text = cli_support.invoke(["stats"], settings).stdout.splitlines()
+    assert text[0].split() == [
+        "queue", "PENDING", "QUEUED", "RUNNING", "SUCCEEDED", "DEAD", "CANCELLED",
+        "in", "Redis", "oldest", "pending", "done/min",
+    ]  # fmt: skip
+    assert text[1].split()[:8] == ["default", "3", "0", "0", "1", "0", "0", "2"]
+    assert text[2].split() == ["reports", "0", "0", "1", "0", "1", "1", "0", "-", "2"]
+
+
+def test_stats_on_an_empty_ledger_says_so(settings: config.Settings) -> None:
+    result = cli_support.invoke(["stats"], settings)
+    assert (result.exit_code, result.stdout) == (0, "no tasks in the ledger yet\n")
+
+
+# --- dead ------------------------------------------------------------------------------------
+
+
+def test_dead_lists_dead_tasks_newest_first_with_their_errors_first_line(
+    settings: config.Settings, db: Conn
+) -> None:
+    first = make_dead(db, error="ValueError: bad amount\nTraceback (most recent call last): ...")
+    second = make_dead(db, queue="reports", error="KeyError: 'to'")
+    enqueue(db)  # not DEAD
+
+    lines = cli_support.invoke(["dead"], settings).stdout.splitlines()
+    assert lines[0].split() == ["id", "type", "queue", "attempts", "died", "last", "error"]
+    assert [line.split()[0] for line in lines[1:]] == [str(second), str(first)]
+    assert lines[1].endswith("KeyError: 'to'") and lines[2].endswith("ValueError: bad amount")
+
+    only_reports = json.loads(
+        cli_support.invoke(["dead", "--queue", "reports", "--json"], settings).stdout
+    )
+    assert [t["id"] for t in only_reports["tasks"]] == [second]
+    limited = json.loads(cli_support.invoke(["dead", "--limit", "1", "--json"], settings).stdout)
+    assert [t["id"] for t in limited["tasks"]] == [second]
+    assert cli_support.invoke(["dead", "--queue", "nothing"], settings).stdout == "no DEAD tasks\n"
+
+
+def test_dead_retry_moves_one_task_back_to_pending(settings: config.Settings, db: Conn) -> None:
+    task_id = make_dead(db)
+    result = cli_support.invoke(["dead", "--retry", str(task_id), "--json"], settings)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"id": task_id, "status": "PENDING"}
+    assert status_of(db, task_id) == "PENDING"
+    again = cli_support.invoke(["dead", "--retry", str(task_id)], settings)
+    cli_support.assert_one_line_failure(
+        again, 1, f"task {task_id} is PENDING; only DEAD or CANCELLED"
+    )
+
+
+def test_dead_retry_all_retries_every_dead_task_of_the_queue_page_by_page(
+    settings: config.Settings, db: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "RETRY_BATCH", 3)  # several pages from a few tasks
+    in_default = [make_dead(db) for _ in range(7)]
+    in_reports = [make_dead(db, queue="reports") for _ in range(2)]
+
+    result = cli_support.invoke(["dead", "--retry-all", "--queue", "default"], settings)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "retried 7 DEAD task(s)\n"
+    assert {status_of(db, t) for t in in_default} == {"PENDING"}
+    assert {status_of(db, t) for t in in_reports} == {"DEAD"}
+
+    rest = cli_support.invoke(["dead", "--retry-all", "--json"], settings)
+    body = json.loads(rest.stdout)
+    assert (body["retried"], body["skipped"], sorted(body["ids"])) == (2, 0, sorted(in_reports))
+    assert (
+        cli_support.invoke(["dead", "--retry-all"], settings).stdout == "retried 0 DEAD task(s)\n"
+    )
+
+
+# --- cancel ----------------------------------------------------------------------------------
+
+
+def test_cancel_pending_running_and_finished_tasks(settings: config.Settings, db: Conn) -> None:
+    pending = enqueue(db)
+    running = enqueue(db)
+    claim(db, running)
+    done = enqueue(db)
+    complete(db, done, claim(db, done))
+
+    assert (
+        cli_support.invoke(["cancel", str(pending)], settings).stdout
+        == f"task {pending}: CANCELLED\n"
+    )
+    assert status_of(db, pending) == "CANCELLED"
+
+    requested = cli_support.invoke(["cancel", str(running), "--json"], settings)
+    assert (requested.exit_code, json.loads(requested.stdout)) == (
+        0,
+        {"id": running, "status": "RUNNING"},
+    )
+    row = db.execute(
+        "SELECT cancel_requested FROM ledgerq.tasks WHERE id = %s", (running,)
+    ).fetchone()
+    assert row == (True,)
+
+    finished = cli_support.invoke(["cancel", str(done)], settings)
+    assert finished.exit_code == 1
+    assert finished.stdout == f"task {done} is already SUCCEEDED: nothing to cancel\n"
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["cancel", "999"], settings), 1, "task 999 does not exist"
+    )
+
+
+# --- unreachable servers: the real script, one line, no traceback ---------------------------
+
+
+def _run_all(commands: list[list[str]], env: dict[str, str]) -> list[tuple[int, str, str]]:
+    """Run the commands at once (each ~0.4 s of start-up); their exit codes and output."""
+    processes = [
+        cli_support.ledgerq_process(args, env, cwd=cli_support.REPO / "examples")
+        for args in commands
+    ]
+    try:
+        return [(p.wait(timeout=30), *p.communicate()) for p in processes]
+    finally:
+        for p in processes:
+            cli_support.stop_process(p)
+
+
+def test_unreachable_postgresql_is_one_line_and_exit_1(settings: config.Settings) -> None:
+    down = f"postgresql://postgres@127.0.0.1:{cli_support.closed_port()}/postgres"
+    commands = [
+        ["enqueue", "t"], ["show", "1"], ["stats"], ["dead"], ["dead", "--retry-all"],
+        ["cancel", "1"], ["run", "--app", "quickstart:tasks"], ["demo"], ["bench"],
+    ]  # fmt: skip
+    env = {**cli_support.env_for(settings), "LEDGERQ_DATABASE_URL": down}
+    for args, (code, out, err) in zip(commands, _run_all(commands, env), strict=True):
+        assert code == 1, (args, code, out, err)
+        assert out == "", (args, out)
+        line = cli_support.one_line(err)
+        assert line.startswith("ledgerq: PostgreSQL is unavailable: "), (args, line)
+        assert "Connection refused" in line, (args, line)
+
+
+def test_unreachable_redis_is_one_line_and_exit_1(settings: config.Settings) -> None:
+    env = {
+        **cli_support.env_for(settings),
+        "LEDGERQ_REDIS_URL": f"redis://127.0.0.1:{cli_support.closed_port()}/0",
+    }
+    commands = [["stats"], ["run", "--app", "quickstart:tasks"], ["demo"]]
+    for args, (code, out, err) in zip(commands, _run_all(commands, env), strict=True):
+        assert code == 1, (args, code, out, err)
+        line = cli_support.one_line(err)
+        assert line.startswith("ledgerq: Redis is unavailable: "), (args, line)
+
+
+def test_missing_schema_says_to_migrate(settings: config.Settings, empty_db_url: str) -> None:
+    result = cli_support.invoke(["stats", "--database-url", empty_db_url], settings)
+    cli_support.assert_one_line_failure(result, 1, "run `ledgerq migrate`")
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def test_run_serves_every_component_and_one_sigint_stops_them_all_with_exit_0(
+    settings: config.Settings, db: Conn
+) -> None:
+    port = cli_support.free_port()
+    run = cli_support.ledgerq_process(
+        ["run", "--app", "quickstart:tasks", "--processes", "2", "--port", str(port),
+         "--reaper-interval", "0.2", "--log-level", "WARNING"],
+        cli_support.env_for(settings), cwd=cli_support.REPO / "examples",
+    )  # fmt: skip
+    try:
+        # api, dispatcher, reaper and two workers: five children, all in one group
+        children = cli_support.poll(
+            lambda: (d := cli_support.descendants(run.pid)) and len(d) >= 5 and d, what="5 children"
+        )
+        assert len(children) == 5, children
+        assert len({os.getpgid(pid) for pid in children}) == 1
+        assert os.getpgid(children[0]) != os.getpgid(run.pid)
+        cli_support.poll(lambda: _ready(port), what="the API")
+
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/tasks",
+            json={"type": "email.send", "payload": {"to": "a@b.c"}},
+        )
+        assert reply.status_code == 201, reply.text
+        task_id = reply.json()["id"]
+        cli_support.poll(lambda: status_of(db, task_id) == "SUCCEEDED", what="the task to succeed")
+
+        os.kill(run.pid, signal.SIGINT)
+        assert run.wait(timeout=30) == 0, run.communicate()
+        _, err = run.communicate()
+        assert "Traceback" not in err
+        assert [pid for pid in children if cli_support.alive(pid)] == []
+    finally:
+        cli_support.stop_process(run)
+
+
+def test_run_stops_everything_and_exits_1_when_a_component_fails(
+    settings: config.Settings,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = cli_support.ledgerq_process(
+            ["run", "--app", "quickstart:tasks", "--port", str(port), "--log-level", "WARNING"],
+            cli_support.env_for(settings), cwd=cli_support.REPO / "examples",
+        )  # fmt: skip
+        try:
+            children = cli_support.poll(
+                lambda: (d := cli_support.descendants(run.pid)) and len(d) >= 4 and d,
+                what="children",
+            )
+            assert run.wait(timeout=40) == 1
+            _, err = run.communicate()
+            # uvicorn exits 3 when it cannot bind
+            assert "ledgerq run: api exited with status 3; stopping the rest" in err
+            assert [pid for pid in children if cli_support.alive(pid)] == []
+        finally:
+            cli_support.stop_process(run)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+
+def test_bench_without_a_bench_folder_is_one_line(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchrun, "BENCH_DIR", tmp_path / "bench")
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["bench"], settings), 2, "no benchmarks at", "source checkout"
+    )
+
+
+SQL_OUTPUT = """\
+running hot_query ...
+benchmark       metric                                   value  unit     target
+--------------  ----------------------------------  ----------  -------  ----------  ----
+hot_query       SELECT execution, median of 300          0.045  ms       < 0.2       ok
+enqueue_batch   enqueue_tasks x1000                     53,300  tasks/s  >= 100,000  MISS
+"""
+RUNTIME_OUTPUT = """\
+('drain 2000 no-op tasks, 1 process(es)', '9,000 tasks/s (0.22 s)')
+
+benchmark                              result
+-------------------------------------  ----------------------------------------
+drain 2000 no-op tasks, 1 process(es)  9,000 tasks/s (0.22 s)
+pickup latency at 200 tasks/s          p50 1.10 ms, p99 2.00 ms
+"""
+API_OUTPUT = """\
+ledgerq API ingress @ abc123 (2 cores shared by client, API and PostgreSQL)
+measure                                                    result       target  ok
+POST /tasks latency @ 200/s, mean                         1.20 ms
+POST /tasks/batch, 1,000 per batch                 61,000 tasks/s   >= 50,000  yes
+"""
+
+
+def test_bench_parses_the_table_each_script_prints_last() -> None:
+    assert benchrun.parse_table("sql", SQL_OUTPUT) == [
+        benchrun.Row(
+            "sql", "hot_query / SELECT execution, median of 300", "0.045 ms", "< 0.2", "ok"
+        ),
+        benchrun.Row(
+            "sql", "enqueue_batch / enqueue_tasks x1000", "53,300 tasks/s", ">= 100,000", "MISS"
+        ),
+    ]
+    assert benchrun.parse_table("runtime", RUNTIME_OUTPUT) == [
+        benchrun.Row("runtime", "drain 2000 no-op tasks, 1 process(es)", "9,000 tasks/s (0.22 s)"),
+        benchrun.Row("runtime", "pickup latency at 200 tasks/s", "p50 1.10 ms, p99 2.00 ms"),
+    ]
+    assert benchrun.parse_table("api", API_OUTPUT) == [
+        benchrun.Row("api", "POST /tasks latency @ 200/s, mean", "1.20 ms"),
+        benchrun.Row(
+            "api", "POST /tasks/batch, 1,000 per batch", "61,000 tasks/s", ">= 50,000", "yes"
+        ),
+    ]
+    assert benchrun.parse_table("api", "no table at all\n") == []
+
+
+def test_bench_runs_the_scripts_that_exist_and_prints_one_table(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for name, output, code in (("sql_bench.py", SQL_OUTPUT, 0), ("api_bench.py", API_OUTPUT, 3)):
+        script = f"import sys\nprint(sys.argv[1:])\nprint({output!r})\nsys.exit({code})\n"
+        (folder / name).write_text(script)
+    monkeypatch.setattr(benchrun, "BENCH_DIR", folder)
+
+    result = cli_support.invoke(["bench"], settings)
+    assert result.exit_code == 1, result.output  # api_bench.py failed
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["suite", "measure", "result", "target", "ok"]
+    assert lines[1].split()[:2] == ["sql", "hot_query"]
+    assert any(line.startswith("api ") and "61,000 tasks/s" in line for line in lines)
+    assert any("api_bench.py FAILED (exit 3)" in line for line in lines)
+    assert "running bench/sql_bench.py (quick) ..." in result.stderr
+    assert "running bench/runtime_bench.py" not in result.stderr  # it does not exist here
+    first_output = (Path(lines[-1].split(": ", 1)[1].split(", ")[0])).read_text()
+    assert first_output.splitlines()[0] == str(list(benchrun.SUITES["sql"][1]))
+
+    cli_support.assert_one_line_failure(
+        cli_support.invoke(["bench", "gpu"], settings), 2, "unknown benchmark suite(s) gpu"
+    )
