@@ -14,7 +14,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     problem text;
-    new_id bigint;
+    due_at timestamptz := coalesce(enqueue_task.run_at, now());
     existing ledgerq.tasks%ROWTYPE;
 BEGIN
     problem := ledgerq.task_args_problem(enqueue_task.task_type, enqueue_task.payload,
@@ -24,21 +24,29 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
     END IF;
 
-    -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
-    -- commit or roll back, so racing callers see exactly one winner.
-    INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at,
-                                    max_attempts, idempotency_key)
-    VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
-            enqueue_task.priority, coalesce(enqueue_task.run_at, now()),
-            enqueue_task.max_attempts, enqueue_task.idempotency_key)
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING t.id INTO new_id;
+    IF enqueue_task.idempotency_key IS NULL THEN
+        -- Nothing to conflict with: a plain INSERT spares the speculative
+        -- insertion that ON CONFLICT costs.
+        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts)
+        VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
+                enqueue_task.priority, due_at, enqueue_task.max_attempts)
+        RETURNING t.id INTO id;
+    ELSE
+        -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
+        -- commit or roll back, so racing callers see exactly one winner.
+        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at,
+                                        max_attempts, idempotency_key)
+        VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
+                enqueue_task.priority, due_at, enqueue_task.max_attempts,
+                enqueue_task.idempotency_key)
+        ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING t.id INTO id;
+    END IF;
 
-    IF new_id IS NOT NULL THEN
-        IF coalesce(enqueue_task.run_at, now()) <= now() THEN
+    IF id IS NOT NULL THEN
+        IF due_at <= now() THEN
             PERFORM pg_notify('ledgerq_tasks', '');
         END IF;
-        id := new_id;
         created := true;
         RETURN NEXT;
         RETURN;
@@ -61,59 +69,128 @@ $$;
 -- The batch form: a JSON array of objects with enqueue_task's fields. One row
 -- per input in input order; all or nothing. Ids are drawn before the insert so
 -- each input maps to its own row without relying on RETURNING order.
+--
+-- Built for batches of thousands: the array is read once, into one array per
+-- column, by a single query that also checks every element; a batch without
+-- idempotency keys then needs one plain INSERT and nothing else.
 CREATE OR REPLACE FUNCTION ledgerq.enqueue_tasks(tasks jsonb)
 RETURNS TABLE(id bigint, created boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    bad record;
+    id_seq regclass := pg_get_serial_sequence('ledgerq.tasks', 'id');
+    first_bad bigint;
+    problem text;
     new_ids bigint[];
-    clash record;
+    task_types text[];
+    payloads jsonb[];
+    queues text[];
+    priorities integer[];
+    run_ats timestamptz[];
+    max_attempts_list integer[];
+    keys text[];
     any_due boolean;
+    any_key boolean;
+    inserted bigint;
+    clash record;
 BEGIN
     IF tasks IS NULL OR jsonb_typeof(tasks) <> 'array' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'tasks must be a JSON array of task objects';
     END IF;
 
-    -- The message names the element and the field, so a caller can fix one
-    -- bad item in a batch of thousands.
-    SELECT v.ord, v.problem INTO bad
-    FROM (SELECT x.ord, ledgerq.task_json_problem(x.e) AS problem
-          FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)) v
-    WHERE v.problem IS NOT NULL
-    ORDER BY v.ord
-    LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'LQ422',
-            MESSAGE = format('tasks[%s] %s', bad.ord - 1, bad.problem);
+    -- The checks inline here are exactly task_json_problem's (a call per
+    -- element, with a query inside, cost more than the INSERT). A value that
+    -- does not even convert (a run_at that is no timestamp, a priority of 1.5)
+    -- raises instead. Either way task_batch_problem then names the element and
+    -- the field, so a caller can fix one bad item in a batch of thousands.
+    BEGIN
+        SELECT min(v.ord) FILTER (WHERE NOT v.ok), array_agg(nextval(id_seq)),
+               array_agg(v.task_type), array_agg(v.payload), array_agg(v.queue),
+               array_agg(v.priority), array_agg(v.run_at), array_agg(v.max_attempts),
+               array_agg(v.idempotency_key), bool_or(v.run_at <= now()),
+               bool_or(v.idempotency_key IS NOT NULL)
+        INTO first_bad, new_ids, task_types, payloads, queues, priorities, run_ats,
+             max_attempts_list, keys, any_due, any_key
+        FROM (
+            SELECT c.*, coalesce(
+                       jsonb_typeof(c.e) = 'object'
+                       AND c.e - '{task_type,payload,queue,priority,run_at,max_attempts,idempotency_key}'::text[] = '{}'::jsonb
+                       AND jsonb_typeof(c.e -> 'task_type') = 'string'
+                       AND coalesce(jsonb_typeof(c.e -> 'queue'), 'null') IN ('string', 'null')
+                       AND coalesce(jsonb_typeof(c.e -> 'idempotency_key'), 'null') IN ('string', 'null')
+                       AND coalesce(jsonb_typeof(c.e -> 'priority'), 'null') IN ('number', 'null')
+                       AND coalesce(jsonb_typeof(c.e -> 'max_attempts'), 'null') IN ('number', 'null')
+                       AND coalesce(jsonb_typeof(c.e -> 'run_at'), 'null') IN ('string', 'null')
+                       AND c.max_attempts <= 999999999  -- task_json_problem allows nine digits
+                       AND ledgerq.task_args_problem(c.task_type, c.payload, c.queue, c.priority,
+                                                     c.max_attempts, c.idempotency_key) IS NULL,
+                       false) AS ok
+            FROM (
+                SELECT x.ord, x.e, x.e ->> 'task_type' AS task_type,
+                       coalesce(x.e -> 'payload', '{}') AS payload,
+                       coalesce(x.e ->> 'queue', 'default') AS queue,
+                       coalesce((x.e ->> 'priority')::integer, 0) AS priority,
+                       coalesce((x.e ->> 'run_at')::timestamptz, now()) AS run_at,
+                       coalesce((x.e ->> 'max_attempts')::integer, 5) AS max_attempts,
+                       x.e ->> 'idempotency_key' AS idempotency_key
+                FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
+                OFFSET 0  -- convert each field once, not once per check that reads it
+            ) c
+            ORDER BY c.ord
+        ) v;
+    EXCEPTION WHEN data_exception THEN
+        problem := ledgerq.task_batch_problem(tasks);
+        IF problem IS NULL THEN
+            RAISE;  -- not an input problem the checks know of
+        END IF;
+    END;
+    IF problem IS NULL AND first_bad IS NOT NULL THEN
+        problem := ledgerq.task_batch_problem(tasks);
     END IF;
-
-    SELECT array_agg(nextval(pg_get_serial_sequence('ledgerq.tasks', 'id')) ORDER BY x.ord)
-    INTO new_ids
-    FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
+    END IF;
     IF new_ids IS NULL THEN
         RETURN;  -- an empty batch enqueues nothing
     END IF;
 
-    INSERT INTO ledgerq.tasks AS t (id, task_type, payload, queue, priority, run_at,
-                                    max_attempts, idempotency_key)
-    SELECT new_ids[x.ord], x.e ->> 'task_type', coalesce(x.e -> 'payload', '{}'),
-           coalesce(x.e ->> 'queue', 'default'), coalesce((x.e ->> 'priority')::integer, 0),
-           coalesce((x.e ->> 'run_at')::timestamptz, now()),
-           coalesce((x.e ->> 'max_attempts')::integer, 5), x.e ->> 'idempotency_key'
-    FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
-    ORDER BY x.ord
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+    IF NOT any_key THEN
+        INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts)
+        SELECT * FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats,
+                             max_attempts_list);
+        inserted := cardinality(new_ids);
+    ELSE
+        -- An input whose key is taken, earlier or by an earlier input of this
+        -- batch (rows go in in input order), is skipped and answered below.
+        INSERT INTO ledgerq.tasks AS t (id, task_type, payload, queue, priority, run_at,
+                                        max_attempts, idempotency_key)
+        SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts, u.key
+        FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats, max_attempts_list,
+                    keys) WITH ORDINALITY
+             AS u(id, task_type, payload, queue, priority, run_at, max_attempts, key, ord)
+        ORDER BY u.ord
+        ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+        GET DIAGNOSTICS inserted = ROW_COUNT;
+    END IF;
 
-    -- Inputs that hit an existing key (earlier, or earlier in this batch) must
-    -- carry the same type and payload as the task that holds the key.
-    SELECT x.ord, x.e ->> 'idempotency_key' AS key, t.id AS holder
+    IF any_due THEN
+        PERFORM pg_notify('ledgerq_tasks', '');
+    END IF;
+
+    IF inserted = cardinality(new_ids) THEN
+        RETURN QUERY SELECT u.id, true FROM unnest(new_ids) WITH ORDINALITY AS u(id, ord) ORDER BY u.ord;
+        RETURN;
+    END IF;
+
+    -- Inputs that hit an existing key must carry the same type and payload as
+    -- the task that holds the key.
+    SELECT u.ord, u.key, h.id AS holder
     INTO clash
-    FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
-    JOIN ledgerq.tasks t ON t.idempotency_key = x.e ->> 'idempotency_key'
-    WHERE t.id <> new_ids[x.ord]
-      AND (t.task_type <> x.e ->> 'task_type' OR t.payload <> coalesce(x.e -> 'payload', '{}'))
-    ORDER BY x.ord
+    FROM unnest(new_ids, keys, task_types, payloads) WITH ORDINALITY
+         AS u(id, key, task_type, payload, ord)
+    JOIN ledgerq.tasks h ON h.idempotency_key = u.key
+    WHERE h.id <> u.id AND (h.task_type <> u.task_type OR h.payload <> u.payload)
+    ORDER BY u.ord
     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ409',
@@ -122,19 +199,10 @@ BEGIN
             HINT = 'Use a new key for different work, or resend the original type and payload.';
     END IF;
 
-    SELECT bool_or(coalesce((x.e ->> 'run_at')::timestamptz, now()) <= now())
-    INTO any_due
-    FROM jsonb_array_elements(tasks) AS x(e);
-    IF any_due THEN
-        PERFORM pg_notify('ledgerq_tasks', '');
-    END IF;
-
     RETURN QUERY
-    SELECT coalesce(mine.id, holder.id), mine.id IS NOT NULL
-    FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
-    LEFT JOIN ledgerq.tasks mine ON mine.id = new_ids[x.ord]
-    LEFT JOIN ledgerq.tasks holder
-           ON mine.id IS NULL AND holder.idempotency_key = x.e ->> 'idempotency_key'
-    ORDER BY x.ord;
+    SELECT coalesce(h.id, u.id), h.id IS NULL OR h.id = u.id
+    FROM unnest(new_ids, keys) WITH ORDINALITY AS u(id, key, ord)
+    LEFT JOIN ledgerq.tasks h ON h.idempotency_key = u.key
+    ORDER BY u.ord;
 END;
 $$;

@@ -1,5 +1,9 @@
 -- Argument checks shared by enqueue_task and enqueue_tasks. Returns the first
 -- problem as a sentence naming the field, or NULL when the arguments are valid.
+-- STABLE, not IMMUTABLE: format() is STABLE, and PostgreSQL only inlines a SQL
+-- function into its caller when the body is no more volatile than declared.
+-- Not inlined, the body was planned afresh on every enqueue (a third of
+-- enqueue_task's CPU time).
 CREATE OR REPLACE FUNCTION ledgerq.task_args_problem(
     task_type text,
     payload jsonb,
@@ -8,7 +12,7 @@ CREATE OR REPLACE FUNCTION ledgerq.task_args_problem(
     max_attempts integer,
     idempotency_key text
 ) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN task_type IS NULL OR btrim(task_type) = '' THEN 'task_type must be a non-empty string'
         WHEN length(task_type) > 200 THEN 'task_type must be at most 200 characters'
@@ -73,4 +77,17 @@ BEGIN
         coalesce((task ->> 'priority')::integer, 0), coalesce((task ->> 'max_attempts')::integer, 5),
         task ->> 'idempotency_key');
 END;
+$$;
+
+-- The first bad element of an enqueue_tasks array, as 'tasks[i] <problem>'
+-- (i counted from 0), or NULL when every element is valid. enqueue_tasks checks
+-- its elements inline and calls this only to name what it found wrong.
+CREATE OR REPLACE FUNCTION ledgerq.task_batch_problem(tasks jsonb) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format('tasks[%s] %s', v.ord - 1, v.problem)
+    FROM (SELECT x.ord, ledgerq.task_json_problem(x.e) AS problem
+          FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)) v
+    WHERE v.problem IS NOT NULL
+    ORDER BY v.ord
+    LIMIT 1
 $$;
