@@ -145,6 +145,18 @@ async def test_idempotency_key_header_and_body_field_must_agree(
     assert "idempotency_key" in response.json()["error"]["message"]
 
 
+async def test_an_invalid_idempotency_key_header_is_422_naming_it(
+    client: httpx.AsyncClient, db: Db
+) -> None:
+    response = await client.post(
+        "/tasks", json={"type": "email.send"}, headers={"Idempotency-Key": "k" * 513}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("Idempotency-Key:")
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (0,)
+
+
 async def test_reusing_a_key_with_a_different_payload_is_409(
     client: httpx.AsyncClient, db: Db
 ) -> None:

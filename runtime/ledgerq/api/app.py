@@ -66,8 +66,10 @@ def create_app(
     app.state.services = (
         state.Services(ledger, dispatch) if ledger is not None and dispatch is not None else None
     )
-    app.include_router(tasks.router())
-    app.include_router(system.router())
+    # Routes sit on the app's own router (see routes.tasks.register).
+    app.router.route_class = body.LimitedRoute
+    tasks.register(app.router)
+    system.register(app.router)
     api_errors.install(app)
     # The last added middleware runs first: the catch-all wraps auth.
     if settings.api_token is not None:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Awaitable
 
@@ -25,7 +26,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from ledgerq import errors, metrics
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
-from ledgerq.api.body import LimitedRoute
 from ledgerq.api.state import Services, services
 from ledgerq.types import TaskStatus
 
@@ -74,17 +74,26 @@ async def refresh_queue_gauges(found: Services) -> None:
         metrics.QUEUE_OLDEST_PENDING.labels(queue).set(ages.get(queue, 0.0))
 
 
-def router() -> APIRouter:
-    """The operations routes."""
-    api = APIRouter(route_class=LimitedRoute, tags=["operations"])
+_TAGS: list[str | enum.Enum] = ["operations"]
 
-    @api.get("/healthz", response_model=schemas.HealthOut, summary="The process is alive")
+
+def register(api: APIRouter) -> None:
+    """Add the operations routes to api.
+
+    Added to the app's own router rather than included from another: FastAPI
+    matches an included router's routes twice, at a cost on every request.
+    """
+
+    @api.get(
+        "/healthz", tags=_TAGS, response_model=schemas.HealthOut, summary="The process is alive"
+    )
     async def healthz() -> Response:
         """Always 200 while the process serves requests."""
         return JSONResponse({"status": "ok"})
 
     @api.get(
         "/readyz",
+        tags=_TAGS,
         response_model=schemas.HealthOut,
         summary="PostgreSQL and Redis are reachable",
         responses={503: {"model": schemas.NotReadyOut, "description": "Not ready."}},
@@ -106,6 +115,7 @@ def router() -> APIRouter:
 
     @api.get(
         "/queues",
+        tags=_TAGS,
         response_model=None,
         summary="Per queue: counts by status, oldest pending age, throughput",
         responses={
@@ -132,6 +142,7 @@ def router() -> APIRouter:
 
     @api.get(
         "/metrics",
+        tags=_TAGS,
         response_class=PlainTextResponse,
         summary="Prometheus metrics",
         responses={200: {"description": "Prometheus text format."}},
@@ -140,5 +151,3 @@ def router() -> APIRouter:
         """Every ledgerq metric of this process, queue gauges read just now."""
         await refresh_queue_gauges(services(request))
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    return api

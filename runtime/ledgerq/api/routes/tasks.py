@@ -13,17 +13,19 @@ import base64
 import binascii
 import collections
 import dataclasses
+import enum
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from ledgerq import metrics
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
-from ledgerq.api.body import LimitedRoute
 from ledgerq.api.state import services
 from ledgerq.ledger import NewTask
 from ledgerq.types import TaskId, TaskStatus
@@ -66,36 +68,66 @@ def decode_cursor(cursor: str) -> int:
     return int(match.group(1))
 
 
-def router() -> APIRouter:
-    """The task routes."""
-    api = APIRouter(route_class=LimitedRoute, tags=["tasks"])
+_IDEMPOTENCY_KEY = TypeAdapter(schemas.IdempotencyKey)
+IDEMPOTENCY_KEY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same as the body's idempotency_key (they must agree if both are given).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 512},
+}
+
+
+def idempotency_key_header(request: Request) -> str | None:
+    """The Idempotency-Key header, validated like the body field.
+
+    Read by hand rather than declared as a FastAPI Header parameter, which
+    re-inspects the parameter's type on every request (most of the route's cost).
+    """
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    try:
+        return _IDEMPOTENCY_KEY.validate_python(value)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("header", "Idempotency-Key")} for error in exc.errors()]
+        ) from None
+
+
+_TAGS: list[str | enum.Enum] = ["tasks"]
+
+
+def register(api: APIRouter) -> None:
+    """Add the task routes to api.
+
+    Added to the app's own router rather than included from another: FastAPI
+    matches an included router's routes twice, at a cost on every request.
+    """
 
     @api.post(
         "/tasks",
+        tags=_TAGS,
         status_code=201,
         response_model=None,
         summary="Enqueue a task",
+        openapi_extra={"parameters": [IDEMPOTENCY_KEY_PARAMETER]},
         responses={
             201: {"model": schemas.TaskOut, "description": "Created."},
             200: {"model": schemas.TaskOut, "description": "The task an idempotency key made."},
             **schemas.error_responses(409, 413, 422, 500, 503),
         },
     )
-    async def create_task(
-        request: Request,
-        body: schemas.TaskCreate,
-        idempotency_key_header: Annotated[
-            schemas.IdempotencyKey | None, Header(alias="Idempotency-Key")
-        ] = None,
-    ) -> Response:
+    async def create_task(request: Request, body: schemas.TaskCreate) -> Response:
         """Enqueue one task; the reply comes once it is committed to PostgreSQL."""
         key = body.idempotency_key
-        if idempotency_key_header is not None:
-            if key is not None and key != idempotency_key_header:
+        header = idempotency_key_header(request)
+        if header is not None:
+            if key is not None and key != header:
                 raise api_errors.invalid_input(
                     "idempotency_key: the body field and the Idempotency-Key header differ"
                 )
-            key = idempotency_key_header
+            key = header
         new = _new_task(body, key)
         # Concurrent requests share transactions; each answer waits for its commit.
         task = await services(request).enqueuer.enqueue(new)
@@ -105,6 +137,7 @@ def router() -> APIRouter:
 
     @api.post(
         "/tasks/batch",
+        tags=_TAGS,
         response_model=None,
         summary="Enqueue up to 1,000 tasks, all or none",
         responses={
@@ -138,6 +171,7 @@ def router() -> APIRouter:
 
     @api.get(
         "/tasks/{task_id}",
+        tags=_TAGS,
         response_model=None,
         summary="A task with its attempts",
         responses={
@@ -152,6 +186,7 @@ def router() -> APIRouter:
 
     @api.get(
         "/tasks",
+        tags=_TAGS,
         response_model=None,
         summary="List tasks, newest first",
         responses={
@@ -189,6 +224,7 @@ def router() -> APIRouter:
 
     @api.post(
         "/tasks/{task_id}/cancel",
+        tags=_TAGS,
         response_model=None,
         summary="Cancel a task",
         responses={
@@ -203,6 +239,7 @@ def router() -> APIRouter:
 
     @api.post(
         "/tasks/{task_id}/retry",
+        tags=_TAGS,
         response_model=None,
         summary="Retry a DEAD or CANCELLED task",
         responses={
@@ -214,5 +251,3 @@ def router() -> APIRouter:
         """DEAD/CANCELLED → PENDING with a fresh attempt budget; 409 for other statuses."""
         status = await services(request).ledger.retry(task_id)
         return JSONResponse({"id": task_id, "status": status.value})
-
-    return api
