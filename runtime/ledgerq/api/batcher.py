@@ -44,25 +44,37 @@ class EnqueueBatcher:
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self._waiting: list[_Pending] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._running: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def enqueue(self, task: NewTask) -> Task:
         """Enqueue task; returns once it is committed (``created`` set, as enqueue_task)."""
+        if not self._waiting and self._in_flight < self.max_in_flight:
+            # Nothing to share a transaction with: send it from this coroutine,
+            # without a task and a future in between.
+            self._in_flight += 1
+            try:
+                return await self.ledger.enqueue_task(task)
+            finally:
+                self._in_flight -= 1
+                self._send()
         future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
         self._waiting.append((task, future))
         self._send()
         return await future
 
     def _send(self) -> None:
-        while self._waiting and len(self._running) < self.max_in_flight:
+        while self._waiting and self._in_flight < self.max_in_flight:
             batch = self._waiting[: self.max_batch]
             del self._waiting[: self.max_batch]
+            self._in_flight += 1
             call = asyncio.create_task(self._run(batch))
             self._running.add(call)
             call.add_done_callback(self._done)
 
     def _done(self, call: asyncio.Task[None]) -> None:
         self._running.discard(call)
+        self._in_flight -= 1
         self._send()
 
     async def _run(self, batch: list[_Pending]) -> None:
