@@ -219,6 +219,12 @@ async def check_redis(settings: config.Settings) -> None:
 def run_demo(options: Options, out: TextIO | None = None) -> int:
     """Run the demo; 0 if every guarantee held, 1 if not (or it could not run), 130 on Ctrl-C."""
     screen = Screen(out or sys.stdout)
+    try:
+        import httpx  # noqa: F401  (the demo's HTTP client, from the dev extras)
+    except ImportError:
+        raise DemoFailed(
+            "ledgerq demo needs httpx: pip install httpx (scripts/setup installs it)"
+        ) from None
     server = options.settings.database_url
     probe(server)
     asyncio.run(check_redis(options.settings))
