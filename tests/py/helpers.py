@@ -49,7 +49,10 @@ DEADLINE_S = 10.0
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, deadline_s: float = DEADLINE_S, what: str = "a condition"
+    probe: Callable[[], Awaitable[T | None]],
+    *,
+    deadline_s: float = DEADLINE_S,
+    what: str = "a condition",
 ) -> T:
     """Await probe() every POLL_S until it returns something truthy; return that."""
     deadline = time.monotonic() + deadline_s
@@ -364,7 +367,8 @@ class LocalRedisCluster:
             )  # fmt: skip
             for port in cluster.ports:
                 cluster._wait(
-                    port, lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                    port,
+                    lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO"),  # type: ignore[no-untyped-call]
                 )
         except BaseException:
             cluster.stop()

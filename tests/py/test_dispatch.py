@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import helpers
 import pytest
 import redis
+import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
 
 from ledgerq import errors
@@ -48,7 +50,35 @@ class Backend:
                 )
             else:
                 found = client.keys(f"{{{self.prefix}}}*")
-            return sorted(k.decode() for k in found)
+            return sorted(k.decode() if isinstance(k, bytes) else k for k in found)
+        finally:
+            client.close()
+
+    def named(self, client_name: str) -> Dispatch:
+        """A Dispatch whose connections carry client_name, to find them in CLIENT LIST."""
+        client: aioredis.Redis | aiocluster.RedisCluster
+        if self.cluster:
+            client = aiocluster.RedisCluster.from_url(
+                self.url, client_name=client_name, socket_timeout=None
+            )
+        else:
+            client = aioredis.Redis.from_url(self.url, client_name=client_name)
+        return Dispatch(client, self.prefix)
+
+    async def is_blocked(self, client_name: str) -> bool:
+        """Whether a connection named client_name is blocked in a command right now."""
+        client = self.raw()
+        try:
+            if isinstance(client, redis.RedisCluster):
+                nodes = [n.redis_connection for n in client.get_nodes()]  # type: ignore[no-untyped-call]
+            else:
+                nodes = [client]
+            return any(
+                c["name"] == client_name and "b" in c["flags"]
+                for node in nodes
+                if node is not None
+                for c in node.client_list()
+            )
         finally:
             client.close()
 
@@ -124,16 +154,18 @@ async def test_pop_honours_priority_across_queues(backend: Backend) -> None:
 
 
 async def test_pop_wait_returns_an_id_pushed_while_it_waits(backend: Backend) -> None:
-    d = backend.dispatch
-    other = Dispatch.connect(backend.url, backend.prefix, cluster=backend.cluster)
+    name = f"waiter-{backend.prefix}"
+    waiting = backend.named(name)
     try:
-        waiter = asyncio.create_task(d.pop_wait(["a", "b"], 5))
-        await asyncio.sleep(0)  # let the waiter send its BZPOPMIN first
-        await other.push([due(42, "b", 3)])
+        waiter = asyncio.create_task(waiting.pop_wait(["a", "b"], 5))
+        await helpers.eventually(
+            lambda: backend.is_blocked(name), deadline_s=5, what="the BZPOPMIN to block"
+        )
+        await backend.dispatch.push([due(42, "b", 3)])
         assert await asyncio.wait_for(waiter, 5) == 42
     finally:
-        await other.close()
-    assert await d.queue_lengths(["a", "b"]) == {"a": 0, "b": 0}
+        await waiting.close()
+    assert await backend.dispatch.queue_lengths(["a", "b"]) == {"a": 0, "b": 0}
 
 
 async def test_pop_wait_returns_none_after_its_timeout(backend: Backend) -> None:

@@ -199,7 +199,7 @@ async def _dict_str_any_handler(ctx: Context, payload: dict[str, Any]) -> None: 
 async def _any_handler(ctx: Context, payload: Any) -> None: ...
 
 
-async def _unannotated_handler(ctx, payload):  # type: ignore[no-untyped-def]
+async def _unannotated_handler(ctx, payload):  # type: ignore[no-untyped-def,unused-ignore]
     ...
 
 
