@@ -338,6 +338,7 @@ def main() -> None:
     for name, result, target, ok in rows:
         mark = "" if ok == "" else ("yes" if ok else "NO")
         print(f"{name:<46} {result:>16} {target:>12}  {mark}")
+    print()  # the table ends here (`ledgerq bench` reads it up to a blank line)
     print(
         f"API process CPU: {single_cpu:.0%} of a core in the single run, "
         f"{batch_cpu:.0%} in the batch run; synchronous_commit {synchronous_commit(ADMIN_URL)}"
