@@ -43,13 +43,7 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or self.authorized(scope):
             await self.app(scope, receive, send)
             return
-        response = api_errors.error_response(
-            401,
-            "unauthorized",
-            "missing or invalid bearer token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
+        await api_errors.unauthorized_response()(scope, receive, send)
 
 
 def document(schema: dict[str, Any]) -> dict[str, Any]:

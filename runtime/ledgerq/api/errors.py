@@ -2,20 +2,21 @@
 
 Every error the API sends looks like ``{"error": {"code": ..., "message": ...}}``:
 
-==========================================  ======  ======================
-cause                                       status  code
-==========================================  ======  ======================
-ledgerq ``InvalidInput``, bad request       422     ``invalid_input``
-body not JSON / not UTF-8 / too deep        422     ``invalid_json``
-body over the size limit                    413     ``body_too_large``
-missing or wrong bearer token               401     ``unauthorized``
-``TaskNotFound``, unknown route             404     ``not_found``
-``IdempotencyConflict``                     409     ``idempotency_conflict``
-``InvalidTransition``                       409     ``invalid_transition``
-wrong method                                405     ``method_not_allowed``
-``LedgerUnavailable``, ``DispatchUnavailable``  503  ``unavailable``
-anything else                               500     ``internal_error``
-==========================================  ======  ======================
+==============================================  ======  ========================
+cause                                           status  code
+==============================================  ======  ========================
+ledgerq ``InvalidInput``, a bad field           422     ``invalid_input``
+body not JSON / not UTF-8 / too deep            422     ``invalid_json``
+body over the size limit                        413     ``body_too_large``
+missing or wrong bearer token                   401     ``unauthorized``
+``TaskNotFound``, unknown route                 404     ``not_found``
+``IdempotencyConflict``                         409     ``idempotency_conflict``
+``InvalidTransition``                           409     ``invalid_transition``
+wrong method                                    405     ``method_not_allowed``
+``LedgerUnavailable``, ``DispatchUnavailable``  503     ``unavailable``
+/readyz with PostgreSQL or Redis down           503     ``not_ready``
+anything else                                   500     ``internal_error``
+==============================================  ======  ========================
 
 A 500 carries a generic message; the exception and its traceback go to the
 ``ledgerq.api`` log, never to the client.
@@ -96,6 +97,27 @@ def error_response(
 ) -> JSONResponse:
     """An error response in the API's one error shape."""
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
+
+
+def unauthorized_response() -> JSONResponse:
+    """401 for a request without the right bearer token."""
+    return error_response(
+        401,
+        "unauthorized",
+        "missing or invalid bearer token",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def not_ready_response(problems: dict[str, str | None]) -> JSONResponse:
+    """503 naming each dependency that is down (problems: name -> why, or None if up).
+
+    ``checks`` in the body maps each lower-cased name to "ok" or why it is down.
+    """
+    down = "; ".join(f"{name} is down ({why})" for name, why in problems.items() if why)
+    body = error_body("not_ready", down)
+    body["checks"] = {name.lower(): why or "ok" for name, why in problems.items()}
+    return JSONResponse(body, status_code=503)
 
 
 def status_of(exc: errors.LedgerqError) -> tuple[int, str]:

@@ -106,12 +106,7 @@ def register(api: APIRouter) -> None:
         )
         if pg is None and redis is None:
             return JSONResponse({"status": "ok"})
-        down = [
-            f"{name} is down ({why})" for name, why in (("PostgreSQL", pg), ("Redis", redis)) if why
-        ]
-        body = api_errors.error_body("not_ready", "; ".join(down))
-        body["checks"] = {"postgresql": pg or "ok", "redis": redis or "ok"}
-        return JSONResponse(body, status_code=503)
+        return api_errors.not_ready_response({"PostgreSQL": pg, "Redis": redis})
 
     @api.get(
         "/queues",
