@@ -337,6 +337,8 @@ class Deployment:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            print(self.diagnostics())  # pytest shows it with the failure
         self.close()
 
     def close(self) -> None:
