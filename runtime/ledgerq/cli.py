@@ -19,15 +19,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
+import prometheus_client
 
-from ledgerq import __version__, admin, config, errors, migrations
+from ledgerq import __version__, admin, config, errors, metrics, migrations, supervise
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import (
     BATCH_SIZE_DEFAULT,
     POLL_INTERVAL_DEFAULT_S,
     Dispatcher,
 )
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger, Ledger, probe
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S, Reaper
 from ledgerq.registry import Registry
 from ledgerq.worker import CONCURRENCY_DEFAULT, GRACE_DEFAULT_S, LEASE_DEFAULT_S, Worker
@@ -148,6 +149,9 @@ async def open_services(
     settings: config.Settings, *, pool_size: int = 4
 ) -> tuple[AsyncLedger, Dispatch]:
     """The ledger and the dispatcher, both checked reachable."""
+    # One plain connection first: an unreachable PostgreSQL fails at once with
+    # one line, where the pool would retry (and log) until its timeout.
+    await asyncio.to_thread(probe, settings.database_url)
     ledger = await AsyncLedger.connect(settings.database_url, max_size=pool_size)
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
@@ -199,10 +203,25 @@ def _worker_process(
     lease_s: int,
     grace_s: float,
     log_level: str,
+    metrics_port: int | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """One worker process: its own event loop, pools and Redis connections."""
+    """One worker process: its own event loop, pools and Redis connections.
+
+    A child of ``worker --processes N`` (parent_pid set) leaves the terminal's
+    process group, so a Ctrl-C reaches only the parent, which passes exactly
+    one SIGTERM on (a second signal would stop a worker at once); and it dies
+    with the parent.
+    """
+    if parent_pid is not None:
+        os.setpgrp()
+        supervise.die_with_parent(parent_pid)
     setup_logging(log_level)
     registry = load_registry(app)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(
+            metrics_port, addr="127.0.0.1", registry=metrics.REGISTRY
+        )
     holder: dict[str, Worker] = {}
     sync_ledger: list[Ledger] = []
 
@@ -256,6 +275,9 @@ def _worker_process(
 @click.option("--grace-seconds", type=click.FloatRange(0), default=GRACE_DEFAULT_S,
               show_default=True, help="On SIGTERM/SIGINT, how long running tasks may finish "
               "before they are handed back.")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(1, 65_535), metavar="PORT",
+              help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT/metrics "
+              "(with --processes N, process i uses PORT+i).")  # fmt: skip
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 @connection_options
 @one_line_errors
@@ -266,6 +288,7 @@ def worker(
     processes: int,
     lease_seconds: int,
     grace_seconds: float,
+    metrics_port: int | None,
     log_level: str,
     **options: Any,
 ) -> None:
@@ -279,17 +302,28 @@ def worker(
     queue_list = _split_queues(queues)
     args = (settings, app, queue_list, concurrency, lease_seconds, grace_seconds, log_level)
     if processes == 1:
-        _worker_process(*args)
+        _worker_process(*args, metrics_port)
         return
     context = multiprocessing.get_context("spawn")
-    children = [context.Process(target=_worker_process, args=args) for _ in range(processes)]
+    children = [
+        context.Process(
+            target=_worker_process,
+            args=(*args, metrics_port + i if metrics_port else None, os.getpid()),
+        )
+        for i in range(processes)
+    ]
     for child in children:
         child.start()
+    forwarded = False
 
-    def forward(signum: int, _frame: object) -> None:
+    def forward(_signum: int, _frame: object) -> None:
+        # Exactly one SIGTERM per child: their graceful stop. A second signal
+        # to the parent is the operator insisting: stop them at once.
+        nonlocal forwarded
         for child in children:
             if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signum)
+                os.kill(child.pid, signal.SIGKILL if forwarded else signal.SIGTERM)
+        forwarded = True
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -343,6 +377,7 @@ def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
     holder: dict[str, Reaper] = {}
 
     async def main_coro() -> None:
+        await asyncio.to_thread(probe, settings.database_url)
         ledger = await AsyncLedger.connect(settings.database_url, max_size=2)
         service = holder["service"] = Reaper(ledger, interval_s=interval)
         try:

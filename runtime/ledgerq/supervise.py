@@ -35,14 +35,19 @@ _BOOTSTRAP = "from ledgerq.supervise import child_main; child_main()"
 _PR_SET_PDEATHSIG = 1
 
 
-def child_main() -> None:
-    """A supervised child's entry point: die with the supervisor, then run the command."""
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """Ask Linux for a SIGTERM when this process's parent dies (elsewhere: nothing)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != int(os.environ.get("LEDGERQ_SUPERVISOR_PID", os.getppid())):
-            sys.exit(1)  # the supervisor died before prctl took effect
+        if expected_parent is not None and os.getppid() != expected_parent:
+            sys.exit(1)  # the parent died before prctl took effect
+
+
+def child_main() -> None:
+    """A supervised child's entry point: die with the supervisor, then run the command."""
+    die_with_parent(int(os.environ.get("LEDGERQ_SUPERVISOR_PID", os.getppid())))
     from ledgerq.cli import main
 
     main(prog_name="ledgerq")
