@@ -13,7 +13,7 @@ DECLARE
     -- overflow make_interval into a negative delay, i.e. a retry due at once.
     longest_s constant double precision := 3153600000;
     cap_s double precision;
-    exponent integer;
+    remaining integer;
     ceiling_s double precision;
 BEGIN
     IF attempt IS NULL OR attempt < 1 THEN
@@ -24,15 +24,16 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'LQ422',
             MESSAGE = 'compute_backoff: base_seconds and max_seconds must be >= 0';
     END IF;
-    -- Cap the exponent first: 2^1100 overflows double precision. And compare
-    -- base with cap / 2^n (exact) rather than multiply: a large base overflows.
+    -- base * 2^(attempt-1) in one go overflows double precision for a large
+    -- base or attempt: double in steps of at most 2^62 until the cap instead
+    -- (exact: multiplying by a power of two never rounds). One step, usually.
     cap_s := least(max_seconds, longest_s);
-    exponent := least(attempt - 1, 1000);
-    IF base_seconds > cap_s / power(2::double precision, exponent) THEN
-        ceiling_s := cap_s;
-    ELSE
-        ceiling_s := base_seconds * power(2::double precision, exponent);
-    END IF;
+    ceiling_s := least(base_seconds, cap_s);
+    remaining := attempt - 1;
+    WHILE remaining > 0 AND ceiling_s > 0 AND ceiling_s < cap_s LOOP
+        ceiling_s := least(cap_s, ceiling_s * power(2::double precision, least(remaining, 62)));
+        remaining := remaining - 62;
+    END LOOP;
     IF coalesce(jitter, true) THEN
         ceiling_s := random() * ceiling_s;
     END IF;
