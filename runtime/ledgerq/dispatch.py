@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import logging
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -36,11 +37,25 @@ PRIORITY_MAX = 32767
 # the double Redis stores scores in.
 _ID_BITS = 37
 
+log = logging.getLogger("ledgerq.dispatch")
+
 
 def task_score(priority: int, task_id: int) -> int:
     """Lower pops first: higher priority, then lower (older) id."""
     clamped = min(max(priority, PRIORITY_MIN), PRIORITY_MAX)
     return ((PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
+
+
+def _task_ids(members: Any) -> list[TaskId]:
+    """Task ids from queue members; anything else someone put there is dropped
+    (the ledger, not Redis, says what needs running)."""
+    ids: list[TaskId] = []
+    for member in members:
+        try:
+            ids.append(TaskId(int(member)))
+        except (TypeError, ValueError):
+            log.warning("dispatch.ignored a queue member that is not a task id: %r", member)
+    return ids
 
 
 def _lua(name: str) -> str:
@@ -136,10 +151,10 @@ class Dispatch:
         with _translated():
             if len(queues) == 1:
                 items: list[Any] = await self.client.zpopmin(self.queue_key(queues[0]), count)
-                return [TaskId(int(item[0])) for item in items]
+                return _task_ids(item[0] for item in items)
             keys = [self.queue_key(q) for q in queues]
             taken = await self._pop_script(keys=keys, args=[count])
-        return [TaskId(int(member)) for member in taken]
+        return _task_ids(taken)
 
     async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> TaskId | None:
         """Block until one id is available (None after timeout_s)."""
@@ -148,7 +163,8 @@ class Dispatch:
             item = await self.client.bzpopmin(keys, timeout=timeout_s)
         if not item:
             return None
-        return TaskId(int(item[1]))
+        ids = _task_ids([item[1]])
+        return ids[0] if ids else None
 
     async def waiting(self, tasks: Sequence[DueTask]) -> list[bool]:
         """For each task, whether its id is waiting in its queue right now."""

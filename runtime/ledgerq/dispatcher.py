@@ -146,7 +146,7 @@ class Dispatcher:
                         next_sweep = loop.time() + self.sweep_interval_s
                     sleep_s = await self._sleep_budget()
                     failures = 0
-                except (errors.LedgerUnavailable, errors.DispatchError) as exc:
+                except (errors.LedgerError, errors.DispatchError) as exc:
                     failures += 1
                     event = (
                         "dispatch.unavailable"

@@ -54,7 +54,9 @@ class Reaper:
         while not self._stopping.is_set():
             try:
                 await self.run_once()
-            except errors.LedgerUnavailable as exc:
+            except errors.LedgerError as exc:
+                # Unreachable or refused (a deadlock, a statement timeout): the
+                # next sweep tries again; a reaper must outlive its database.
                 log.warning("ledger.unavailable %s (retrying)", exc.message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_s)

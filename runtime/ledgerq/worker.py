@@ -232,13 +232,16 @@ class Worker:
                 # hands them out again.
                 claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
                 failures = 0
-            except (errors.LedgerUnavailable, errors.DispatchError) as exc:
+            except (errors.LedgerError, errors.DispatchError) as exc:
+                # Unreachable, or a refusal such as a deadlock: either way the
+                # ids stay QUEUED and come back; the worker must not die of it.
                 failures += 1
-                event = (
-                    "dispatch.unavailable"
-                    if isinstance(exc, errors.DispatchError)
-                    else "ledger.unavailable"
-                )
+                if isinstance(exc, errors.DispatchError):
+                    event = "dispatch.unavailable"
+                elif isinstance(exc, errors.LedgerUnavailable):
+                    event = "ledger.unavailable"
+                else:
+                    event = "ledger.error"
                 log.warning("%s %s (retrying)", event, exc.message)
                 await self._wait_either(asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures)))
                 continue
