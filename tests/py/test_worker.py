@@ -16,7 +16,7 @@ import pytest
 
 from ledgerq import Context, NonRetryable, Registry, Retryable, config
 from ledgerq.dispatcher import Dispatcher
-from ledgerq.types import AttemptOutcome, TaskStatus
+from ledgerq.types import AttemptOutcome, DueTask, TaskId, TaskStatus
 from ledgerq.worker import Worker
 
 Conn = psycopg.Connection[Any]
@@ -386,6 +386,87 @@ async def test_success_after_cancellation_was_requested_stays_succeeded(
     assert helpers.attempts(db, task_id) == [(1, "succeeded", None)]
 
 
+async def test_handler_result_that_is_not_json_is_dead_after_one_attempt(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("odd.result", max_attempts=5)
+    async def odd(ctx: Context, payload: dict[str, Any]) -> Any:
+        return {"when": datetime.now(UTC)}
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("odd.result")
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert task.attempts == 1 and task.result is None
+    assert task.last_error is not None
+    assert task.last_error.startswith("NonRetryable: handler returned a value that is not JSON")
+
+
+async def test_task_cancelled_while_queued_never_runs(settings: config.Settings, db: Conn) -> None:
+    tasks = Registry()
+    calls: list[str] = []
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, str]) -> None:
+        calls.append(payload["name"])
+
+    async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
+        cancelled = await s.enqueue("job", {"name": "cancelled"})
+        kept = await s.enqueue("job", {"name": "kept"})
+        dispatcher = Dispatcher(s.ledger, s.dispatch, database_url=settings.database_url)
+        assert await dispatcher.run_once() == 2  # both ids wait in Redis
+        assert await s.client.cancel(cancelled) == TaskStatus.CANCELLED
+        s.start_worker(_worker(tasks, s, concurrency=1))
+        await helpers.wait_for_status(s.ledger, kept, "SUCCEEDED")
+        assert await s.dispatch.queue_lengths(["default"]) == {"default": 0}
+        task = await s.ledger.get(cancelled)
+    assert calls == ["kept"]
+    assert (task.status, task.attempts, task.attempt_history) == (TaskStatus.CANCELLED, 0, ())
+
+
+async def test_a_duplicate_delivery_does_not_start_a_second_attempt(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> str:
+        calls.append(ctx.worker_id)
+        started.set()
+        await release.wait()
+        return "once"
+
+    async with helpers.running(settings, tasks) as s:
+        second = _worker(tasks, s, worker_id="second-worker")
+        second_run = asyncio.create_task(second.run())
+        try:
+            task_id = await s.enqueue("job")
+            await asyncio.wait_for(started.wait(), 10)
+            # The id is delivered again while its attempt runs (a sweep that
+            # raced the claim, a duplicate push): some worker pops it ...
+            await s.dispatch.push([DueTask(TaskId(task_id), "default", 0)])
+
+            async def popped() -> bool:
+                return (await s.dispatch.queue_lengths(["default"]))["default"] == 0
+
+            await helpers.eventually(popped, what="the duplicate to be popped")
+            # ... and its claim is refused, in whichever worker: still one attempt.
+            task = await s.ledger.get(task_id)
+            assert (task.status, task.attempts) == (TaskStatus.RUNNING, 1)
+            release.set()
+            task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+        finally:
+            second.stop()
+            await asyncio.wait_for(second_run, 10)
+    assert len(calls) == 1
+    assert task.result == "once"
+    assert helpers.attempts(db, task_id) == [(1, "succeeded", None)]
+
+
 # --- order and timing -------------------------------------------------------------------
 
 
@@ -617,7 +698,7 @@ async def _completed(worker: Any, key: str) -> int:
 
 
 def _worker(tasks: Registry, s: helpers.Services, **options: Any) -> Worker:
-    return Worker(tasks, s.ledger, s.dispatch, worker_id="test-worker", **options)
+    return Worker(tasks, s.ledger, s.dispatch, **({"worker_id": "test-worker"} | options))
 
 
 @pytest.fixture(autouse=True)
