@@ -28,7 +28,7 @@ from ledgerq.dispatcher import (
     POLL_INTERVAL_DEFAULT_S,
     Dispatcher,
 )
-from ledgerq.ledger import AsyncLedger, Ledger, probe
+from ledgerq.ledger import AsyncLedger, Ledger
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S, Reaper
 from ledgerq.registry import Registry
 from ledgerq.worker import CONCURRENCY_DEFAULT, GRACE_DEFAULT_S, LEASE_DEFAULT_S, Worker
@@ -149,9 +149,6 @@ async def open_services(
     settings: config.Settings, *, pool_size: int = 4
 ) -> tuple[AsyncLedger, Dispatch]:
     """The ledger and the dispatcher, both checked reachable."""
-    # One plain connection first: an unreachable PostgreSQL fails at once with
-    # one line, where the pool would retry (and log) until its timeout.
-    await asyncio.to_thread(probe, settings.database_url)
     ledger = await AsyncLedger.connect(settings.database_url, max_size=pool_size)
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
@@ -377,7 +374,6 @@ def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
     holder: dict[str, Reaper] = {}
 
     async def main_coro() -> None:
-        await asyncio.to_thread(probe, settings.database_url)
         ledger = await AsyncLedger.connect(settings.database_url, max_size=2)
         service = holder["service"] = Reaper(ledger, interval_s=interval)
         try:

@@ -11,6 +11,7 @@ connection → ``LedgerUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any, LiteralString
 
 import psycopg
+import psycopg.conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -407,6 +409,21 @@ def probe(database_url: str, *, timeout_s: int = 5) -> None:
         conn.execute("SELECT 1")
 
 
+# Ask the server to probe idle client sockets, so a worker host that vanished
+# mid-transaction (once_in_transaction holds one open while its handler runs)
+# releases its locks within about a minute, not after TCP's two hours.
+SERVER_KEEPALIVE_OPTIONS = (
+    "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+)
+
+
+def pool_kwargs(database_url: str) -> dict[str, Any]:
+    """Connection arguments for every pooled connection: autocommit, keepalives."""
+    options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
+    merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
+    return {"autocommit": True, "options": merged}
+
+
 # --- the async ledger ------------------------------------------------------------
 
 
@@ -420,7 +437,8 @@ class AsyncLedger:
     async def connect(
         cls, database_url: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10
     ) -> AsyncLedger:
-        """Open a pool; raises LedgerUnavailable if PostgreSQL cannot be reached."""
+        """Open a pool; raises LedgerUnavailable at once if PostgreSQL cannot be reached."""
+        await asyncio.to_thread(probe, database_url)
         pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
             database_url,
             min_size=min_size,
@@ -430,7 +448,7 @@ class AsyncLedger:
             # No check= on checkout: it would cost a round trip per query. A
             # connection broken by a PostgreSQL restart fails its next query
             # (LedgerUnavailable, the caller retries) and the pool drops it.
-            kwargs={"autocommit": True},
+            kwargs=pool_kwargs(database_url),
         )
         with translated():
             await pool.open(wait=True, timeout=timeout_s)
@@ -648,13 +666,15 @@ class Ledger:
     def connect(
         cls, database_url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10
     ) -> Ledger:
+        """Open a pool; raises LedgerUnavailable at once if PostgreSQL cannot be reached."""
+        probe(database_url)
         pool: ConnectionPool[SyncConn] = ConnectionPool(
             database_url,
             min_size=min_size,
             max_size=max_size,
             open=False,
             timeout=timeout_s,
-            kwargs={"autocommit": True},
+            kwargs=pool_kwargs(database_url),
         )
         with translated():
             pool.open(wait=True, timeout=timeout_s)
