@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -108,15 +111,17 @@ def ensure_big_table(run: Run, conn: Conn) -> None:
 
 # --- hot_query -----------------------------------------------------------------------------
 
-# The SELECT of task_take_due, with the function's parameters as $1 (batch_size) and $2
-# (as_of). A SQL-language function plans its statements without knowing its parameters' values, so the
-# statement is prepared with a forced generic plan to be planned the same way.
+# A copy of the SELECT in task_take_due (sql/functions/dispatch.sql), with the function's
+# parameters as $1 (batch_size) and $2 (as_of). A SQL function plans its statements without
+# knowing its parameters' values, so the copy is prepared with a forced generic plan to be
+# planned the same way. Should the copy drift from the function, the auto_explain check of
+# the function's own statement still catches a regression.
 HOT_SELECT = """
     SELECT t.id FROM ledgerq.tasks t
     WHERE t.status = 'PENDING' AND t.run_at <= coalesce($2::timestamptz, now())
     ORDER BY t.priority DESC, t.run_at, t.id
     LIMIT $1::integer
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 """
 
 
@@ -146,31 +151,26 @@ def explain_hot(conn: Conn, options: str) -> Any:
     return rows[0][0] if "JSON" in options else "\n".join(r[0] for r in rows)
 
 
-def function_plan(url: str) -> dict[str, Any]:
-    """task_take_due(100)'s own plan of its statement, through auto_explain."""
-    with connect(url) as conn:
-        return _function_plan(conn)
-
-
-def _function_plan(conn: Conn) -> dict[str, Any]:
+def function_plan(url: str, fmt: str) -> str:
+    """task_take_due(100)'s plan of its own statement, through auto_explain, as text or json."""
     notices: list[str] = []
-    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-    conn.execute("LOAD 'auto_explain'")
-    for setting, value in (
-        ("auto_explain.log_min_duration", "0"),
-        ("auto_explain.log_analyze", "on"),
-        ("auto_explain.log_buffers", "on"),
-        ("auto_explain.log_nested_statements", "on"),
-        ("auto_explain.log_format", "json"),
-        ("auto_explain.log_level", "notice"),
-    ):
-        conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
-    with conn.transaction(force_rollback=True):
-        conn.execute("SELECT * FROM ledgerq.task_take_due(100)").fetchall()
+    with connect(url) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for setting, value in (
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_analyze", "on"),
+            ("auto_explain.log_buffers", "on"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_format", fmt),
+            ("auto_explain.log_level", "notice"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT * FROM ledgerq.task_take_due(100)").fetchall()
     for notice in notices:  # the nested statement's plan, not the outer Function Scan
-        plan: dict[str, Any] = json.loads(notice.split("plan:", 1)[1])["Plan"]
-        if any(n.get("Relation Name") == "tasks" for n in plan_nodes(plan)):
-            return plan
+        if "ledgerq.tasks" in notice and "task_take_due" not in notice.split("plan:", 1)[1]:
+            return notice.split("plan:", 1)[1].strip()
     raise RuntimeError("auto_explain reported no plan for task_take_due's statement")
 
 
@@ -184,10 +184,15 @@ def bench_hot_query(run: Run, conn: Conn) -> None:
         explain_hot(plans, "ANALYZE, BUFFERS")  # warm the cache before the plan that is shown
         text_plan = explain_hot(plans, "ANALYZE, BUFFERS")
         print("\nhot_query: EXPLAIN (ANALYZE, BUFFERS) of task_take_due's SELECT (generic plan)")
-        print("    " + text_plan.replace("\n", "\n    "), flush=True)
+        print(indent(text_plan), flush=True)
+        print("\nhot_query: task_take_due(100)'s own statement (auto_explain, ANALYZE, BUFFERS)")
+        print(indent(function_plan(run.url, "text")), flush=True)
         checks = [
             ("prepared SELECT", explain_hot(plans, "ANALYZE, BUFFERS, FORMAT JSON")[0]["Plan"]),
-            ("task_take_due (auto_explain)", function_plan(run.url)),
+            (
+                "task_take_due (auto_explain)",
+                json.loads(function_plan(run.url, "json"))["Plan"],
+            ),
         ]
         times = []
         for _ in range(300):
@@ -215,6 +220,10 @@ def bench_hot_query(run: Run, conn: Conn) -> None:
     run.at_most("hot_query", "SELECT execution, median of 300", statistics.median(times), "ms", 0.2)
     run.add("hot_query", "SELECT execution, p95", quantile(times, 0.95), "ms")
     run.add("hot_query", "task_take_due(100) call, median", statistics.median(calls), "ms")
+
+
+def indent(text: str) -> str:
+    return "    " + text.replace("\n", "\n    ")
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -270,13 +279,16 @@ BARE_BATCH = """
 
 
 def timed_batches(conn: Conn, query: str, bodies: Iterator[str], seconds: float) -> float:
-    """Tasks per second of query run on successive bodies for about `seconds`."""
+    """Tasks per second of query run on successive bodies for about `seconds` (or until the
+    bodies run out)."""
     for _ in range(6):  # past the 5 executions after which psycopg prepares the statement
         conn.execute(query, (next(bodies),)).fetchall()
     done = 0
     started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        done += len(conn.execute(query, (next(bodies),)).fetchall())
+    for body in bodies:
+        done += len(conn.execute(query, (body,)).fetchall())
+        if time.perf_counter() - started >= seconds:
+            break
     return done / (time.perf_counter() - started)
 
 
@@ -289,9 +301,14 @@ def bench_enqueue_batch(run: Run, conn: Conn) -> None:
     ]
     for label, query, keyed, floor in cases:
         ledger_data.reset(conn)
-        # Bodies are built ahead, outside the clock: enough for 200k tasks/s.
-        bodies = ledger_data.batch_bodies(int(run.seconds * 200) + 20, 1000, keyed)
-        rate = timed_batches(conn, query, iter(bodies), run.seconds)
+        # Bodies are built ahead, outside the clock. Without keys a few can be sent again and
+        # again; keyed ones must be new each time (a replay takes another path), so there are
+        # enough for 200k tasks/s, and a faster run ends early.
+        if keyed:
+            bodies = iter(ledger_data.batch_bodies(int(run.seconds * 200) + 20, 1000, keyed))
+        else:
+            bodies = itertools.cycle(ledger_data.batch_bodies(50, 1000, keyed))
+        rate = timed_batches(conn, query, bodies, run.seconds)
         if floor is None:
             run.add("enqueue_batch", label, rate, "tasks/s")
         else:
@@ -306,6 +323,13 @@ ENQUEUE_ONE = """
 BARE_ONE = """
     INSERT INTO ledgerq.tasks (task_type, payload, queue, priority, max_attempts, idempotency_key)
     VALUES (%s, %s, %s, %s, %s, %s) RETURNING id
+"""
+# The same with the NOTIFY that enqueue_task sends for a due task. PostgreSQL serialises the
+# commits of all transactions that NOTIFY (a cluster-wide lock held through the WAL flush),
+# so this is the ceiling for enqueue_task from many connections.
+BARE_ONE_NOTIFY = f"""
+    WITH inserted AS ({BARE_ONE})
+    SELECT id, pg_notify('ledgerq_tasks', '') FROM inserted
 """
 
 
@@ -352,9 +376,11 @@ def bench_enqueue_single(run: Run, conn: Conn) -> None:
         ledger_data.reset(conn)
         rate = single_calls(run.url, ENQUEUE_ONE, connections, run.seconds)
         run.at_least("enqueue_single", f"enqueue_task, {connections} conn", rate, "tasks/s", floor)
-        ledger_data.reset(conn)
-        rate = single_calls(run.url, BARE_ONE, connections, run.seconds)
-        run.add("enqueue_single", f"bare INSERT + COMMIT, {connections} conn", rate, "tasks/s")
+        for label, query in (("", BARE_ONE), (" + NOTIFY", BARE_ONE_NOTIFY)):
+            ledger_data.reset(conn)
+            rate = single_calls(run.url, query, connections, run.seconds)
+            metric = f"bare INSERT{label} + COMMIT, {connections} conn"
+            run.add("enqueue_single", metric, rate, "tasks/s")
 
 
 # --- claim + complete ----------------------------------------------------------------------
@@ -444,6 +470,33 @@ def bench_url(admin_url: str, dbname: str) -> str:
     return urlsplit(admin_url)._replace(path="/" + dbname).geturl()
 
 
+def git_commit() -> str:
+    """The commit of the SQL being measured, marked +dirty when sql/ differs from it."""
+    sql_dir = str(migrations.sql_dir())
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", sql_dir, *args], capture_output=True, text=True)
+
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if not commit:
+        return "unknown"
+    return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode else "")
+
+
+def record(path: str, commit: str, pg: str, load: float, run: Run) -> None:
+    entry = {
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "postgresql": pg,
+        "cpus": os.cpu_count(),
+        "load": round(load, 2),
+        "rows": run.rows,
+        "results": [dataclasses.asdict(r) for r in run.results],
+    }
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
 def print_table(results: list[Result]) -> None:
     header = ("benchmark", "metric", "value", "unit", "target", "")
     rows = [header]
@@ -486,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dbname", default="ledgerq_bench", help="the benchmark's own database")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--record",
+        metavar="PATH",
+        help="append the results, with the commit they were measured at, to this JSON-lines file",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.benchmarks) - set(BENCH_NAMES))
     if unknown:
@@ -517,10 +575,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
 
-    print(
-        f"\nPostgreSQL {version[0] if version else '?'}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
-    )
+    commit = git_commit()
+    load = os.getloadavg()[0]
+    pg = version[0] if version else "?"
+    print(f"\ncommit {commit}, PostgreSQL {pg}, {os.cpu_count()} CPUs, load average {load:.2f}")
     print_table(run.results)
+    if args.record:
+        record(args.record, commit, pg, load, run)
     missed = [f"{r.bench}: {r.metric}" for r in run.results if r.ok is False]
     for failure in run.failures:
         print(f"FAIL: {failure}", file=sys.stderr)
