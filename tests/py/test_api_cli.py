@@ -82,3 +82,16 @@ def test_ledgerq_api_with_redis_unreachable_exits_with_one_line(
     assert result.stderr.startswith("ledgerq: Redis is unavailable")
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_ledgerq_api_with_postgresql_unreachable_exits_with_one_line(
+    settings: config.Settings,
+) -> None:
+    result = run_api(
+        settings, "--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("ledgerq: PostgreSQL is unavailable")
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
