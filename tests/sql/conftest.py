@@ -19,6 +19,14 @@ _CRON_MODULE = "test_pg_cron.py"
 _cron_start: pytest.StashKey[Future[CronServer]] = pytest.StashKey()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: builds the wheel or starts a private PostgreSQL; runs by default"
+        " (deselect with -m 'not slow')",
+    )
+
+
 def _start_cron_server() -> CronServer:
     server = CronServer()
     try:

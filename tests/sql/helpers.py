@@ -147,3 +147,40 @@ def wait_for_lock_waiters(conn: Conn, waiters: int = 1, timeout_s: float = 10.0)
             return
         assert time.monotonic() < deadline, f"{blocked} of {waiters} backends blocked"
         time.sleep(0.005)
+
+
+def schema_snapshot(url: str) -> dict[str, Any]:
+    """Everything migrate defines in schema ledgerq, as comparable text."""
+    with psycopg.connect(url) as conn:
+        return {
+            "columns": conn.execute(
+                """
+                SELECT table_name, column_name, data_type, column_default, is_nullable
+                FROM information_schema.columns WHERE table_schema = 'ledgerq'
+                ORDER BY 1, 2
+                """
+            ).fetchall(),
+            "constraints": conn.execute(
+                """
+                SELECT c.conname, pg_get_constraintdef(c.oid)
+                FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+                WHERE n.nspname = 'ledgerq' ORDER BY 1
+                """
+            ).fetchall(),
+            "indexes": conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'ledgerq' ORDER BY 1"
+            ).fetchall(),
+            "functions": conn.execute(
+                """
+                SELECT p.proname, pg_get_functiondef(p.oid)
+                FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                WHERE n.nspname = 'ledgerq' ORDER BY 1, 2
+                """
+            ).fetchall(),
+            "views": conn.execute(
+                "SELECT viewname, definition FROM pg_views WHERE schemaname = 'ledgerq' ORDER BY 1"
+            ).fetchall(),
+            "applied": conn.execute(
+                "SELECT migration_id FROM ledgerq._yoyo_migration ORDER BY 1"
+            ).fetchall(),
+        }

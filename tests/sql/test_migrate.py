@@ -5,52 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from typing import Any
 
 import psycopg
 
 from ledgerq import migrations
 
-from .helpers import call_value, enqueue
+from .helpers import call_value, enqueue, schema_snapshot
 
 ALL_MIGRATIONS = [path.stem for path in migrations.migration_files()]
-
-
-def schema_snapshot(url: str) -> dict[str, Any]:
-    """Everything migrate defines in schema ledgerq, as comparable text."""
-    with psycopg.connect(url) as conn:
-        return {
-            "columns": conn.execute(
-                """
-                SELECT table_name, column_name, data_type, column_default, is_nullable
-                FROM information_schema.columns WHERE table_schema = 'ledgerq'
-                ORDER BY 1, 2
-                """
-            ).fetchall(),
-            "constraints": conn.execute(
-                """
-                SELECT c.conname, pg_get_constraintdef(c.oid)
-                FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
-                WHERE n.nspname = 'ledgerq' ORDER BY 1
-                """
-            ).fetchall(),
-            "indexes": conn.execute(
-                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'ledgerq' ORDER BY 1"
-            ).fetchall(),
-            "functions": conn.execute(
-                """
-                SELECT p.proname, pg_get_functiondef(p.oid)
-                FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                WHERE n.nspname = 'ledgerq' ORDER BY 1, 2
-                """
-            ).fetchall(),
-            "views": conn.execute(
-                "SELECT viewname, definition FROM pg_views WHERE schemaname = 'ledgerq' ORDER BY 1"
-            ).fetchall(),
-            "applied": conn.execute(
-                "SELECT migration_id FROM ledgerq._yoyo_migration ORDER BY 1"
-            ).fetchall(),
-        }
 
 
 def test_migrate_creates_the_ledger_in_an_empty_database(empty_db_url: str) -> None:

@@ -11,9 +11,12 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from .cron_server import FAST_SCHEDULE, JOB_COMMAND, JOB_NAME, SPEC_SCHEDULE, CronServer
+
+pytestmark = pytest.mark.slow
 
 # After the minute (or second) the job is due, how long its run may take.
 RUN_SLACK_S = 20.0
