@@ -5,7 +5,10 @@ own server (the ``postgresql_host/port/user`` ini options in pyproject.toml) and
 creates the run's template database, which ``ledgerq.migrations.migrate`` loads.
 Each test that asks for ``db_url`` or ``db`` gets its own database cloned from that
 template with ``CREATE DATABASE ... TEMPLATE`` (a few tens of ms), dropped after
-the test, so tests may commit, LISTEN and race connections freely.
+the test, so tests may commit, LISTEN and race connections freely. Clones are
+made a few ahead and dropped on background threads (``ClonePool``), so a test
+rarely waits for either. ``empty_db_url`` is an empty database (for migrate
+tests), and ``database_factory`` makes more clones inside one test.
 
 Database names carry this process's id and a counter (``ledgerq_test_<pid>_<n>``),
 so parallel runs never collide; databases left behind by a run that was killed
