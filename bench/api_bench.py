@@ -292,6 +292,7 @@ def _ms(seconds: float) -> str:
 
 
 def main() -> None:
+    """Run the three measurements against one ledgerq api and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10, help="length of the latency run")
     parser.add_argument("--rate", type=float, default=200, help="requests/s in the latency run")

@@ -36,6 +36,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Open what was not given, and close only that."""
         if app.state.services is not None:
             yield
             return
@@ -77,6 +78,7 @@ def create_app(
         plain_openapi = app.openapi
 
         def openapi() -> dict[str, Any]:
+            """FastAPI's schema, with the bearer scheme declared."""
             if app.openapi_schema is None:
                 app.openapi_schema = auth.document(plain_openapi())
             return app.openapi_schema

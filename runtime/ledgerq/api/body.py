@@ -118,6 +118,7 @@ class LimitedRequest(Request):
     """A Request whose body is size-limited while read, and parsed defensively."""
 
     async def body(self) -> bytes:
+        """The body, read at most once; 413 as soon as it passes the app's limit."""
         if not hasattr(self, "_body"):
             limit: int = self.app.state.max_body_bytes
             declared = self.headers.get("content-length", "")
@@ -134,6 +135,7 @@ class LimitedRequest(Request):
         return self._body
 
     async def json(self) -> Any:
+        """The body parsed by parse_json (422 for anything it refuses)."""
         if not hasattr(self, "_json"):
             self._json = parse_json(await self.body())
         return self._json
@@ -143,6 +145,7 @@ class LimitedRoute(APIRoute):
     """An APIRoute whose endpoints receive a LimitedRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler, given a LimitedRequest over the same scope and stream."""
         handler = super().get_route_handler()
 
         async def limited_handler(request: Request) -> Response:

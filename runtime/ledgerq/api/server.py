@@ -45,8 +45,11 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 class _Server(uvicorn.Server):
+    """uvicorn's Server, handling signals on the running loop."""
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM start a graceful shutdown, and are not re-raised after it."""
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
