@@ -393,10 +393,11 @@ BARE_CLAIM = """
         lease_expires_at = now() + interval '30 seconds', queued_at = NULL, started_at = now()
     WHERE id = ANY (%s) AND status = 'QUEUED' RETURNING id, attempts
 """
+# lease_expires_at IS NOT NULL is RUNNING, in the form complete_tasks uses (see complete.sql).
 BARE_COMPLETE = """
     UPDATE ledgerq.tasks SET status = 'SUCCEEDED', result = %s, finished_at = now(),
         lease_expires_at = NULL
-    WHERE id = ANY (%s) AND status = 'RUNNING' RETURNING id
+    WHERE id = ANY (%s) AND lease_expires_at IS NOT NULL RETURNING id
 """
 
 
@@ -483,10 +484,11 @@ def git_commit() -> str:
     return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode else "")
 
 
-def record(path: str, commit: str, pg: str, load: float, run: Run) -> None:
+def record(path: str, commit: str, pg: str, load: float, run: Run, note: str) -> None:
     entry = {
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit,
+        "note": note,
         "postgresql": pg,
         "cpus": os.cpu_count(),
         "load": round(load, 2),
@@ -544,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="append the results, with the commit they were measured at, to this JSON-lines file",
     )
+    parser.add_argument("--note", default="", help="a remark to record with the results")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.benchmarks) - set(BENCH_NAMES))
     if unknown:
@@ -581,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncommit {commit}, PostgreSQL {pg}, {os.cpu_count()} CPUs, load average {load:.2f}")
     print_table(run.results)
     if args.record:
-        record(args.record, commit, pg, load, run)
+        record(args.record, commit, pg, load, run, args.note)
     missed = [f"{r.bench}: {r.metric}" for r in run.results if r.ok is False]
     for failure in run.failures:
         print(f"FAIL: {failure}", file=sys.stderr)
