@@ -136,6 +136,8 @@ BEGIN
                 FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
                 OFFSET 0  -- convert each field once, not once per check that reads it
             ) c
+            -- A sorted subquery feeding the aggregates with no join between keeps
+            -- its order: every array, and the ids drawn, follow the input order.
             ORDER BY c.ord
         ) v;
     EXCEPTION WHEN data_exception THEN
