@@ -1,10 +1,13 @@
 """The dispatcher: due PENDING tasks → Redis, woken by NOTIFY and by polling.
 
-Each pass takes up to ``batch_size`` due tasks (``task_take_due``: priority,
-then run_at, then creation; SKIP LOCKED so several dispatchers share the work),
-pushes their ids to Redis, and only then commits: a failed push leaves them
-PENDING, and a crash after the push leaves ids that ``claim_task`` still
-accepts. It drains in batches, then sleeps until a NOTIFY on ``ledgerq_tasks``
+Each pass marks up to ``batch_size`` due tasks QUEUED (``task_take_due``:
+priority, then run_at, then creation; SKIP LOCKED so several dispatchers share
+the work) in one committed statement, then pushes their ids to Redis. A push
+that fails is retried first thing on the next pass; a dispatcher that dies
+between the two leaves QUEUED tasks that the redelivery sweep below (of any
+dispatcher, and of this one when it starts again) pushes. Committing first
+keeps a worker that pops an id from waiting on the dispatcher's row locks.
+It drains in batches, then sleeps until a NOTIFY on ``ledgerq_tasks``
 (an enqueue, a retry, a reap), the next task's ``run_at``, or
 ``poll_interval_s`` (POLL_INTERVAL_DEFAULT_S), whichever comes first.
 
@@ -32,6 +35,7 @@ import psycopg
 from ledgerq import errors
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import NOTIFY_CHANNEL, AsyncLedger
+from ledgerq.types import DueTask
 
 BATCH_SIZE_DEFAULT = 500
 POLL_INTERVAL_DEFAULT_S = 1.0
@@ -68,6 +72,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._epoch: str | None = None
+        self._unpushed: list[DueTask] = []
         #: Totals since start, for tests and stats.
         self.dispatched = 0
         self.redelivered = 0
@@ -79,9 +84,16 @@ class Dispatcher:
     async def run_once(self) -> int:
         """Dispatch every task due now; return how many were handed to Redis."""
         moved = 0
+        if self._unpushed:
+            await self.dispatch.push(self._unpushed)
+            moved, self._unpushed = len(self._unpushed), []
         while True:
-            async with self.ledger.take_due(self.batch_size) as due:
+            due = await self.ledger.take_due(self.batch_size)
+            try:
                 await self.dispatch.push(due)
+            except errors.DispatchError:
+                self._unpushed = due  # QUEUED in the ledger: push them when Redis is back
+                raise
             moved += len(due)
             if len(due) < self.batch_size:
                 break

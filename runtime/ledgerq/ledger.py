@@ -130,9 +130,9 @@ COMPLETE: LiteralString = """
     SELECT task_id, attempt, status FROM ledgerq.complete_tasks(%s, %s, %s, %s, %s, %s)
 """
 RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %s, %s)"
-# The dispatch transaction commits without waiting for the WAL flush: a QUEUED
-# mark lost in a crash leaves the task PENDING, and it is simply dispatched
-# again (claim_task accepts either). set_config here saves a round trip.
+# One statement, so one round trip; and it commits without waiting for the WAL
+# flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
+# simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
     SELECT d.id, d.queue, d.priority
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
@@ -561,15 +561,10 @@ class AsyncLedger:
         return bool(row[0])
 
     # dispatcher
-    @contextlib.asynccontextmanager
-    async def take_due(self, batch_size: int) -> AsyncIterator[list[DueTask]]:
-        """Due PENDING tasks, marked QUEUED in a transaction that commits when the
-        block exits normally and rolls back (leaving them PENDING) if it raises."""
-        with translated():
-            async with self.pool.connection() as conn, conn.transaction():
-                cur = await conn.execute(TAKE_DUE, (batch_size,))
-                rows = await cur.fetchall()
-                yield [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
+    async def take_due(self, batch_size: int) -> list[DueTask]:
+        """Up to batch_size due PENDING tasks, now QUEUED (one statement, committed)."""
+        rows = await self._rows(TAKE_DUE, (batch_size,))
+        return [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
 
     async def next_run_at(self) -> datetime | None:
         (row,) = await self._rows(NEXT_RUN_AT)

@@ -84,10 +84,10 @@ async def test_run_once_hands_due_tasks_to_redis_in_batches(
     assert row.fetchone() == (later,)
 
 
-async def test_failed_push_leaves_the_tasks_pending(
-    settings: config.Settings, ledger: AsyncLedger, db: Conn
+async def test_failed_push_is_kept_and_pushed_when_redis_is_back(
+    settings: config.Settings, ledger: AsyncLedger, dispatch: Dispatch, db: Conn
 ) -> None:
-    await enqueue(ledger, 3)
+    task_ids = await enqueue(ledger, 3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -98,8 +98,16 @@ async def test_failed_push_leaves_the_tasks_pending(
             await dispatcher.run_once()
     finally:
         await nowhere.close()
-    assert statuses(db) == {"PENDING": 3}
+    # QUEUED in the ledger but nowhere in Redis: the dispatcher remembers them.
+    assert statuses(db) == {"QUEUED": 3}
     assert dispatcher.dispatched == 0
+    due = [DueTask(TaskId(t), "default", 0) for t in task_ids]
+    assert await dispatch.waiting(due) == [False, False, False]
+
+    dispatcher.dispatch = dispatch  # Redis is back
+    assert await dispatcher.run_once() == 3
+    assert await dispatch.waiting(due) == [True, True, True]
+    assert dispatcher.dispatched == 3
 
 
 # --- waking up -----------------------------------------------------------------------------
