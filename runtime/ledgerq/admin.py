@@ -23,7 +23,8 @@ import click
 
 from ledgerq import config, errors
 from ledgerq.client import Client
-from ledgerq.ledger import Ledger, QueueSummary, probe
+from ledgerq.ledger import Ledger, probe
+from ledgerq.queries import QueueSummary
 from ledgerq.types import JsonObject, Task, TaskStatus
 
 RETRY_BATCH = 500

@@ -18,7 +18,8 @@ from typing import Any
 
 from ledgerq import errors, metrics
 from ledgerq.config import Settings
-from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, NewTask, SyncConn
+from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
+from ledgerq.queries import NewTask
 from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, Task, TaskStatus, TaskTypes
 
 _TASK_FIELDS = {

@@ -34,7 +34,8 @@ import psycopg
 
 from ledgerq import errors
 from ledgerq.dispatch import Dispatch
-from ledgerq.ledger import NOTIFY_CHANNEL, AsyncLedger
+from ledgerq.ledger import AsyncLedger
+from ledgerq.queries import NOTIFY_CHANNEL
 from ledgerq.types import DueTask
 
 BATCH_SIZE_DEFAULT = 500

@@ -2,8 +2,7 @@
 
 ``AsyncLedger`` serves the worker, dispatcher, reaper, API and ``AsyncClient``;
 ``Ledger`` serves the synchronous ``Client`` and the command line. Both send
-the same query texts (defined once below) and decode rows with the same
-functions. psycopg errors are translated here into ``ledgerq.errors``: SQLSTATE
+the same query texts and decode rows with the same functions (queries.py). psycopg errors are translated here into ``ledgerq.errors``: SQLSTATE
 ``LQ422`` → ``InvalidInput``, ``LQ409`` → ``IdempotencyConflict`` or
 ``InvalidTransition``, ``LQ404`` → ``TaskNotFound``, a lost or refused
 connection → ``LedgerUnavailable``.
@@ -25,9 +24,49 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ledgerq import errors
+from ledgerq.queries import (
+    CANCEL,
+    CLAIM,
+    COMPLETE,
+    EFFECT_LOCK,
+    EFFECTS_OF,
+    ENQUEUE,
+    ENQUEUE_MANY,
+    ENQUEUE_MANY_STAMPED,
+    ENQUEUE_STAMPED,
+    GET_ATTEMPTS,
+    GET_ATTEMPTS_MANY,
+    GET_TASK,
+    GET_TASKS,
+    HEARTBEAT,
+    LIST_TASKS,
+    NEXT_RUN_AT,
+    QUEUE_DEPTHS,
+    QUEUE_STATS,
+    QUEUE_SUMMARY,
+    QUEUED_CONFIRM,
+    QUEUED_STALE,
+    REAP,
+    RECORD_EFFECT,
+    RELEASE,
+    RETRY,
+    TAKE_DUE,
+    EffectRecord,
+    NewTask,
+    QueueDepth,
+    QueueSummary,
+    complete_params,
+    created_task,
+    decode_attempt,
+    decode_claimed,
+    decode_queue_summary,
+    decode_task,
+    enqueue_params,
+    list_params,
+    status_or_none,
+)
 from ledgerq.types import (
     Attempt,
-    AttemptOutcome,
     ClaimedTask,
     DueTask,
     JsonObject,
@@ -41,310 +80,6 @@ from ledgerq.types import (
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
 SyncConn = psycopg.Connection[TupleRow]
-
-NOTIFY_CHANNEL = "ledgerq_tasks"
-LIST_LIMIT_MAX = 1000
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NewTask:
-    """The arguments of enqueue_task."""
-
-    task_type: str
-    payload: JsonObject = dataclasses.field(default_factory=dict)
-    queue: str = "default"
-    priority: int = 0
-    run_at: datetime | None = None
-    max_attempts: int = 5
-    idempotency_key: str | None = None
-
-    def to_json(self) -> JsonObject:
-        body: JsonObject = {
-            "task_type": self.task_type,
-            "payload": self.payload,
-            "queue": self.queue,
-            "priority": self.priority,
-            "max_attempts": self.max_attempts,
-        }
-        if self.run_at is not None:
-            body["run_at"] = self.run_at.isoformat()
-        if self.idempotency_key is not None:
-            body["idempotency_key"] = self.idempotency_key
-        return body
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """Tasks of one queue in one live status (or DEAD), for the metrics gauges."""
-
-    queue: str
-    status: TaskStatus
-    count: int
-    #: Seconds since the oldest due task of this status became due (PENDING, QUEUED).
-    oldest_due_age_s: float | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueSummary:
-    """One queue: tasks by status, its oldest due task's age, what finished lately."""
-
-    queue: str
-    counts: dict[TaskStatus, int]
-    oldest_due_age_s: float | None
-    finished_last_minute: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EffectRecord:
-    """One row of the effect log: which task recorded an effect key, and when."""
-
-    effect_key: str
-    task_id: TaskId | None
-    recorded_at: datetime
-
-
-# --- query texts -----------------------------------------------------------
-
-ENQUEUE: LiteralString = """
-    SELECT id, created FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
-        priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
-"""
-ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
-# ENQUEUE plus the transaction's now(): the created_at (and default run_at) the
-# new row got, so the caller can answer with the task without reading it back.
-ENQUEUE_STAMPED: LiteralString = """
-    SELECT id, created, now() FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
-        priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
-"""
-ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
-CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
-    FROM ledgerq.claim_tasks(%s, %s, %s)
-"""
-HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
-COMPLETE: LiteralString = """
-    SELECT task_id, attempt, status FROM ledgerq.complete_tasks(%s, %s, %s, %s, %s, %s)
-"""
-RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %s, %s)"
-# One statement, so one round trip; and it commits without waiting for the WAL
-# flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
-# simply dispatched again (claim_task accepts either).
-TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority
-    FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
-"""
-NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
-QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
-"""
-QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
-REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
-CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
-RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
-RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
-EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
-
-# Read-only queries for listings and stats.
-GET_TASK: LiteralString = """
-    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
-           idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
-    FROM ledgerq.tasks WHERE id = %s
-"""
-GET_TASKS: LiteralString = """
-    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
-           idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
-    FROM ledgerq.tasks WHERE id = ANY(%s)
-"""
-GET_ATTEMPTS: LiteralString = """
-    SELECT attempt, worker_id, started_at, finished_at, outcome, error
-    FROM ledgerq.attempts WHERE task_id = %s ORDER BY attempt
-"""
-LIST_TASKS: LiteralString = """
-    SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
-           idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
-    FROM ledgerq.tasks
-    WHERE (%(status)s::text IS NULL OR status = %(status)s)
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND (%(task_type)s::text IS NULL OR task_type = %(task_type)s)
-      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
-    ORDER BY id DESC
-    LIMIT %(limit)s
-"""
-QUEUE_STATS: LiteralString = """
-    SELECT queue, status, count, oldest_run_at FROM ledgerq.queue_stats ORDER BY queue, status
-"""
-# Live statuses only, one partial index each (tasks_dispatch_idx, tasks_queued_idx,
-# tasks_lease_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
-# count over SUCCEEDED rows would scan the whole table.
-QUEUE_DEPTHS: LiteralString = """
-    SELECT queue, 'PENDING', count(*),
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
-    FROM ledgerq.tasks WHERE status = 'PENDING' GROUP BY queue
-    UNION ALL
-    SELECT queue, 'QUEUED', count(*), extract(epoch FROM now() - min(run_at))::float8
-    FROM ledgerq.tasks WHERE status = 'QUEUED' GROUP BY queue
-    UNION ALL
-    SELECT queue, 'RUNNING', count(*), NULL FROM ledgerq.tasks WHERE status = 'RUNNING' GROUP BY queue
-    UNION ALL
-    SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
-"""
-# Every status of every queue in one pass: a full scan, for operators (GET /queues,
-# `ledgerq stats`), not for anything scraped on a timer.
-QUEUE_SUMMARY: LiteralString = """
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'PENDING'),
-           count(*) FILTER (WHERE status = 'QUEUED'),
-           count(*) FILTER (WHERE status = 'RUNNING'),
-           count(*) FILTER (WHERE status = 'SUCCEEDED'),
-           count(*) FILTER (WHERE status = 'DEAD'),
-           count(*) FILTER (WHERE status = 'CANCELLED'),
-           extract(epoch FROM now() - min(run_at)
-               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
-           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
-    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
-"""
-GET_ATTEMPTS_MANY: LiteralString = """
-    SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
-    FROM ledgerq.attempts WHERE task_id = ANY(%s) ORDER BY task_id, attempt
-"""
-EFFECTS_OF: LiteralString = """
-    SELECT effect_key, task_id, recorded_at FROM ledgerq.effects
-    WHERE task_id = ANY(%s) ORDER BY effect_key
-"""
-
-
-# --- row decoding ------------------------------------------------------------
-
-
-def _task(row: Sequence[Any], history: Sequence[Attempt] = ()) -> Task:
-    return Task(
-        id=TaskId(row[0]),
-        type=row[1],
-        queue=row[2],
-        status=TaskStatus(row[3]),
-        priority=row[4],
-        payload=row[5],
-        attempts=row[6],
-        max_attempts=row[7],
-        run_at=row[8],
-        idempotency_key=row[9],
-        result=row[10],
-        last_error=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        cancel_requested=row[15],
-        attempt_history=tuple(history),
-    )
-
-
-def _attempt(row: Sequence[Any]) -> Attempt:
-    return Attempt(
-        attempt=row[0],
-        worker_id=row[1],
-        started_at=row[2],
-        finished_at=row[3],
-        outcome=AttemptOutcome(row[4]) if row[4] is not None else None,
-        error=row[5],
-    )
-
-
-def _claimed(row: Sequence[Any]) -> ClaimedTask:
-    return ClaimedTask(
-        id=TaskId(row[0]),
-        type=row[1],
-        queue=row[2],
-        payload=row[3],
-        attempt=row[4],
-        max_attempts=row[5],
-        priority=row[6],
-        run_at=row[7],
-    )
-
-
-def _created_task(task: NewTask, task_id: int, stamp: datetime) -> Task:
-    """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
-    return Task(
-        id=TaskId(task_id),
-        type=task.task_type,
-        queue=task.queue,
-        status=TaskStatus.PENDING,
-        priority=task.priority,
-        payload=task.payload,
-        attempts=0,
-        max_attempts=task.max_attempts,
-        run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
-        idempotency_key=task.idempotency_key,
-        result=None,
-        last_error=None,
-        created_at=stamp,
-        started_at=None,
-        finished_at=None,
-        created=True,
-    )
-
-
-def _enqueue_params(task: NewTask) -> dict[str, Any]:
-    return {
-        "task_type": task.task_type,
-        "payload": Jsonb(task.payload),
-        "queue": task.queue,
-        "priority": task.priority,
-        "run_at": task.run_at,
-        "max_attempts": task.max_attempts,
-        "idempotency_key": task.idempotency_key,
-    }
-
-
-def _complete_params(outcomes: Sequence[Outcome]) -> tuple[Any, ...]:
-    return (
-        [o.task_id for o in outcomes],
-        [o.attempt for o in outcomes],
-        [o.succeeded for o in outcomes],
-        [Jsonb(o.result) if o.result is not None else None for o in outcomes],
-        [o.error for o in outcomes],
-        [o.retryable for o in outcomes],
-    )
-
-
-def _list_params(
-    status: str | None, queue: str | None, task_type: str | None, limit: int, before_id: int | None
-) -> dict[str, Any]:
-    if status is not None and status not in TaskStatus.__members__:
-        allowed = ", ".join(TaskStatus.__members__)
-        raise errors.InvalidInput(f"status must be one of {allowed}, got {status!r}")
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise errors.InvalidInput(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
-    return {
-        "status": status,
-        "queue": queue,
-        "task_type": task_type,
-        "limit": limit,
-        "before_id": before_id,
-    }
-
-
-def _status_or_none(value: str | None) -> TaskStatus | None:
-    return TaskStatus(value) if value is not None else None
-
-
-_SUMMARY_STATUSES = (
-    TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING,
-    TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED,
-)  # fmt: skip
-
-
-def _queue_summary(row: Sequence[Any]) -> QueueSummary:
-    counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
-    return QueueSummary(row[0], counts, row[7], int(row[8]))
-
 
 # --- error translation -----------------------------------------------------------
 
@@ -480,7 +215,7 @@ class AsyncLedger:
 
     # enqueue
     async def enqueue(self, task: NewTask, conn: AsyncConn | None = None) -> tuple[TaskId, bool]:
-        (row,) = await self._rows(ENQUEUE, _enqueue_params(task), conn)
+        (row,) = await self._rows(ENQUEUE, enqueue_params(task), conn)
         return TaskId(row[0]), bool(row[1])
 
     async def enqueue_many(
@@ -498,11 +233,11 @@ class AsyncLedger:
         saving a read; one an idempotency key returned is read back.
         """
         async with self.connection() as conn:
-            (row,) = await self._rows(ENQUEUE_STAMPED, _enqueue_params(task), conn)
+            (row,) = await self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
             if not row[1]:
                 existing = await self.get(row[0], conn)
                 return dataclasses.replace(existing, created=False)
-        return _created_task(task, row[0], row[2])
+        return created_task(task, row[0], row[2])
 
     async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
@@ -511,7 +246,7 @@ class AsyncLedger:
             rows = await self._rows(ENQUEUE_MANY_STAMPED, (body,), conn)
             replayed = {r[0]: await self.get(r[0], conn) for r in rows if not r[1]}
         return [
-            _created_task(task, row[0], row[2])
+            created_task(task, row[0], row[2])
             if row[1]
             else dataclasses.replace(replayed[row[0]], created=False)
             for task, row in zip(tasks, rows, strict=True)
@@ -522,7 +257,7 @@ class AsyncLedger:
         self, task_ids: Sequence[int], worker_id: str, lease_s: int
     ) -> list[ClaimedTask]:
         rows = await self._rows(CLAIM, (list(task_ids), worker_id, lease_s))
-        return [_claimed(r) for r in rows]
+        return [decode_claimed(r) for r in rows]
 
     async def heartbeat(
         self, leases: Sequence[tuple[int, int]], lease_s: int
@@ -535,14 +270,14 @@ class AsyncLedger:
     async def complete(
         self, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
     ) -> list[TaskStatus | None]:
-        rows = await self._rows(COMPLETE, _complete_params(outcomes), conn)
-        return [_status_or_none(r[2]) for r in rows]
+        rows = await self._rows(COMPLETE, complete_params(outcomes), conn)
+        return [status_or_none(r[2]) for r in rows]
 
     async def release(
         self, leases: Sequence[tuple[int, int]], reason: str
     ) -> list[TaskStatus | None]:
         rows = await self._rows(RELEASE, ([t for t, _ in leases], [a for _, a in leases], reason))
-        return [_status_or_none(r[1]) for r in rows]
+        return [status_or_none(r[1]) for r in rows]
 
     # effects
     async def effect_lock(self, conn: AsyncConn, effect_key: str) -> tuple[bool, JsonValue]:
@@ -599,12 +334,12 @@ class AsyncLedger:
         if not rows:
             raise errors.TaskNotFound(f"task {task_id} does not exist")
         history = await self._rows(GET_ATTEMPTS, (task_id,), conn)
-        return _task(rows[0], [_attempt(a) for a in history])
+        return decode_task(rows[0], [decode_attempt(a) for a in history])
 
     async def get_many(self, task_ids: Sequence[int], conn: AsyncConn | None = None) -> list[Task]:
         """Tasks by id (without attempt history), in no particular order."""
         rows = await self._rows(GET_TASKS, (list(task_ids),), conn)
-        return [_task(r) for r in rows]
+        return [decode_task(r) for r in rows]
 
     async def list_tasks(
         self,
@@ -615,10 +350,8 @@ class AsyncLedger:
         limit: int = 50,
         before_id: int | None = None,
     ) -> list[Task]:
-        rows = await self._rows(
-            LIST_TASKS, _list_params(status, queue, task_type, limit, before_id)
-        )
-        return [_task(r) for r in rows]
+        rows = await self._rows(LIST_TASKS, list_params(status, queue, task_type, limit, before_id))
+        return [decode_task(r) for r in rows]
 
     async def queue_stats(self) -> list[QueueStat]:
         rows = await self._rows(QUEUE_STATS)
@@ -633,13 +366,13 @@ class AsyncLedger:
         """Every queue's counts by status, oldest due age and last minute's finishes.
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
-        return [_queue_summary(r) for r in await self._rows(QUEUE_SUMMARY)]
+        return [decode_queue_summary(r) for r in await self._rows(QUEUE_SUMMARY)]
 
     async def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
         """The attempt history of each task that has one (for a page of tasks)."""
         history: dict[TaskId, list[Attempt]] = {}
         for row in await self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
-            history.setdefault(TaskId(row[0]), []).append(_attempt(row[1:]))
+            history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
         return {task_id: tuple(attempts) for task_id, attempts in history.items()}
 
     async def effects_of(self, task_ids: Sequence[int]) -> list[EffectRecord]:
@@ -691,7 +424,7 @@ class Ledger:
         self._rows("SELECT 1")
 
     def enqueue(self, task: NewTask, conn: SyncConn | None = None) -> tuple[TaskId, bool]:
-        (row,) = self._rows(ENQUEUE, _enqueue_params(task), conn)
+        (row,) = self._rows(ENQUEUE, enqueue_params(task), conn)
         return TaskId(row[0]), bool(row[1])
 
     def enqueue_many(
@@ -704,8 +437,8 @@ class Ledger:
     def complete(
         self, outcomes: Sequence[Outcome], conn: SyncConn | None = None
     ) -> list[TaskStatus | None]:
-        rows = self._rows(COMPLETE, _complete_params(outcomes), conn)
-        return [_status_or_none(r[2]) for r in rows]
+        rows = self._rows(COMPLETE, complete_params(outcomes), conn)
+        return [status_or_none(r[2]) for r in rows]
 
     def effect_lock(self, conn: SyncConn, effect_key: str) -> tuple[bool, JsonValue]:
         (row,) = self._rows(EFFECT_LOCK, (effect_key,), conn)
@@ -739,12 +472,12 @@ class Ledger:
         if not rows:
             raise errors.TaskNotFound(f"task {task_id} does not exist")
         history = self._rows(GET_ATTEMPTS, (task_id,), conn)
-        return _task(rows[0], [_attempt(a) for a in history])
+        return decode_task(rows[0], [decode_attempt(a) for a in history])
 
     def get_many(self, task_ids: Sequence[int], conn: SyncConn | None = None) -> list[Task]:
         """Tasks by id (without attempt history), in no particular order."""
         rows = self._rows(GET_TASKS, (list(task_ids),), conn)
-        return [_task(r) for r in rows]
+        return [decode_task(r) for r in rows]
 
     def list_tasks(
         self,
@@ -755,8 +488,8 @@ class Ledger:
         limit: int = 50,
         before_id: int | None = None,
     ) -> list[Task]:
-        rows = self._rows(LIST_TASKS, _list_params(status, queue, task_type, limit, before_id))
-        return [_task(r) for r in rows]
+        rows = self._rows(LIST_TASKS, list_params(status, queue, task_type, limit, before_id))
+        return [decode_task(r) for r in rows]
 
     def queue_stats(self) -> list[QueueStat]:
         rows = self._rows(QUEUE_STATS)
@@ -766,11 +499,11 @@ class Ledger:
         """Every queue's counts by status, oldest due age and last minute's finishes.
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
-        return [_queue_summary(r) for r in self._rows(QUEUE_SUMMARY)]
+        return [decode_queue_summary(r) for r in self._rows(QUEUE_SUMMARY)]
 
     def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
         """The attempt history of each task that has one (for a page of tasks)."""
         history: dict[TaskId, list[Attempt]] = {}
         for row in self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
-            history.setdefault(TaskId(row[0]), []).append(_attempt(row[1:]))
+            history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
         return {task_id: tuple(attempts) for task_id, attempts in history.items()}

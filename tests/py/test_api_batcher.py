@@ -14,7 +14,8 @@ from api_support import api_client
 
 from ledgerq import config, errors
 from ledgerq.api.batcher import EnqueueBatcher
-from ledgerq.ledger import AsyncLedger, NewTask
+from ledgerq.ledger import AsyncLedger
+from ledgerq.queries import NewTask
 
 Db = psycopg.Connection[tuple[Any, ...]]
 

@@ -19,7 +19,8 @@ import pytest
 from ledgerq import config, errors
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import Dispatcher
-from ledgerq.ledger import AsyncLedger, NewTask
+from ledgerq.ledger import AsyncLedger
+from ledgerq.queries import NewTask
 from ledgerq.types import DueTask, TaskId
 
 Conn = psycopg.Connection[Any]

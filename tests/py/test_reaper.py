@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from ledgerq import errors
-from ledgerq.ledger import AsyncLedger, NewTask
+from ledgerq.ledger import AsyncLedger
+from ledgerq.queries import NewTask
 from ledgerq.reaper import Reaper
 from ledgerq.types import TaskStatus
 
@@ -87,8 +88,8 @@ async def test_run_once_returns_an_unclaimed_delivery_to_dispatch(
     ledger: AsyncLedger, db: Conn
 ) -> None:
     (task_id,) = [tid for tid, _ in await ledger.enqueue_many([NewTask("job")])]
-    async with ledger.take_due(10) as due:
-        assert [t.id for t in due] == [task_id]
+    due = await ledger.take_due(10)
+    assert [t.id for t in due] == [task_id]
     db.execute("UPDATE ledgerq.tasks SET queued_at = now() - interval '5 seconds'")
     assert await Reaper(ledger).run_once() == 0  # within the redelivery timeout
     db.execute("UPDATE ledgerq.tasks SET queued_at = now() - interval '31 seconds'")

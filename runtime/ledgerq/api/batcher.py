@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 
 from ledgerq import errors
-from ledgerq.ledger import AsyncLedger, NewTask
+from ledgerq.ledger import AsyncLedger
+from ledgerq.queries import NewTask
 from ledgerq.types import Task
 
 MAX_BATCH_DEFAULT = 500

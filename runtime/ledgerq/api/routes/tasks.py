@@ -27,7 +27,7 @@ from ledgerq import metrics
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import services
-from ledgerq.ledger import NewTask
+from ledgerq.queries import NewTask
 from ledgerq.types import TaskId, TaskStatus
 
 _CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
