@@ -69,8 +69,13 @@ async def test_batcher_answers_each_caller_in_its_own_order(ledger: AsyncLedger)
     results = await asyncio.gather(*(batcher.enqueue(t) for t in tasks))
 
     assert [r.payload for r in results] == [{"n": n % 25} for n in range(50)]
-    assert [r.created for r in results] == [True] * 25 + [False] * 25
-    assert [r.id for r in results[25:]] == [r.id for r in results[:25]]
+    # The two calls with one key may share a batch or race in two concurrent
+    # ones: which of them creates the task is up to commit order, but exactly
+    # one does, and both answer with the same task.
+    for first, second in zip(results[:25], results[25:], strict=True):
+        assert first.id == second.id
+        assert sorted([first.created, second.created]) == [False, True]
+    assert len({r.id for r in results}) == 25
 
 
 async def test_a_batch_fails_every_caller_when_postgresql_is_gone(ledger: AsyncLedger) -> None:
