@@ -167,7 +167,15 @@ class Worker:
             await asyncio.gather(heartbeater, return_exceptions=True)
             self._outcomes_ready.set()
             self._stopping.set()
-            await completer
+            try:
+                # Normally instant (the drain left nothing running). If the fetch
+                # loop failed before the drain, handlers may still be running:
+                # record what finishes in time, leave the rest to their leases.
+                await asyncio.wait_for(completer, timeout=max(self.grace_s, 1.0))
+            except TimeoutError:
+                log.warning(
+                    "worker.stopped with %d task(s) left to their leases", len(self._running)
+                )
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker.stopped id=%s", self.worker_id)
 
