@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import redis
 from psycopg.types.json import Jsonb
 
 from ledgerq import migrations
@@ -89,6 +90,11 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{{{self.prefix}}}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @contextmanager
