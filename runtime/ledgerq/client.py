@@ -11,7 +11,6 @@ transaction: the task exists only if that transaction commits. Given a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -83,14 +82,10 @@ class _Defaults:
         return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
 
 
-def _with_created(task: Task, created: bool) -> Task:
-    return dataclasses.replace(task, created=created)
-
-
-def _count_enqueued(tasks: Iterable[NewTask], created: Iterable[bool]) -> None:
-    for task, was_created in zip(tasks, created, strict=True):
-        if was_created:
-            metrics.TASKS_ENQUEUED.labels(task.task_type, task.queue).inc()
+def _count_enqueued(news: Iterable[NewTask], tasks: Iterable[Task]) -> None:
+    for new, task in zip(news, tasks, strict=True):
+        if task.created:
+            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
 
 
 class Client:
@@ -142,19 +137,18 @@ class Client:
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
         )  # fmt: skip
-        task_id, created = self.ledger.enqueue(new, conn)
-        _count_enqueued([new], [created])
-        return _with_created(self.ledger.get(task_id, conn), created)
+        task = self.ledger.enqueue_task(new, conn)
+        _count_enqueued([new], [task])
+        return task
 
     def enqueue_many(
         self, tasks: Sequence[Mapping[str, Any]], conn: SyncConn | None = None
     ) -> list[Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
-        results = self.ledger.enqueue_many(news, conn)
-        _count_enqueued(news, [created for _, created in results])
-        by_id = {t.id: t for t in self.ledger.get_many([task_id for task_id, _ in results], conn)}
-        return [_with_created(by_id[task_id], created) for task_id, created in results]
+        results = self.ledger.enqueue_tasks(news, conn)
+        _count_enqueued(news, results)
+        return results
 
     def get(self, task_id: int) -> Task:
         return self.ledger.get(task_id)
@@ -215,9 +209,9 @@ class AsyncClient:
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
         )  # fmt: skip
         ledger = await self.ledger()
-        task_id, created = await ledger.enqueue(new, conn)
-        _count_enqueued([new], [created])
-        return _with_created(await ledger.get(task_id, conn), created)
+        task = await ledger.enqueue_task(new, conn)
+        _count_enqueued([new], [task])
+        return task
 
     async def enqueue_many(
         self, tasks: Sequence[Mapping[str, Any]], conn: AsyncConn | None = None
@@ -225,10 +219,9 @@ class AsyncClient:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
         ledger = await self.ledger()
-        results = await ledger.enqueue_many(news, conn)
-        _count_enqueued(news, [created for _, created in results])
-        by_id = {t.id: t for t in await ledger.get_many([task_id for task_id, _ in results], conn)}
-        return [_with_created(by_id[task_id], created) for task_id, created in results]
+        results = await ledger.enqueue_tasks(news, conn)
+        _count_enqueued(news, results)
+        return results
 
     async def get(self, task_id: int) -> Task:
         return await (await self.ledger()).get(task_id)

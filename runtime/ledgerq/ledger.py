@@ -30,7 +30,6 @@ from ledgerq.queries import (
     COMPLETE,
     EFFECT_LOCK,
     EFFECTS_OF,
-    ENQUEUE,
     ENQUEUE_MANY,
     ENQUEUE_MANY_STAMPED,
     ENQUEUE_STAMPED,
@@ -56,12 +55,12 @@ from ledgerq.queries import (
     QueueDepth,
     QueueSummary,
     complete_params,
-    created_task,
     decode_attempt,
     decode_claimed,
     decode_queue_summary,
     decode_task,
     enqueue_params,
+    enqueued,
     list_params,
     status_or_none,
 )
@@ -214,10 +213,6 @@ class AsyncLedger:
         await self._rows("SELECT 1")
 
     # enqueue
-    async def enqueue(self, task: NewTask, conn: AsyncConn | None = None) -> tuple[TaskId, bool]:
-        (row,) = await self._rows(ENQUEUE, enqueue_params(task), conn)
-        return TaskId(row[0]), bool(row[1])
-
     async def enqueue_many(
         self, tasks: Sequence[NewTask] | Sequence[JsonObject], conn: AsyncConn | None = None
     ) -> list[tuple[TaskId, bool]]:
@@ -225,32 +220,20 @@ class AsyncLedger:
         rows = await self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
         return [(TaskId(r[0]), bool(r[1])) for r in rows]
 
-    async def enqueue_task(self, task: NewTask) -> Task:
-        """Enqueue, and return the task with ``created`` set.
+    async def enqueue_task(self, task: NewTask, conn: AsyncConn | None = None) -> Task:
+        """Enqueue; the task with ``created`` set (one round trip unless a key replays)."""
+        (row,) = await self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
+        replayed = {} if row[1] else {row[0]: await self.get(row[0], conn)}
+        return enqueued([task], [row], replayed)[0]
 
-        A task this call created is built from its arguments and the insert's
-        timestamp (enqueue_task stores exactly those, PENDING with no attempt),
-        saving a read; one an idempotency key returned is read back.
-        """
-        async with self.connection() as conn:
-            (row,) = await self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
-            if not row[1]:
-                existing = await self.get(row[0], conn)
-                return dataclasses.replace(existing, created=False)
-        return created_task(task, row[0], row[2])
-
-    async def enqueue_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
+    async def enqueue_tasks(
+        self, tasks: Sequence[NewTask], conn: AsyncConn | None = None
+    ) -> list[Task]:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
-        async with self.connection() as conn:
-            body = Jsonb([t.to_json() for t in tasks])
-            rows = await self._rows(ENQUEUE_MANY_STAMPED, (body,), conn)
-            replayed = {r[0]: await self.get(r[0], conn) for r in rows if not r[1]}
-        return [
-            created_task(task, row[0], row[2])
-            if row[1]
-            else dataclasses.replace(replayed[row[0]], created=False)
-            for task, row in zip(tasks, rows, strict=True)
-        ]
+        rows = await self._rows(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),), conn)
+        old = [r[0] for r in rows if not r[1]]
+        replayed = {t.id: t for t in await self.get_many(old, conn, history=True)} if old else {}
+        return enqueued(tasks, rows, replayed)
 
     # worker
     async def claim(
@@ -336,10 +319,15 @@ class AsyncLedger:
         history = await self._rows(GET_ATTEMPTS, (task_id,), conn)
         return decode_task(rows[0], [decode_attempt(a) for a in history])
 
-    async def get_many(self, task_ids: Sequence[int], conn: AsyncConn | None = None) -> list[Task]:
-        """Tasks by id (without attempt history), in no particular order."""
-        rows = await self._rows(GET_TASKS, (list(task_ids),), conn)
-        return [decode_task(r) for r in rows]
+    async def get_many(
+        self, task_ids: Sequence[int], conn: AsyncConn | None = None, *, history: bool = False
+    ) -> list[Task]:
+        """Tasks by id, in no particular order; with their attempts if history."""
+        tasks = [decode_task(r) for r in await self._rows(GET_TASKS, (list(task_ids),), conn)]
+        if not history:
+            return tasks
+        attempts = await self.attempts_of(task_ids, conn)
+        return [dataclasses.replace(t, attempt_history=attempts.get(t.id, ())) for t in tasks]
 
     async def list_tasks(
         self,
@@ -368,10 +356,12 @@ class AsyncLedger:
         Scans the whole tasks table: for operators, not for a scrape loop."""
         return [decode_queue_summary(r) for r in await self._rows(QUEUE_SUMMARY)]
 
-    async def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
+    async def attempts_of(
+        self, task_ids: Sequence[int], conn: AsyncConn | None = None
+    ) -> dict[TaskId, tuple[Attempt, ...]]:
         """The attempt history of each task that has one (for a page of tasks)."""
         history: dict[TaskId, list[Attempt]] = {}
-        for row in await self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
+        for row in await self._rows(GET_ATTEMPTS_MANY, (list(task_ids),), conn):
             history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
         return {task_id: tuple(attempts) for task_id, attempts in history.items()}
 
@@ -423,16 +413,18 @@ class Ledger:
     def ping(self) -> None:
         self._rows("SELECT 1")
 
-    def enqueue(self, task: NewTask, conn: SyncConn | None = None) -> tuple[TaskId, bool]:
-        (row,) = self._rows(ENQUEUE, enqueue_params(task), conn)
-        return TaskId(row[0]), bool(row[1])
+    def enqueue_task(self, task: NewTask, conn: SyncConn | None = None) -> Task:
+        """Enqueue; the task with ``created`` set (one round trip unless a key replays)."""
+        (row,) = self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
+        replayed = {} if row[1] else {row[0]: self.get(row[0], conn)}
+        return enqueued([task], [row], replayed)[0]
 
-    def enqueue_many(
-        self, tasks: Sequence[NewTask] | Sequence[JsonObject], conn: SyncConn | None = None
-    ) -> list[tuple[TaskId, bool]]:
-        body = [t.to_json() if isinstance(t, NewTask) else t for t in tasks]
-        rows = self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
-        return [(TaskId(r[0]), bool(r[1])) for r in rows]
+    def enqueue_tasks(self, tasks: Sequence[NewTask], conn: SyncConn | None = None) -> list[Task]:
+        """enqueue_task for many tasks in one transaction (all or nothing), in order."""
+        rows = self._rows(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),), conn)
+        old = [r[0] for r in rows if not r[1]]
+        replayed = {t.id: t for t in self.get_many(old, conn, history=True)} if old else {}
+        return enqueued(tasks, rows, replayed)
 
     def complete(
         self, outcomes: Sequence[Outcome], conn: SyncConn | None = None
@@ -474,10 +466,15 @@ class Ledger:
         history = self._rows(GET_ATTEMPTS, (task_id,), conn)
         return decode_task(rows[0], [decode_attempt(a) for a in history])
 
-    def get_many(self, task_ids: Sequence[int], conn: SyncConn | None = None) -> list[Task]:
-        """Tasks by id (without attempt history), in no particular order."""
-        rows = self._rows(GET_TASKS, (list(task_ids),), conn)
-        return [decode_task(r) for r in rows]
+    def get_many(
+        self, task_ids: Sequence[int], conn: SyncConn | None = None, *, history: bool = False
+    ) -> list[Task]:
+        """Tasks by id, in no particular order; with their attempts if history."""
+        tasks = [decode_task(r) for r in self._rows(GET_TASKS, (list(task_ids),), conn)]
+        if not history:
+            return tasks
+        attempts = self.attempts_of(task_ids, conn)
+        return [dataclasses.replace(t, attempt_history=attempts.get(t.id, ())) for t in tasks]
 
     def list_tasks(
         self,
@@ -501,9 +498,11 @@ class Ledger:
         Scans the whole tasks table: for operators, not for a scrape loop."""
         return [decode_queue_summary(r) for r in self._rows(QUEUE_SUMMARY)]
 
-    def attempts_of(self, task_ids: Sequence[int]) -> dict[TaskId, tuple[Attempt, ...]]:
+    def attempts_of(
+        self, task_ids: Sequence[int], conn: SyncConn | None = None
+    ) -> dict[TaskId, tuple[Attempt, ...]]:
         """The attempt history of each task that has one (for a page of tasks)."""
         history: dict[TaskId, list[Attempt]] = {}
-        for row in self._rows(GET_ATTEMPTS_MANY, (list(task_ids),)):
+        for row in self._rows(GET_ATTEMPTS_MANY, (list(task_ids),), conn):
             history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
         return {task_id: tuple(attempts) for task_id, attempts in history.items()}

@@ -6,7 +6,7 @@ values they return. ``ledger.py`` runs them; nothing here does I/O.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, LiteralString
 
@@ -271,6 +271,20 @@ def created_task(task: NewTask, task_id: int, stamp: datetime) -> Task:
         finished_at=None,
         created=True,
     )
+
+
+def enqueued(
+    tasks: Sequence[NewTask], rows: Sequence[Sequence[Any]], replayed: Mapping[TaskId, Task]
+) -> list[Task]:
+    """The answers of enqueue_task(s) as tasks, in input order: a task the call
+    created is built from its arguments (no read needed); one an idempotency
+    key returned is the task as read back (``replayed``, by id)."""
+    return [
+        created_task(task, row[0], row[2])
+        if row[1]
+        else dataclasses.replace(replayed[row[0]], created=False)
+        for task, row in zip(tasks, rows, strict=True)
+    ]
 
 
 def enqueue_params(task: NewTask) -> dict[str, Any]:
