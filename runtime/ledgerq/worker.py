@@ -127,7 +127,9 @@ class Worker:
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = worker_id or new_worker_id()
-        self._running: dict[TaskId, _Running] = {}
+        # By (task, attempt): a stalled attempt may still be running when its
+        # task's next attempt is delivered to this same worker.
+        self._running: dict[tuple[TaskId, int], _Running] = {}
         self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
         self._outcomes_ready = asyncio.Event()
@@ -205,7 +207,7 @@ class Worker:
                 await self.ledger.release(leases, f"worker {self.worker_id} shut down")
         for running in leftovers:
             if running not in cancellable:
-                self._running.pop(running.task.id, None)
+                self._running.pop((running.task.id, running.task.attempt), None)
                 self.abandoned_threads += 1
                 log.warning(
                     "task.abandoned id=%s attempt=%d: a thread cannot be stopped; "
@@ -281,7 +283,7 @@ class Worker:
             loop=asyncio.get_running_loop(),
         )
         running = _Running(task, ctx, self.registry.get(task.type))
-        self._running[task.id] = running
+        self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
 
     async def _run(self, running: _Running) -> None:
@@ -316,7 +318,7 @@ class Worker:
         try:
             await self._record(running, outcome, labels)
         finally:
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
 
     async def _record(self, running: _Running, outcome: Outcome, labels: tuple[str, str]) -> None:
@@ -440,8 +442,8 @@ class Worker:
             except errors.LedgerError as exc:
                 log.warning("ledger.unavailable heartbeat: %s", exc.message)
                 continue
-            for task_id, _attempt, state in states:
-                running = self._running.get(task_id)
+            for task_id, attempt, state in states:
+                running = self._running.get((task_id, attempt))
                 if running is None or state == "ok":
                     continue
                 running.ctx.request_stop()
