@@ -1,7 +1,7 @@
 """What ``ledgerq demo`` submitted, and each guarantee checked against the ledger.
 
-The demo (``ledgerq.demo``) records what it sent in a ``Run``; ``verify``
-reads back every task, attempt and effect and turns each SPEC.md guarantee
+The demo (``run`` and ``workload``) records what it sent in a ``Run``;
+``verify`` reads back every task, attempt and effect and turns each guarantee
 into a ``Check`` with its evidence. Nothing is assumed: a guarantee is upheld
 only if the ledger's own records show it.
 """
@@ -16,8 +16,9 @@ from typing import Any
 import click
 import psycopg
 
-from ledgerq import config, demo_app
-from ledgerq.admin import age, table
+from ledgerq import config
+from ledgerq.cli.demo import app as demo_app
+from ledgerq.cli.render import age, table
 from ledgerq.ledger import AsyncLedger
 from ledgerq.types import LIST_LIMIT_MAX, AttemptOutcome, Task, TaskStatus
 
