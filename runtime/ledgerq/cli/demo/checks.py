@@ -280,7 +280,7 @@ def render_logs(effects: list[Any], logs: dict[str, dict[str, int]]) -> str:
 
 
 def render_checks(checks: list[Check]) -> str:
-    lines = [click.style("guarantee (SPEC.md), checked against the ledger", bold=True)]
+    lines = [click.style("guarantee (README), checked against the ledger", bold=True)]
     width = max(len(c.guarantee) for c in checks)
     for check in checks:
         mark = (
