@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -32,7 +33,7 @@ from ledgerq import config
 from ledgerq.client import AsyncClient
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import Dispatcher
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.reaper import Reaper
 from ledgerq.registry import Registry
 from ledgerq.types import Task, TaskStatus
@@ -226,13 +227,6 @@ async def running(
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
     )
-    sync_ledgers: list[Ledger] = []
-
-    def sync_ledger() -> Ledger:
-        if not sync_ledgers:
-            sync_ledgers.append(Ledger.connect(settings.database_url, max_size=concurrency))
-        return sync_ledgers[0]
-
     services = Services(ledger, dispatch, AsyncClient(settings, registry=registry, ledger=ledger))
     try:
         if dispatcher:
@@ -259,7 +253,6 @@ async def running(
                     lease_s=lease_s,
                     grace_s=grace_s,
                     worker_id="test-worker",
-                    sync_ledger=sync_ledger,
                 )
             )
         yield services
@@ -272,8 +265,6 @@ async def running(
         )
         await ledger.close()
         await dispatch.close()
-        for sync in sync_ledgers:
-            sync.close()
         leftover = [
             t.get_name()
             for t in asyncio.all_tasks()
@@ -282,6 +273,20 @@ async def running(
         assert not leftover, f"asyncio tasks left running: {leftover}"
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, f"a service crashed: {failures!r}"
+
+
+def worker(tasks: Registry, s: Services, **options: Any) -> Worker:
+    """A Worker on the services' ledger and Redis, called test-worker unless told."""
+    return Worker(tasks, s.ledger, s.dispatch, **({"worker_id": "test-worker"} | options))
+
+
+def assert_no_handler_thread_left_busy() -> None:
+    """After a test: idle handler threads exit once their worker shuts its executor
+    down; a busy one (a sync handler nobody released) would leak into the next test."""
+    threads = [t for t in threading.enumerate() if t.name.startswith("ledgerq-handler")]
+    for thread in threads:
+        thread.join(2)
+    assert not [t.name for t in threads if t.is_alive()]
 
 
 # --- a private Redis Cluster -------------------------------------------------------
