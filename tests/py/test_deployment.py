@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+import helpers
+import psycopg
 import pytest
 import yaml
 
-from ledgerq import Registry
+from ledgerq import Registry, config
 from ledgerq.cli import main
+from ledgerq.dispatcher import Dispatcher
+from ledgerq.worker import Worker
+
+Conn = psycopg.Connection[Any]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,3 +106,25 @@ def test_dockerfile_is_two_stages_non_root_with_ledgerq_as_entrypoint() -> None:
     assert re.search(r'^ENTRYPOINT \["ledgerq"\]$', text, re.MULTILINE)
     for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
         assert (ROOT / source).exists(), f"COPY {source}: no such file"
+
+
+async def test_demo_app_runs_on_a_database_the_demo_did_not_prepare(
+    settings: config.Settings, db: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compose.yaml's worker serves the demo app on a plain migrated database: the
+    # app must create its execution logs itself, once, however many workers race.
+    from ledgerq.cli.demo import app as demo_app
+
+    monkeypatch.setenv("LEDGERQ_DATABASE_URL", settings.database_url)
+    monkeypatch.setattr(demo_app, "_schema_ready", False)
+    async with helpers.running(settings, demo_app.tasks, worker=False, dispatcher=False) as s:
+        worker = Worker(demo_app.tasks, s.ledger, s.dispatch, worker_id="compose", concurrency=8)
+        dispatcher = Dispatcher(s.ledger, s.dispatch, database_url=settings.database_url)
+        ids = [await s.enqueue("operation.run", {"name": f"op-{n}"}) for n in range(4)]
+        ids.append(await s.enqueue("payment.charge", {"account": "a", "amount_cents": 5}))
+        assert await dispatcher.run_once() == 5
+        assert await worker.run_once() == 5
+        statuses = {t: (await s.ledger.get(t)).status.value for t in ids}
+    assert statuses == dict.fromkeys(ids, "SUCCEEDED")
+    assert db.execute("SELECT count(*) FROM demo.operation_logs").fetchone() == (4,)
+    assert db.execute("SELECT count(*) FROM demo.payment_logs").fetchone() == (1,)
