@@ -18,6 +18,14 @@ leaves them alone. Missing (a worker popped the id and died before claiming
 it, or Redis lost it) → pushed again. When Redis's epoch changes (FLUSHALL, a
 restart without persistence) every QUEUED task is checked at once.
 
+Schedules: once a second (SCHEDULE_INTERVAL_S), as a step of its loop and not
+on every wake-up, it calls ``schedule_fire`` (``run_schedules`` with a report)
+before taking due tasks, so a slot's task is handed out in the same pass. Any
+number of dispatchers may do so at once: the ledger fires each slot exactly
+once (row locks and the slot's idempotency key), so a dispatcher killed and
+started again neither loses nor doubles a slot. Counted in
+``ledgerq_schedule_slots_total``.
+
 Log events (logger ``ledgerq.dispatcher``): ``dispatcher.started``,
 ``dispatcher.redelivered``, ``dispatcher.redis_reset``, ``ledger.unavailable``,
 ``dispatch.unavailable``.
@@ -32,7 +40,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from ledgerq import errors, queries, service, types
+from ledgerq import errors, metrics, queries, service, types
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -41,6 +49,7 @@ POLL_INTERVAL_DEFAULT_S = 1.0
 SWEEP_INTERVAL_DEFAULT_S = 5.0
 RECHECK_AFTER_DEFAULT_S = 10.0
 EPOCH_CHECK_INTERVAL_S = 1.0
+SCHEDULE_INTERVAL_S = 1.0
 SWEEP_BATCH = 5000
 
 log = logging.getLogger("ledgerq.dispatcher")
@@ -74,6 +83,7 @@ class Dispatcher:
         #: Totals since start, for tests and stats.
         self.dispatched = 0
         self.redelivered = 0
+        self.schedule_enqueued = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -97,6 +107,23 @@ class Dispatcher:
                 break
         self.dispatched += moved
         return moved
+
+    async def fire_schedules(self, as_of: datetime | None = None) -> int:
+        """Enqueue the schedule slots due at as_of (default: the ledger's now); how many."""
+        fired = await self.ledger.schedule_fire(as_of)
+        enqueued = 0
+        for schedule in fired:
+            # A slot whose key already held a task was enqueued before (by a
+            # dispatcher that died before it could count it): counted there.
+            if schedule.enqueued:
+                metrics.SCHEDULE_SLOTS.labels(schedule.name, "enqueued").inc(schedule.enqueued)
+            if schedule.skipped_overlap:
+                metrics.SCHEDULE_SLOTS.labels(schedule.name, "skipped_overlap").inc(
+                    schedule.skipped_overlap
+                )
+            enqueued += schedule.enqueued
+        self.schedule_enqueued += enqueued
+        return enqueued
 
     async def sweep(self, recheck_after_s: float | None = None) -> tuple[int, int]:
         """Check QUEUED tasks against Redis; return (still waiting, pushed again)."""
@@ -137,7 +164,7 @@ class Dispatcher:
         log.info("dispatcher.started batch=%d poll=%.1fs", self.batch_size, self.poll_interval_s)
         listener = asyncio.create_task(self._listen(), name="ledgerq-listen")
         failures = 0
-        next_sweep = next_epoch_check = 0.0
+        next_sweep = next_epoch_check = next_schedules = 0.0
         loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
@@ -150,11 +177,17 @@ class Dispatcher:
                         if await self.check_epoch():
                             await self.sweep(recheck_after_s=0)
                             next_sweep = loop.time() + self.sweep_interval_s
+                    if loop.time() >= next_schedules:
+                        next_schedules = loop.time() + SCHEDULE_INTERVAL_S
+                        await self.fire_schedules()
                     await self.run_once()
                     if loop.time() >= next_sweep:
                         await self.sweep()
                         next_sweep = loop.time() + self.sweep_interval_s
-                    sleep_s = await self._sleep_budget()
+                    # Never past the next schedules step, whatever poll_interval_s.
+                    sleep_s = min(
+                        await self._sleep_budget(), max(0.0, next_schedules - loop.time())
+                    )
                     failures = 0
                 except (errors.LedgerError, errors.DispatchError) as exc:
                     failures += 1

@@ -6,6 +6,7 @@
     │   ├── LedgerUnavailable       cannot connect / connection lost
     │   ├── InvalidInput            SQLSTATE LQ422: bad arguments
     │   ├── TaskNotFound            SQLSTATE LQ404: no task with that id
+    │   ├── ScheduleNotFound        no schedule with that name
     │   ├── IdempotencyConflict     SQLSTATE LQ409: key reused with other content
     │   ├── InvalidTransition       SQLSTATE LQ409: e.g. retrying a RUNNING task
     │   └── LeaseLost               this attempt no longer owns its task
@@ -55,6 +56,10 @@ class InvalidInput(LedgerError):
 
 class TaskNotFound(LedgerError):
     """No task with that id."""
+
+
+class ScheduleNotFound(LedgerError):
+    """No schedule with that name."""
 
 
 class IdempotencyConflict(LedgerError):

@@ -461,6 +461,26 @@ class AsyncLedger:
         """The effects these tasks recorded, by effect key."""
         return await self._run(queries.effects_of(task_ids))
 
+    # schedules
+    async def schedule_task(self, schedule: types.NewSchedule) -> None:
+        """Create or replace a schedule (unchanged: nothing written); InvalidInput if bad."""
+        await self._run(queries.schedule_task(schedule))
+
+    async def schedule_fire(self, as_of: datetime | None = None) -> list[types.ScheduleFired]:
+        """Enqueue every due slot (run_schedules); what happened to each due schedule."""
+        return await self._run(queries.schedule_fire(as_of))
+
+    async def list_schedules(self) -> list[types.Schedule]:
+        return await self._run(queries.list_schedules())
+
+    async def pause_schedule(self, name: str) -> None:
+        """ScheduleNotFound for an unknown name; pausing a paused one is a no-op."""
+        await self._run(queries.pause_schedule(name))
+
+    async def resume_schedule(self, name: str) -> None:
+        """ScheduleNotFound for an unknown name; fires from the first slot after now."""
+        await self._run(queries.resume_schedule(name))
+
 
 # --- the sync ledger ---------------------------------------------------------------
 
@@ -541,3 +561,18 @@ class Ledger:
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
         return self._run(queries.queue_summary())
+
+    def list_schedules(self) -> list[types.Schedule]:
+        return self._run(queries.list_schedules())
+
+    def pause_schedule(self, name: str) -> None:
+        """ScheduleNotFound for an unknown name; pausing a paused one is a no-op."""
+        self._run(queries.pause_schedule(name))
+
+    def resume_schedule(self, name: str) -> None:
+        """ScheduleNotFound for an unknown name; fires from the first slot after now."""
+        self._run(queries.resume_schedule(name))
+
+    def unschedule_task(self, name: str) -> None:
+        """Delete the schedule (its tasks stay); ScheduleNotFound for an unknown name."""
+        self._run(queries.unschedule_task(name))

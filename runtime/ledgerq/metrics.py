@@ -16,6 +16,7 @@ so tests and several components in one process stay independent of one another.
 | ledgerq_worker_inflight | gauge | | handlers running in this worker process |
 | ledgerq_queue_depth | gauge | queue, status | tasks in the ledger by queue and status (read at scrape) |
 | ledgerq_queue_oldest_pending_seconds | gauge | queue | age of the oldest due PENDING/QUEUED task (read at scrape) |
+| ledgerq_schedule_slots_total | counter | schedule, outcome | schedule slots this dispatcher handled: `enqueued`, `skipped_overlap` |
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ QUEUE_OLDEST_PENDING = Gauge(
     "ledgerq_queue_oldest_pending_seconds",
     "Age of the oldest due task not yet started, by queue.",
     ("queue",),
+    registry=REGISTRY,
+)
+
+SCHEDULE_SLOTS = Counter(
+    "ledgerq_schedule_slots",
+    "Schedule slots handled by this dispatcher, by outcome (enqueued, skipped_overlap).",
+    ("schedule", "outcome"),
     registry=REGISTRY,
 )
 

@@ -151,6 +151,25 @@ EFFECTS_OF: LiteralString = """
     WHERE task_id = ANY(%s) ORDER BY effect_key
 """
 
+# Schedules (schedule.sql). schedule_fire is run_schedules with a row per
+# schedule it handled, for the dispatcher's metrics.
+SCHEDULE_TASK: LiteralString = """
+    SELECT ledgerq.schedule_task(
+        name => %(name)s, cron => %(cron)s, task_type => %(task_type)s, payload => %(payload)s,
+        queue => %(queue)s, priority => %(priority)s, max_attempts => %(max_attempts)s,
+        timezone => %(timezone)s, overlap => %(overlap)s, catch_up => %(catch_up)s)
+"""
+SCHEDULE_FIRE: LiteralString = """
+    SELECT name, enqueued, already_enqueued, skipped_overlap FROM ledgerq.schedule_fire(%s)
+"""
+LIST_SCHEDULES: LiteralString = """
+    SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
+    FROM ledgerq.schedules ORDER BY name
+"""
+PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
+RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
+UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
+
 
 # --- plans: one per ledger method -------------------------------------------
 
@@ -297,6 +316,38 @@ def effects_of(task_ids: Sequence[int]) -> Plan[list[types.EffectRecord]]:
     ]
 
 
+def schedule_task(schedule: types.NewSchedule) -> Plan[None]:
+    yield Call(SCHEDULE_TASK, _schedule_params(schedule))
+
+
+def schedule_fire(as_of: datetime | None) -> Plan[list[types.ScheduleFired]]:
+    rows = yield Call(SCHEDULE_FIRE, (as_of,))
+    return [types.ScheduleFired(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
+def list_schedules() -> Plan[list[types.Schedule]]:
+    rows = yield Call(LIST_SCHEDULES)
+    return [_decode_schedule(r) for r in rows]
+
+
+def pause_schedule(name: str) -> Plan[None]:
+    yield from _schedule_known(PAUSE_SCHEDULE, name)
+
+
+def resume_schedule(name: str) -> Plan[None]:
+    yield from _schedule_known(RESUME_SCHEDULE, name)
+
+
+def unschedule_task(name: str) -> Plan[None]:
+    yield from _schedule_known(UNSCHEDULE_TASK, name)
+
+
+def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
+    ((known,),) = yield Call(text, (name,))
+    if not known:
+        raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
+
+
 # --- row decoding ------------------------------------------------------------
 
 
@@ -440,3 +491,32 @@ _SUMMARY_STATUSES = (
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
     return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:
+    return {
+        "name": schedule.name,
+        "cron": schedule.cron,
+        "task_type": schedule.task_type,
+        "payload": Jsonb(schedule.payload),
+        "queue": schedule.queue,
+        "priority": schedule.priority,
+        "max_attempts": schedule.max_attempts,
+        "timezone": schedule.timezone,
+        "overlap": schedule.overlap,
+        "catch_up": schedule.catch_up,
+    }
+
+
+def _decode_schedule(row: Sequence[Any]) -> types.Schedule:
+    return types.Schedule(
+        name=row[0],
+        cron=row[1],
+        timezone=row[2],
+        task_type=row[3],
+        queue=row[4],
+        paused=row[5],
+        next_run_at=row[6],
+        last_slot=row[7],
+        last_task_id=types.TaskId(row[8]) if row[8] is not None else None,
+    )

@@ -10,6 +10,13 @@ A handler may be ``async def`` (run on the worker's event loop) or plain
 the payload type: ``dict`` (the default) takes the JSON object as it is; a
 dataclass, TypedDict or pydantic model is validated before the handler runs,
 and a payload that does not fit sends the task DEAD after that one attempt.
+
+A task may also run on a schedule, stacked on its ``task`` decorator in either
+order; the worker creates or updates the schedule in the ledger when it starts:
+
+    @tasks.periodic("0 3 * * *", timezone="Europe/Berlin")
+    @tasks.task("report.nightly")
+    async def nightly(ctx: Context, payload: dict) -> None: ...
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import threading
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -141,11 +149,25 @@ def _payload_type(fn: Handler) -> Any:
     return annotation
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Periodic:
+    """A ``periodic`` decoration, resolved against its task when the schedules are read."""
+
+    fn: Handler
+    cron: str
+    name: str | None
+    payload: types.JsonObject
+    timezone: str
+    overlap: bool
+    catch_up: timedelta
+
+
 class Registry:
-    """The task types a worker can run, by name."""
+    """The task types a worker can run, by name, and the schedules they run on."""
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskDefinition] = {}
+        self._periodic: list[_Periodic] = []
 
     def task(
         self,
@@ -181,6 +203,80 @@ class Registry:
             return fn
 
         return register
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        payload: types.JsonObject | None = None,
+        timezone: str = "UTC",
+        overlap: bool = True,
+        catch_up: timedelta | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Run the decorated task on the schedule ``cron`` (five fields, a macro such
+        as ``@hourly``, or ``@every 30 seconds``) in ``timezone``.
+
+        Stack it on ``@tasks.task`` in either order. The schedule is named
+        ``name`` (default: the task type) and enqueues ``payload`` (default
+        ``{}``) with the task's queue and max_attempts. ``overlap=False`` skips a
+        slot while the previous slot's task is not final; ``catch_up`` is how old
+        a slot missed during downtime may be and still fire (default: only the
+        latest). The ledger checks ``cron`` and ``timezone`` when a worker starts.
+        """
+        if not isinstance(cron, str) or not cron.strip():
+            raise errors.ConfigError("cron must be a non-empty string")
+        if name is not None and not name.strip():
+            raise errors.ConfigError("schedule name must be a non-empty string")
+        if payload is not None and not isinstance(payload, dict):
+            raise errors.ConfigError(
+                f"schedule payload must be a dict, got {type(payload).__name__}"
+            )
+        if catch_up is not None and (
+            not isinstance(catch_up, timedelta) or catch_up < timedelta(0)
+        ):
+            raise errors.ConfigError(
+                f"catch_up must be a timedelta of zero or more, got {catch_up!r}"
+            )
+
+        def register(fn: Handler) -> Handler:
+            self._periodic.append(
+                _Periodic(fn, cron, name, dict(payload or {}), timezone, overlap,
+                          catch_up if catch_up is not None else timedelta(0))
+            )  # fmt: skip
+            return fn
+
+        return register
+
+    def schedules(self) -> list[types.NewSchedule]:
+        """Every ``periodic`` schedule with its task's queue and max_attempts, by name.
+
+        ConfigError if one decorates a function no ``task`` registered, or two
+        share a name."""
+        by_fn = {id(d.fn): d for d in self._tasks.values()}
+        found: dict[str, types.NewSchedule] = {}
+        for periodic in self._periodic:
+            definition = by_fn.get(id(periodic.fn))
+            if definition is None:
+                raise errors.ConfigError(
+                    f"@periodic on {periodic.fn.__qualname__}, which is not a registered task: "
+                    "stack it on @tasks.task"
+                )
+            schedule = types.NewSchedule(
+                name=periodic.name or definition.name,
+                cron=periodic.cron,
+                task_type=definition.name,
+                payload=periodic.payload,
+                queue=definition.queue,
+                max_attempts=definition.max_attempts,
+                timezone=periodic.timezone,
+                overlap=periodic.overlap,
+                catch_up=periodic.catch_up,
+            )
+            if schedule.name in found:
+                raise errors.ConfigError(f"schedule {schedule.name!r} is defined twice")
+            found[schedule.name] = schedule
+        return [found[name] for name in sorted(found)]
 
     def get(self, name: str) -> TaskDefinition | None:
         return self._tasks.get(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NewType, Protocol
 
 #: A JSON value (payloads, results). The one place ``Any`` is allowed.
@@ -254,3 +254,58 @@ class EffectRecord:
     effect_key: str
     task_id: TaskId | None
     recorded_at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewSchedule:
+    """The arguments of ``schedule_task``: a schedule to create or replace."""
+
+    name: str
+    cron: str
+    task_type: str
+    payload: JsonObject = dataclasses.field(default_factory=dict)
+    queue: str = QUEUE_DEFAULT
+    priority: int = 0
+    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    timezone: str = "UTC"
+    overlap: bool = True
+    catch_up: timedelta = timedelta(0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schedule:
+    """One row of the ``schedules`` view."""
+
+    name: str
+    cron: str
+    timezone: str
+    task_type: str
+    queue: str
+    paused: bool
+    next_run_at: datetime | None
+    last_slot: datetime | None
+    last_task_id: TaskId | None
+
+    def to_json(self) -> JsonObject:
+        """The schedule as GET /schedules and ``ledgerq schedules --json`` show it."""
+        return {
+            "name": self.name,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "task_type": self.task_type,
+            "queue": self.queue,
+            "paused": self.paused,
+            "next_run_at": self.next_run_at.isoformat() if self.next_run_at else None,
+            "last_slot": self.last_slot.isoformat() if self.last_slot else None,
+            "last_task_id": self.last_task_id,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduleFired:
+    """What one ``schedule_fire`` call did to one schedule that was due."""
+
+    name: str
+    enqueued: int
+    already_enqueued: int
+    skipped_overlap: int

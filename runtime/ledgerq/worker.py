@@ -15,6 +15,11 @@ Options and defaults: ``concurrency`` (CONCURRENCY_DEFAULT), ``lease_s``
 (GRACE_DEFAULT_S: how long a stopping worker lets running handlers finish
 before it hands their tasks back).
 
+When it starts, a worker creates or updates its registry's schedules
+(``@tasks.periodic``) in the ledger, one ``schedule_task`` each; an unchanged
+schedule writes nothing and keeps its cursor, so restarts neither lose nor
+repeat a slot. A bad cron expression or time zone stops it with a ConfigError.
+
 Known limits: the worker never changes a task's status itself; the ledger
 decides. A handler whose lease is lost (the worker stalled past its lease)
 is cancelled when the worker learns it, but may already have done work: use
@@ -123,8 +128,21 @@ class Worker:
         """Stop taking work; run() then finishes within the grace period."""
         self._stopping.set()
 
+    async def register_schedules(self) -> int:
+        """Create or update the registry's schedules in the ledger; how many.
+
+        ConfigError, naming the schedule, for one the ledger refuses (LQ422)."""
+        schedules = self.registry.schedules()
+        for schedule in schedules:
+            try:
+                await self.ledger.schedule_task(schedule)
+            except errors.InvalidInput as exc:
+                raise errors.ConfigError(f"schedule {schedule.name!r}: {exc.message}") from None
+        return len(schedules)
+
     async def run(self) -> None:
         """Serve until stop() is called; then drain, hand back, and return."""
+        await self.register_schedules()
         log.info(
             "worker.started id=%s queues=%s concurrency=%d lease=%ds",
             self.worker_id, ",".join(self.queues), self.concurrency, self.lease_s,

@@ -9,7 +9,8 @@ ledgerq ``InvalidInput``, a bad field           422     ``invalid_input``
 body not JSON / not UTF-8 / too deep            422     ``invalid_json``
 body over the size limit                        413     ``body_too_large``
 missing or wrong bearer token                   401     ``unauthorized``
-``TaskNotFound``, unknown route                 404     ``not_found``
+``TaskNotFound``, ``ScheduleNotFound``          404     ``not_found``
+unknown route                                   404     ``not_found``
 ``IdempotencyConflict``                         409     ``idempotency_conflict``
 ``InvalidTransition``                           409     ``invalid_transition``
 wrong method                                    405     ``method_not_allowed``
@@ -45,6 +46,7 @@ INTERNAL_MESSAGE = "internal error; the server log has the details"
 _LEDGERQ_STATUSES: tuple[tuple[type[errors.LedgerqError], int, str], ...] = (
     (errors.InvalidInput, 422, "invalid_input"),
     (errors.TaskNotFound, 404, "not_found"),
+    (errors.ScheduleNotFound, 404, "not_found"),
     (errors.IdempotencyConflict, 409, "idempotency_conflict"),
     (errors.InvalidTransition, 409, "invalid_transition"),
     (errors.LedgerUnavailable, 503, "unavailable"),
