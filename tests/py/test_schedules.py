@@ -229,9 +229,7 @@ async def test_a_running_dispatcher_fires_an_every_second_schedule_each_second(
         await helpers.eventually(three_succeeded, what="three ticks run")
         assert s.dispatcher is not None
         assert s.dispatcher.schedule_enqueued >= 3
-    keys = [
-        k for (k,) in db.execute("SELECT idempotency_key FROM ledgerq.tasks ORDER BY run_at")
-    ]
+    keys = [k for (k,) in db.execute("SELECT idempotency_key FROM ledgerq.tasks ORDER BY run_at")]
     assert len(keys) == len(set(keys))
     assert slots(name, "enqueued") >= 3
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from ledgerq import __version__, config
 from ledgerq.api import auth, body, state
 from ledgerq.api import errors as api_errors
-from ledgerq.api.routes import queues, system, tasks
+from ledgerq.api.routes import queues, schedules, system, tasks
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -72,6 +72,7 @@ def create_app(
     tasks.register(app.router)
     system.register(app.router)
     queues.register(app.router)
+    schedules.register(app.router)
     api_errors.install(app)
     # The last added middleware runs first: the catch-all wraps auth.
     if settings.api_token is not None:

@@ -182,6 +182,36 @@ class QueuesOut(BaseModel):
     queues: list[QueueOut]
 
 
+class ScheduleOut(BaseModel):
+    """One schedule, as the ``schedules`` view shows it."""
+
+    name: str
+    cron: str
+    timezone: str
+    task_type: str
+    queue: str
+    paused: bool
+    next_run_at: datetime | None = Field(
+        description="When its next task is due; null while paused. In the past while a due "
+        "slot waits for the dispatcher."
+    )
+    last_slot: datetime | None = Field(description="Its latest fired slot; null if none.")
+    last_task_id: int | None = Field(description="The task of that slot; null if none.")
+
+
+class SchedulesOut(BaseModel):
+    """Every schedule, by name."""
+
+    schedules: list[ScheduleOut]
+
+
+class SchedulePausedOut(BaseModel):
+    """A schedule's state after pause or resume."""
+
+    name: str
+    paused: bool
+
+
 class HealthOut(BaseModel):
     """The process is alive, or ready."""
 
@@ -209,7 +239,7 @@ class NotReadyOut(ErrorOut):
 
 _ERROR_DESCRIPTIONS = {
     401: "Missing or wrong bearer token.",
-    404: "No such task, or no such route.",
+    404: "No such task or schedule, or no such route.",
     409: "Conflict.",
     413: "Request body over the size limit.",
     422: "Invalid input; the message names the field.",
