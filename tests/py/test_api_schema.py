@@ -70,6 +70,7 @@ def test_api_answers_match_its_openapi_schema(settings: config.Settings) -> None
             "POST /tasks", "POST /tasks/batch", "GET /tasks", "GET /tasks/{task_id}",
             "POST /tasks/{task_id}/cancel", "POST /tasks/{task_id}/retry", "GET /queues",
             "GET /healthz", "GET /readyz", "GET /metrics",
+            "GET /schedules", "POST /schedules/{name}/pause", "POST /schedules/{name}/resume",
         }  # fmt: skip
 
         for operation in operations:

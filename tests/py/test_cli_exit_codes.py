@@ -35,6 +35,10 @@ COMMANDS: dict[Command, tuple[list[str], str]] = {
     ("stats",): ([], "pg+redis"),
     ("dead",): ([], "pg"),
     ("cancel",): (["1"], "pg"),
+    ("schedules",): ([], "pg"),
+    ("schedules", "pause"): (["s"], "pg"),
+    ("schedules", "resume"): (["s"], "pg"),
+    ("schedules", "delete"): (["s"], "pg"),
     ("demo",): ([], "pg+redis"),
     ("bench",): ([], "pg"),
 }

@@ -7,6 +7,7 @@ Modules, one job each (docs/architecture.md draws them):
 - ``render``: plain text for a terminal (tables, colours, the demo's screen);
 - ``services``: ``migrate``, ``worker``, ``dispatcher``, ``reaper``, ``api``;
 - ``operators``: ``enqueue``, ``show``, ``stats``, ``dead``, ``cancel``;
+- ``schedules``: ``schedules`` (list) and ``schedules pause|resume|delete``;
 - ``dev``: ``run``, ``demo``, ``bench``;
 - ``supervise``: child processes for ``run`` and ``demo``, stopped as one;
 - ``bench``: the runner behind ``ledgerq bench``;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import click
 
 from ledgerq import __version__
-from ledgerq.cli import common, dev, operators, services
+from ledgerq.cli import common, dev, operators, schedules, services
 
 
 @click.group(cls=common.Group, context_settings=common.CONTEXT_SETTINGS)
@@ -42,6 +43,7 @@ for _command in (
     operators.stats,
     operators.dead,
     operators.cancel,
+    schedules.schedules,
     dev.run,
     dev.demo,
     dev.bench,

@@ -248,3 +248,25 @@ class Screen:
     def block(self, text: str) -> None:
         self._end_progress()
         click.echo(text, file=self.out, color=self.tty)
+
+
+def schedules(found: Sequence[types.Schedule]) -> str:
+    if not found:
+        return "no schedules"
+    rows = [
+        [
+            s.name,
+            s.cron,
+            s.timezone,
+            s.task_type,
+            s.queue,
+            "paused" if s.paused else "active",
+            when(s.next_run_at),
+            when(s.last_slot),
+            str(s.last_task_id) if s.last_task_id is not None else "-",
+        ]
+        for s in found
+    ]
+    headers = ["name", "cron", "timezone", "type", "queue", "state", "next run", "last slot",
+               "last task"]  # fmt: skip
+    return table(headers, rows, right=(8,))
