@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 import signal
+import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +34,22 @@ def fired_count(d: e2e.Deployment) -> int:
     row = d.query_one("SELECT count(*) FROM ledgerq.tasks")
     assert row is not None
     return int(row[0])
+
+
+def enqueued_metric(port: int) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0  # not serving yet
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ledgerq_schedule_slots_total" and sample.labels == {
+                "schedule": SCHEDULE,
+                "outcome": "enqueued",
+            }:
+                return sample.value
+    return 0.0
 
 
 def test_a_dispatcher_killed_and_restarted_neither_loses_nor_doubles_a_slot(
@@ -62,8 +80,11 @@ def test_a_dispatcher_killed_and_restarted_neither_loses_nor_doubles_a_slot(
             "three slots due with no dispatcher running",
         )
 
-        d.dispatcher()
+        port = e2e.free_port()
+        d.dispatcher("--metrics-port", str(port))
         d.wait_for(lambda: fired_count(d) >= killed_at + 3, "three more slots fired")
+        # The restarted dispatcher counted the slots it enqueued.
+        d.wait_for(lambda: enqueued_metric(port) >= 3, "the slots in its metrics")
         d.dispatcher()  # a second one at the same time
         d.wait_for(lambda: fired_count(d) >= killed_at + 6, "three more slots, two dispatchers")
         for proc in d.procs:

@@ -174,12 +174,23 @@ def worker(
               show_default=True, help="Tasks moved to Redis per transaction.")  # fmt: skip
 @click.option("--poll-interval", type=click.FloatRange(0.01), default=POLL_INTERVAL_DEFAULT_S,
               show_default=True, help="Seconds between polls when no NOTIFY arrives.")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(1, 65_535), metavar="PORT",
+              help="Serve this dispatcher's Prometheus metrics (schedule slots) on "
+              "127.0.0.1:PORT/metrics.")  # fmt: skip
 @common.log_level_option
 @common.connection_options
-def dispatcher(batch_size: int, poll_interval: float, log_level: str, **options: Any) -> None:
-    """Move due tasks from PostgreSQL to Redis (woken by NOTIFY, and polling)."""
+def dispatcher(
+    batch_size: int, poll_interval: float, metrics_port: int | None, log_level: str,
+    **options: Any,
+) -> None:  # fmt: skip
+    """Move due tasks from PostgreSQL to Redis (woken by NOTIFY, and polling), and fire
+    the schedules' due slots every second."""
     settings = common.settings_from(options)
     common.setup_logging(log_level)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(
+            metrics_port, addr="127.0.0.1", registry=metrics.REGISTRY
+        )
 
     async def serve(runner: service.Runner) -> None:
         async with common.connected(settings) as (ledger, dispatch):
