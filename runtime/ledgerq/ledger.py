@@ -23,7 +23,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ledgerq import errors
+from ledgerq import errors, reads
 from ledgerq.queries import (
     CANCEL,
     CLAIM,
@@ -369,6 +369,63 @@ class AsyncLedger:
         """The effects these tasks recorded, by effect key."""
         rows = await self._rows(EFFECTS_OF, (list(task_ids),))
         return [EffectRecord(r[0], TaskId(r[1]) if r[1] is not None else None, r[2]) for r in rows]
+
+    # the operators' dashboard (read-only queries in reads.py; changes through SQL functions)
+    async def dashboard_features(self) -> reads.Features:
+        """Which optional SQL objects (queue controls, schedules) this ledger has."""
+        (row,) = await self._rows(reads.FEATURES)
+        return reads.decode_features(row)
+
+    async def finished_per_minute(
+        self, minutes: int = reads.THROUGHPUT_MINUTES
+    ) -> list[reads.FinishedBucket]:
+        """Tasks that reached a final status, per queue, status and minute, lately."""
+        rows = await self._rows(reads.FINISHED_PER_MINUTE, (minutes,))
+        return [reads.decode_bucket(r) for r in rows]
+
+    async def queue_settings(self) -> list[reads.QueueSettings]:
+        """Every configured queue's pause flag and settings (needs the flow-control view)."""
+        return [reads.decode_queue_settings(r) for r in await self._rows(reads.QUEUE_SETTINGS)]
+
+    async def schedules(self) -> list[reads.Schedule]:
+        """Every schedule (needs the schedules view)."""
+        return [reads.decode_schedule(r) for r in await self._rows(reads.SCHEDULES)]
+
+    async def task_id_by_key(self, idempotency_key: str) -> TaskId | None:
+        """The id of the task holding idempotency_key, if any."""
+        rows = await self._rows(reads.TASK_BY_KEY, (idempotency_key,))
+        return TaskId(rows[0][0]) if rows else None
+
+    async def workers_seen(
+        self, window_s: float = reads.WORKERS_WINDOW_S
+    ) -> list[reads.WorkerSeen]:
+        """Workers that registered, heartbeat or finished an attempt within window_s."""
+        rows = await self._rows(reads.WORKERS_SEEN, {"window_s": window_s})
+        return [reads.decode_worker(r) for r in rows]
+
+    async def pause_queue(self, queue: str) -> bool:
+        (row,) = await self._rows(reads.PAUSE_QUEUE, (queue,))
+        return bool(row[0])
+
+    async def resume_queue(self, queue: str) -> bool:
+        (row,) = await self._rows(reads.RESUME_QUEUE, (queue,))
+        return bool(row[0])
+
+    async def configure_queue(self, queue: str, settings: JsonObject) -> JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now."""
+        (row,) = await self._rows(reads.CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+        merged: JsonObject = row[0]
+        return merged
+
+    async def pause_schedule(self, name: str) -> bool:
+        """False for an unknown schedule."""
+        (row,) = await self._rows(reads.PAUSE_SCHEDULE, (name,))
+        return bool(row[0])
+
+    async def resume_schedule(self, name: str) -> bool:
+        """False for an unknown schedule."""
+        (row,) = await self._rows(reads.RESUME_SCHEDULE, (name,))
+        return bool(row[0])
 
 
 # --- the sync ledger ---------------------------------------------------------------
