@@ -7,7 +7,6 @@ PostgreSQL or Redis cannot be reached or its input is invalid.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import importlib
 import logging
@@ -62,12 +61,17 @@ def connection_options(func: F) -> F:
     return func
 
 
-def settings_from(options: dict[str, Any]) -> config.Settings:
+def settings_from(
+    options: dict[str, Any], *, api_token: str | None = None, api_readonly_token: str | None = None
+) -> config.Settings:
+    """Settings from the environment and the connection options (and API tokens, if given)."""
     return config.Settings.from_env(
         database_url=options.pop("database_url", None),
         redis_url=options.pop("redis_url", None),
         redis_prefix=options.pop("redis_prefix", None),
         redis_cluster=options.pop("redis_cluster", None),
+        api_token=api_token,
+        api_readonly_token=api_readonly_token,
     )
 
 
@@ -396,6 +400,12 @@ API_POOL_SIZE = 10
               help="Port to listen on.")  # fmt: skip
 @click.option("--api-token", metavar="TOKEN", help="Require `Authorization: Bearer TOKEN` "
               "on every route but /healthz and /readyz [env LEDGERQ_API_TOKEN].")  # fmt: skip
+@click.option("--api-readonly-token", metavar="TOKEN", help="A second token that reads "
+              "everything and changes nothing: changing routes answer 403, in the API and the "
+              "dashboard [env LEDGERQ_API_READONLY_TOKEN].")  # fmt: skip
+@click.option("--trust-forwarded-proto", is_flag=True, help="Behind a TLS-terminating proxy: "
+              "believe its X-Forwarded-Proto header, so the dashboard's session cookie is "
+              "marked Secure. Only when every request comes through that proxy.")  # fmt: skip
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
 @click.option("--access-log", is_flag=True, help="Log every request (off by default: it is slow).")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
@@ -405,19 +415,20 @@ def api(
     host: str,
     port: int,
     api_token: str | None,
+    api_readonly_token: str | None,
+    trust_forwarded_proto: bool,
     insecure: bool,
     access_log: bool,
     log_level: str,
     **options: Any,
 ) -> None:
-    """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM/SIGINT."""
+    """Serve the HTTP API (OpenAPI at /openapi.json) and the operators' dashboard
+    (/ui/) until SIGTERM/SIGINT."""
     # Imported here so the other commands do not pay for loading FastAPI.
     from ledgerq.api import app as api_app
     from ledgerq.api import server as api_server
 
-    settings = settings_from(options)
-    if api_token:
-        settings = dataclasses.replace(settings, api_token=api_token)
+    settings = settings_from(options, api_token=api_token, api_readonly_token=api_readonly_token)
     if settings.api_token is None and not insecure and not api_server.is_loopback(host):
         click.echo(
             f"ledgerq: refusing to serve on {host} without an API token: set --api-token "
@@ -430,7 +441,12 @@ def api(
     async def main_coro() -> None:
         ledger, dispatch = await open_services(settings, pool_size=API_POOL_SIZE)
         try:
-            app = api_app.create_app(settings, ledger=ledger, dispatch=dispatch)
+            app = api_app.create_app(
+                settings,
+                ledger=ledger,
+                dispatch=dispatch,
+                trust_forwarded_proto=trust_forwarded_proto,
+            )
             await api_server.serve(app, host=host, port=port, access_log=access_log)
         finally:
             await ledger.close()
