@@ -174,7 +174,7 @@ async def test_overview_counts_live_statuses_and_the_last_hour(
     cells = re.findall(r'<td class="num[^"]*">(?:<a [^>]*>)?([^<]*)', row.group(1))
     # pending, queued, running, dead, succeeded (1 h), cancelled (1 h), oldest pending
     assert cells[:6] == ["3", "0", "0", "1", "2", "0"]
-    assert "(3 tasks; peak" in page
+    assert "(3 tasks; peak 3/min)" in page
 
 
 async def test_workers_page_lists_workers_from_registrations_and_attempts(

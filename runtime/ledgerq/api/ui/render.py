@@ -99,7 +99,7 @@ class Chart:
     ticks: tuple[tuple[float, str], ...]
 
 
-CHART_WIDTH = 720
+CHART_WIDTH = 1200
 CHART_HEIGHT = 160
 
 
