@@ -32,11 +32,9 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from ledgerq import errors
+from ledgerq import errors, queries, types
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NOTIFY_CHANNEL
-from ledgerq.types import DueTask
 
 BATCH_SIZE_DEFAULT = 500
 POLL_INTERVAL_DEFAULT_S = 1.0
@@ -73,7 +71,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._epoch: str | None = None
-        self._unpushed: list[DueTask] = []
+        self._unpushed: list[types.DueTask] = []
         #: Totals since start, for tests and stats.
         self.dispatched = 0
         self.redelivered = 0
@@ -189,7 +187,7 @@ class Dispatcher:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
                 async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                     failures = 0
                     self._wake.set()  # something may have been enqueued while we were away
                     async for _notify in conn.notifies():

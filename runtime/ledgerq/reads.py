@@ -1,10 +1,11 @@
-"""Read-only queries behind the operators' dashboard, and how their rows decode.
+"""The operators' dashboard's ledger calls, as plans like those of ``queries.py``.
 
 Beside ``queries.py`` (the SQL function calls and the HTTP API's listings):
 what finished per minute, queue settings, schedules, the workers seen lately,
-a task by its idempotency key, and which optional SQL objects the ledger has.
-``ledger.py`` runs them; nothing here does I/O. None of them scans the tasks
-table; each says which index serves it.
+a task by its idempotency key, which optional SQL objects the ledger has, and
+the calls of the flow-control and schedule functions the dashboard's buttons
+make. ``ledger.py`` runs them; nothing here does I/O. None of the reads scans
+the tasks table; each says which index serves it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, LiteralString
 
+from psycopg.types.json import Jsonb
+
+from ledgerq.queries import Call, Plan
 from ledgerq.types import JsonObject, TaskId, TaskStatus
 
 #: How far back the dashboard's throughput chart looks.
@@ -147,24 +151,80 @@ PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 
 
+# --- plans: one per ledger method -------------------------------------------
+
+
+def features() -> Plan[Features]:
+    (row,) = yield Call(FEATURES)
+    return _decode_features(row)
+
+
+def finished_per_minute(minutes: int) -> Plan[list[FinishedBucket]]:
+    rows = yield Call(FINISHED_PER_MINUTE, (minutes,))
+    return [_decode_bucket(r) for r in rows]
+
+
+def queue_settings() -> Plan[list[QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
+
+
+def schedules() -> Plan[list[Schedule]]:
+    return [_decode_schedule(r) for r in (yield Call(SCHEDULES))]
+
+
+def task_id_by_key(idempotency_key: str) -> Plan[TaskId | None]:
+    rows = yield Call(TASK_BY_KEY, (idempotency_key,))
+    return TaskId(rows[0][0]) if rows else None
+
+
+def workers_seen(window_s: float) -> Plan[list[WorkerSeen]]:
+    rows = yield Call(WORKERS_SEEN, {"window_s": window_s})
+    return [_decode_worker(r) for r in rows]
+
+
+def pause_queue(queue: str) -> Plan[bool]:
+    ((done,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return bool(done)
+
+
+def resume_queue(queue: str) -> Plan[bool]:
+    ((done,),) = yield Call(RESUME_QUEUE, (queue,))
+    return bool(done)
+
+
+def configure_queue(queue: str, settings: JsonObject) -> Plan[JsonObject]:
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_schedule(name: str) -> Plan[bool]:
+    ((found,),) = yield Call(PAUSE_SCHEDULE, (name,))
+    return bool(found)
+
+
+def resume_schedule(name: str) -> Plan[bool]:
+    ((found,),) = yield Call(RESUME_SCHEDULE, (name,))
+    return bool(found)
+
+
 # --- row decoding ------------------------------------------------------------
 
 
-def decode_features(row: Sequence[Any]) -> Features:
+def _decode_features(row: Sequence[Any]) -> Features:
     return Features(
         queue_controls=bool(row[0]), queue_settings=bool(row[1]), schedules=bool(row[2])
     )
 
 
-def decode_bucket(row: Sequence[Any]) -> FinishedBucket:
+def _decode_bucket(row: Sequence[Any]) -> FinishedBucket:
     return FinishedBucket(row[0], TaskStatus(row[1]), row[2], int(row[3]))
 
 
-def decode_queue_settings(row: Sequence[Any]) -> QueueSettings:
+def _decode_queue_settings(row: Sequence[Any]) -> QueueSettings:
     return QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
-def decode_schedule(row: Sequence[Any]) -> Schedule:
+def _decode_schedule(row: Sequence[Any]) -> Schedule:
     return Schedule(
         name=row[0],
         cron=row[1],
@@ -178,7 +238,7 @@ def decode_schedule(row: Sequence[Any]) -> Schedule:
     )
 
 
-def decode_worker(row: Sequence[Any]) -> WorkerSeen:
+def _decode_worker(row: Sequence[Any]) -> WorkerSeen:
     return WorkerSeen(
         worker_id=row[0],
         queues=tuple(row[1] or ()),

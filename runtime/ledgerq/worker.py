@@ -36,13 +36,12 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from ledgerq import errors, metrics
 from ledgerq.dispatch import Dispatch
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
 from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
 
@@ -115,7 +114,6 @@ class Worker:
         lease_s: int = LEASE_DEFAULT_S,
         grace_s: float = GRACE_DEFAULT_S,
         worker_id: str | None = None,
-        sync_ledger: Callable[[], Ledger] | None = None,
     ) -> None:
         if concurrency < 1:
             raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -129,8 +127,9 @@ class Worker:
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = worker_id or new_worker_id()
-        self._sync_ledger = sync_ledger
-        self._running: dict[TaskId, _Running] = {}
+        # By (task, attempt): a stalled attempt may still be running when its
+        # task's next attempt is delivered to this same worker.
+        self._running: dict[tuple[TaskId, int], _Running] = {}
         self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
         self._outcomes_ready = asyncio.Event()
@@ -208,7 +207,7 @@ class Worker:
                 await self.ledger.release(leases, f"worker {self.worker_id} shut down")
         for running in leftovers:
             if running not in cancellable:
-                self._running.pop(running.task.id, None)
+                self._running.pop((running.task.id, running.task.attempt), None)
                 self.abandoned_threads += 1
                 log.warning(
                     "task.abandoned id=%s attempt=%d: a thread cannot be stopped; "
@@ -282,10 +281,9 @@ class Worker:
             worker_id=self.worker_id,
             ledger=self.ledger,
             loop=asyncio.get_running_loop(),
-            sync_ledger=self._sync_ledger,
         )
         running = _Running(task, ctx, self.registry.get(task.type))
-        self._running[task.id] = running
+        self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
 
     async def _run(self, running: _Running) -> None:
@@ -318,29 +316,43 @@ class Worker:
             metrics.WORKER_INFLIGHT.dec()
             series.duration.observe(time.perf_counter() - started)
         try:
-            if running.lost:
-                await self._abandon_transaction(ctx)
-            elif ctx.transaction is not None or ctx.sync_transaction is not None:
-                try:
-                    await self._complete_in_transaction(ctx, outcome, labels)
-                except Exception as exc:
-                    # The transaction's connection failed (PostgreSQL restarted):
-                    # its writes did not commit, so record the attempt as failed the
-                    # usual way, and it is retried. Had the COMMIT gone through, the
-                    # task would be final and this outcome fenced out.
-                    reason = errors.first_line(exc)
-                    log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
-                    if outcome.succeeded:
-                        error = f"the task's transaction did not commit: {reason}"
-                        outcome = Outcome(task.id, task.attempt, succeeded=False, error=error)
-                    self._outcomes.append((outcome, labels))
-                    self._outcomes_ready.set()
-            else:
-                self._outcomes.append((outcome, labels))
-                self._outcomes_ready.set()
+            await self._record(running, outcome, labels)
         finally:
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
+
+    async def _record(self, running: _Running, outcome: Outcome, labels: tuple[str, str]) -> None:
+        """Queue the outcome for complete_tasks, or end the handler's transaction with it
+        (its writes, its effect records and the completion commit together, or none)."""
+        transaction = running.ctx.transaction
+        if transaction is None:
+            if not running.lost:  # a lost attempt's outcome would only be fenced
+                self._queue(outcome, labels)
+            return
+        try:
+            status = await transaction.finish(None if running.lost else outcome)
+        except Exception as exc:
+            # The transaction's connection failed (PostgreSQL restarted): its
+            # writes did not commit, so record the attempt as failed the usual
+            # way, and it is retried. Had the COMMIT gone through, the task
+            # would be final and this outcome fenced out.
+            reason = errors.first_line(exc)
+            log.warning("ledger.unavailable completing task %s: %s", outcome.task_id, reason)
+            error = f"the task's transaction did not commit: {reason}"
+            self._queue(Outcome(outcome.task_id, outcome.attempt, False, error=error), labels)
+            return
+        if running.lost:
+            return
+        if status is not None:
+            self._count(status, labels)
+        elif outcome.succeeded:
+            self._count(None, labels)  # fenced: another attempt owns the task
+        else:
+            self._queue(outcome, labels)  # rolled back; recorded as a failure below
+
+    def _queue(self, outcome: Outcome, labels: tuple[str, str]) -> None:
+        self._outcomes.append((outcome, labels))
+        self._outcomes_ready.set()
 
     async def _call(
         self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
@@ -380,59 +392,6 @@ class Worker:
                 await future
             raise _internal(errors.Retryable(f"timed out after {definition.timeout_s:g} s"))
         return future.result()
-
-    async def _complete_in_transaction(
-        self, ctx: Context, outcome: Outcome, labels: tuple[str, str]
-    ) -> None:
-        """Complete inside the handler's transaction: commit its writes, the effect
-        records and the completion together, or (a failed or fenced attempt) none."""
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            status: TaskStatus | None = None
-            try:
-                if outcome.succeeded:
-                    (status,) = await self.ledger.complete([outcome], conn)
-                # Fenced (status None: another attempt owns the task) or failed:
-                # none of the handler's writes may land.
-                await conn.execute("COMMIT" if status is not None else "ROLLBACK")
-            except errors.LedgerError:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-                raise
-            finally:
-                await self.ledger.pool.putconn(conn)
-        else:
-            status = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._complete_in_sync_transaction, ctx, outcome
-            )
-        if status is not None:
-            self._count(status, labels)
-        elif outcome.succeeded:
-            self._count(None, labels)  # fenced: another attempt owns the task
-        else:
-            self._outcomes.append((outcome, labels))
-            self._outcomes_ready.set()
-
-    def _complete_in_sync_transaction(self, ctx: Context, outcome: Outcome) -> TaskStatus | None:
-        """The thread-side twin of the block above, for plain ``def`` handlers."""
-        conn, ctx.sync_transaction = ctx.sync_transaction, None
-        assert conn is not None and self._sync_ledger is not None
-        ledger = self._sync_ledger()
-        status: TaskStatus | None = None
-        try:
-            if outcome.succeeded:
-                (status,) = ledger.complete([outcome], conn)
-            conn.execute("COMMIT" if status is not None else "ROLLBACK")
-        finally:
-            ledger.pool.putconn(conn)
-        return status
-
-    async def _abandon_transaction(self, ctx: Context) -> None:
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            await self.ledger.pool.putconn(conn)
 
     # --- completing ------------------------------------------------------------
 
@@ -483,8 +442,8 @@ class Worker:
             except errors.LedgerError as exc:
                 log.warning("ledger.unavailable heartbeat: %s", exc.message)
                 continue
-            for task_id, _attempt, state in states:
-                running = self._running.get(task_id)
+            for task_id, attempt, state in states:
+                running = self._running.get((task_id, attempt))
                 if running is None or state == "ok":
                     continue
                 running.ctx.request_stop()

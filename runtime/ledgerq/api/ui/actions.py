@@ -168,15 +168,15 @@ def register(app: FastAPI) -> None:
             page = await ledger.list_tasks(
                 status="DEAD", queue=queue, limit=RETRY_PAGE, before_id=before
             )
-            for task in page:
+            for task in page.tasks:
                 try:
                     await ledger.retry(task.id)
                     retried += 1
                 except (errors.InvalidTransition, errors.TaskNotFound):
                     continue
-            if len(page) < RETRY_PAGE:
+            if page.next_before_id is None:
                 break
-            before = page[-1].id
+            before = page.next_before_id
         log.info("dashboard retried %d dead tasks", retried)
         return common.redirect("/ui/dead")
 

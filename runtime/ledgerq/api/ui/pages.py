@@ -141,16 +141,16 @@ def register(app: FastAPI) -> None:
             found.sort(key=lambda t: t.id, reverse=True)
         else:
             before_id = decode_cursor(cursor) if cursor else None
-            found = await ledger.list_tasks(
+            page = await ledger.list_tasks(
                 status=status,
                 queue=queue,
                 task_type=task_type,
-                limit=PAGE_SIZE + 1,
+                limit=PAGE_SIZE,
                 before_id=before_id,
             )
-            if len(found) > PAGE_SIZE:
-                found = found[:PAGE_SIZE]
-                next_cursor = encode_cursor(found[-1].id)
+            found = page.tasks
+            if page.next_before_id is not None:
+                next_cursor = encode_cursor(page.next_before_id)
         return await _show(
             request,
             "tasks.html",
@@ -219,13 +219,13 @@ def register(app: FastAPI) -> None:
         ledger = services(request).ledger
         queue = queue or None
         before_id = decode_cursor(cursor) if cursor else None
-        found = await ledger.list_tasks(
-            status="DEAD", queue=queue, limit=DEAD_PAGE_SIZE + 1, before_id=before_id
+        page = await ledger.list_tasks(
+            status="DEAD", queue=queue, limit=DEAD_PAGE_SIZE, before_id=before_id
         )
+        found = page.tasks
         next_cursor = None
-        if len(found) > DEAD_PAGE_SIZE:
-            found = found[:DEAD_PAGE_SIZE]
-            next_cursor = encode_cursor(found[-1].id)
+        if page.next_before_id is not None:
+            next_cursor = encode_cursor(page.next_before_id)
         total = sum(
             d.count
             for d in await ledger.queue_depths()
