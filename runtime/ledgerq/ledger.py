@@ -480,6 +480,10 @@ class AsyncLedger:
         """Every schedule (needs the schedules view)."""
         return await self._run(reads.schedules())
 
+    async def dead_count(self, queue: str | None = None) -> int:
+        """How many tasks are DEAD (in queue, if given)."""
+        return await self._run(reads.dead_count(queue))
+
     async def task_id_by_key(self, idempotency_key: str) -> types.TaskId | None:
         """The id of the task holding idempotency_key, if any."""
         return await self._run(reads.task_id_by_key(idempotency_key))

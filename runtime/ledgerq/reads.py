@@ -117,6 +117,12 @@ SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# tasks_dead_idx (partial on DEAD): index-only without a queue, with one the
+# dead rows' queue is read from the heap (dead tasks only, never the others).
+DEAD_COUNT: LiteralString = """
+    SELECT count(*) FROM ledgerq.tasks
+    WHERE status = 'DEAD' AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+"""
 # tasks_idempotency_key_idx (unique, partial on keys that are set).
 TASK_BY_KEY: LiteralString = "SELECT id FROM ledgerq.tasks WHERE idempotency_key = %s"
 # Registrations by workers_last_seen_idx; running tasks by tasks_lease_idx
@@ -170,6 +176,11 @@ def queue_settings() -> Plan[list[QueueSettings]]:
 
 def schedules() -> Plan[list[Schedule]]:
     return [_decode_schedule(r) for r in (yield Call(SCHEDULES))]
+
+
+def dead_count(queue: str | None) -> Plan[int]:
+    ((count,),) = yield Call(DEAD_COUNT, {"queue": queue})
+    return int(count)
 
 
 def task_id_by_key(idempotency_key: str) -> Plan[TaskId | None]:

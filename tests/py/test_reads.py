@@ -142,6 +142,8 @@ def test_reads_of_the_tasks_table_use_indexes_not_a_scan(big_ledger: Conn) -> No
     assert finished == {("Index Only Scan", "tasks_finished_idx")}
     by_key = tasks_access(plan_nodes(big_ledger, reads.TASK_BY_KEY, ("k77",)))
     assert {index for _, index in by_key} == {"tasks_idempotency_key_idx"}
+    dead = tasks_access(plan_nodes(big_ledger, reads.DEAD_COUNT, {"queue": None}))
+    assert {index for _, index in dead} == {"tasks_dead_idx"}
     workers = tasks_access(plan_nodes(big_ledger, reads.WORKERS_SEEN, {"window_s": 300.0}))
     assert workers, "the workers query reads the tasks table"
     assert all(kind != "Seq Scan" for kind, _ in workers), workers

@@ -226,11 +226,7 @@ def register(app: FastAPI) -> None:
         next_cursor = None
         if page.next_before_id is not None:
             next_cursor = encode_cursor(page.next_before_id)
-        total = sum(
-            d.count
-            for d in await ledger.queue_depths()
-            if d.status is TaskStatus.DEAD and (queue is None or d.queue == queue)
-        )
+        total = await ledger.dead_count(queue)
         return await _show(
             request,
             "dead.html",
