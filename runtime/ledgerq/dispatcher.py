@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from ledgerq import errors, queries, types
+from ledgerq import errors, queries, service, types
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -42,7 +42,6 @@ SWEEP_INTERVAL_DEFAULT_S = 5.0
 RECHECK_AFTER_DEFAULT_S = 10.0
 EPOCH_CHECK_INTERVAL_S = 1.0
 SWEEP_BATCH = 5000
-RECONNECT_MAX_S = 5.0
 
 log = logging.getLogger("ledgerq.dispatcher")
 
@@ -165,7 +164,7 @@ class Dispatcher:
                         else "ledger.unavailable"
                     )
                     log.warning("%s %s (retrying)", event, exc.message)
-                    sleep_s = min(RECONNECT_MAX_S, 0.1 * 2**failures)
+                    sleep_s = service.reconnect_delay_s(failures)
                     next_epoch_check = 0.0  # Redis may have come back empty
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=sleep_s)
@@ -195,4 +194,4 @@ class Dispatcher:
             except psycopg.Error as exc:
                 failures += 1
                 log.warning("ledger.unavailable listen: %s", errors.first_line(exc))
-                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
+                await asyncio.sleep(service.reconnect_delay_s(failures))

@@ -39,17 +39,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, metrics
+from ledgerq import errors, metrics, service, types
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
-from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
 
 CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
 POP_WAIT_S = 5.0
-RECONNECT_MAX_S = 5.0
 ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
@@ -66,10 +64,10 @@ class _Series:
         self.duration = metrics.TASK_DURATION.labels(*labels)
         self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
         self.outcomes = {
-            TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
-            TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
-            TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
-            TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
+            types.TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
+            types.TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
+            types.TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
+            types.TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
         }
 
 
@@ -92,7 +90,9 @@ class _Running:
 
     __slots__ = ("ctx", "definition", "future", "lost", "task")
 
-    def __init__(self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None) -> None:
+    def __init__(
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> None:
         self.task = task
         self.ctx = ctx
         self.definition = definition
@@ -129,9 +129,9 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         # By (task, attempt): a stalled attempt may still be running when its
         # task's next attempt is delivered to this same worker.
-        self._running: dict[tuple[TaskId, int], _Running] = {}
+        self._running: dict[tuple[types.TaskId, int], _Running] = {}
         self._slot_freed = asyncio.Event()
-        self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
+        self._outcomes: list[tuple[types.Outcome, tuple[str, str]]] = []
         self._outcomes_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -177,6 +177,24 @@ class Worker:
                 )
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker.stopped id=%s", self.worker_id)
+
+    async def run_once(self) -> int:
+        """Take the ids waiting now (up to concurrency, without blocking), claim them,
+        run their handlers (heartbeats included) and record every outcome; how
+        many attempts ran. For tests and one-shot use, not beside run()."""
+        ids = await self.dispatch.pop(self.queues, self.concurrency - len(self._running))
+        if not ids:
+            return 0
+        claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+        started = [self._start(task) for task in claimed]
+        heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        try:
+            await asyncio.gather(*(r.future for r in started if r.future is not None))
+        finally:
+            heartbeater.cancel()
+            await asyncio.gather(heartbeater, return_exceptions=True)
+        await self._complete_waiting()
+        return len(claimed)
 
     async def _drain(self) -> None:
         """Let running handlers finish within the grace period; hand back the rest.
@@ -250,7 +268,7 @@ class Worker:
                 else:
                     event = "ledger.error"
                 log.warning("%s %s (retrying)", event, exc.message)
-                await self._wait_either(asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures)))
+                await self._wait_either(asyncio.sleep(service.reconnect_delay_s(failures)))
                 continue
             for task in claimed:
                 self._start(task)
@@ -272,7 +290,7 @@ class Worker:
 
     # --- running handlers ------------------------------------------------------
 
-    def _start(self, task: ClaimedTask) -> None:
+    def _start(self, task: types.ClaimedTask) -> _Running:
         ctx = Context(
             task_id=task.id,
             attempt=task.attempt,
@@ -285,6 +303,7 @@ class Worker:
         running = _Running(task, ctx, self.registry.get(task.type))
         self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
+        return running
 
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
@@ -294,18 +313,18 @@ class Worker:
         metrics.WORKER_INFLIGHT.inc()
         series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
         started = time.perf_counter()
-        outcome: Outcome | None
+        outcome: types.Outcome | None
         try:
             result = await self._call(task, ctx, definition)
-            outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
+            outcome = types.Outcome(task.id, task.attempt, succeeded=True, result=result)
         except asyncio.CancelledError:
             # Cancelled by a heartbeat ('cancel' or 'lost') or by shutdown.
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error="cancelled while running"
             )
         except BaseException as exc:
             retryable = definition.is_retryable(exc) if definition is not None else False
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
             )
             log.info(
@@ -321,7 +340,9 @@ class Worker:
             self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
 
-    async def _record(self, running: _Running, outcome: Outcome, labels: tuple[str, str]) -> None:
+    async def _record(
+        self, running: _Running, outcome: types.Outcome, labels: tuple[str, str]
+    ) -> None:
         """Queue the outcome for complete_tasks, or end the handler's transaction with it
         (its writes, its effect records and the completion commit together, or none)."""
         transaction = running.ctx.transaction
@@ -339,7 +360,7 @@ class Worker:
             reason = errors.first_line(exc)
             log.warning("ledger.unavailable completing task %s: %s", outcome.task_id, reason)
             error = f"the task's transaction did not commit: {reason}"
-            self._queue(Outcome(outcome.task_id, outcome.attempt, False, error=error), labels)
+            self._queue(types.Outcome(outcome.task_id, outcome.attempt, False, error=error), labels)
             return
         if running.lost:
             return
@@ -350,13 +371,13 @@ class Worker:
         else:
             self._queue(outcome, labels)  # rolled back; recorded as a failure below
 
-    def _queue(self, outcome: Outcome, labels: tuple[str, str]) -> None:
+    def _queue(self, outcome: types.Outcome, labels: tuple[str, str]) -> None:
         self._outcomes.append((outcome, labels))
         self._outcomes_ready.set()
 
     async def _call(
-        self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
-    ) -> JsonValue:
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> types.JsonValue:
         if definition is None:
             raise _internal(
                 errors.NonRetryable(f"unknown task type {task.type!r}: no handler is registered")
@@ -380,7 +401,7 @@ class Worker:
 
     async def _call_in_thread(
         self, definition: TaskDefinition, ctx: Context, payload: Any
-    ) -> JsonValue:
+    ) -> types.JsonValue:
         """Run a plain ``def`` handler in the thread pool. A thread cannot be
         stopped: on timeout the attempt waits for it (ctx.cancelled tells the
         handler to give up), so the next attempt never overlaps this one."""
@@ -404,24 +425,33 @@ class Worker:
                 self._outcomes_ready.clear()
                 await self._outcomes_ready.wait()
                 continue
-            batch, self._outcomes = self._outcomes, []
             try:
-                statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+                await self._complete_waiting()
                 failures = 0
             except errors.LedgerError as exc:
-                # Keep the outcomes and try again: if the ledger stays away past
+                # The outcomes wait for the next try: if the ledger stays away past
                 # the lease, reap_stuck retries the task and this attempt is fenced.
-                self._outcomes = batch + self._outcomes
                 failures += 1
-                log.warning("ledger.unavailable completing %d task(s): %s", len(batch), exc.message)
+                log.warning(
+                    "ledger.unavailable completing %d task(s): %s", len(self._outcomes), exc.message
+                )
                 if self._stopping.is_set() and failures > 5:
                     return
-                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
-                continue
-            for (_outcome, labels), status in zip(batch, statuses, strict=True):
-                self._count(status, labels)
+                await asyncio.sleep(service.reconnect_delay_s(failures))
 
-    def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
+    async def _complete_waiting(self) -> None:
+        """Record every waiting outcome in one complete_tasks call (on LedgerError
+        they stay waiting)."""
+        batch, self._outcomes = self._outcomes, []
+        try:
+            statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+        except errors.LedgerError:
+            self._outcomes = batch + self._outcomes
+            raise
+        for (_outcome, labels), status in zip(batch, statuses, strict=True):
+            self._count(status, labels)
+
+    def _count(self, status: types.TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
         counter = _series(labels).outcomes.get(status) if status is not None else None
@@ -478,7 +508,7 @@ def _internal(exc: BaseException) -> BaseException:
     return exc
 
 
-def _json_result(result: Any) -> JsonValue:
+def _json_result(result: Any) -> types.JsonValue:
     """A handler's return value as JSON; a value that is not JSON fails the attempt."""
     if result is None or isinstance(result, str | int | float | bool):
         return result
