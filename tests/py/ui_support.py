@@ -93,8 +93,8 @@ def csrf_of(html: str) -> str:
 # configure_queue, queue_settings; pause_schedule, resume_schedule,
 # schedules) with the README's signatures, installed in a test's own database
 # only while the ledger lacks the real ones, so the dashboard's controls are
-# exercised before those migrations land. With the real ones present the
-# tests use them.
+# exercised before those migrations land. With the real ones present (the
+# schedules are, since the schedules branch merged) the tests use them.
 _QUEUE_STAND_IN = """
 CREATE TABLE ledgerq.ui_test_queue_settings (
     queue text PRIMARY KEY, paused boolean NOT NULL DEFAULT false,
