@@ -22,6 +22,7 @@ from ui_support import (
     ensure_queue_controls,
     ensure_schedules,
     make_dead,
+    make_retried_twice_and_running,
     make_succeeded,
     queue_paused,
     schedule_paused,
@@ -128,6 +129,28 @@ def test_admin_signs_in_sees_queues_retries_a_dead_task_and_signs_out(
     expect(page).to_have_url(f"{base}/ui/login")
     page.goto(f"{base}/ui/dead")
     expect(page).to_have_url(f"{base}/ui/login")
+
+
+def test_task_page_shows_every_attempt_on_its_timeline(
+    served: ApiProcess, page: Page, db: Db
+) -> None:
+    base = served.base_url
+    task_id = make_retried_twice_and_running(db, ("worker-a", "worker-b", "worker-c"))
+    sign_in(page, base, ADMIN_TOKEN)
+    page.goto(f"{base}/ui/tasks/{task_id}")
+    expect(page.locator("#task-status")).to_have_text("RUNNING")
+    expect(page.locator(".timeline .span")).to_have_count(3)
+    expect(page.locator(".span.o-failed")).to_have_count(2)
+    expect(page.locator(".span.o-running")).to_have_count(1)
+    expect(page.locator("#attempts tbody tr")).to_have_count(3)
+    expect(page.locator("#attempts")).to_contain_text("gateway timeout #2")
+    expect(page.locator("#cancel")).to_be_enabled()
+    shot(page, "task-attempts")
+    page.click("#cancel")  # confirms in a dialog, accepted by the fixture
+    expect(page.locator("#task-status")).to_have_text("RUNNING")
+    expect(page.locator("dl.facts")).to_contain_text("requested")
+    row = db.execute("SELECT cancel_requested FROM ledgerq.tasks WHERE id = %s", (task_id,))
+    assert row.fetchone() == (True,)
 
 
 def test_retry_selected_and_retry_all(served: ApiProcess, page: Page, db: Db) -> None:

@@ -169,3 +169,24 @@ def schedule_paused(db: Db, name: str) -> bool:
     row = db.execute("SELECT paused FROM ledgerq.schedules WHERE name = %s", (name,)).fetchone()
     assert row is not None
     return bool(row[0])
+
+
+def make_retried_twice_and_running(db: Db, worker_ids: tuple[str, str, str]) -> int:
+    """A task whose first two attempts failed (retryable) and whose third runs now."""
+    task_id = enqueue(db, "payment.capture", max_attempts=5)
+    for number, worker_id in enumerate(worker_ids, start=1):
+        # Skip each retry's backoff (tests may write the table; the runtime never does).
+        db.execute("UPDATE ledgerq.tasks SET run_at = now() WHERE id = %s", (task_id,))
+        row = db.execute(
+            "SELECT attempts FROM ledgerq.claim_task(task_id => %s, worker_id => %s, "
+            "lease_seconds => 30)",
+            (task_id, worker_id),
+        ).fetchone()
+        assert row is not None and row[0] == number
+        if number < len(worker_ids):
+            db.execute(
+                "SELECT ledgerq.complete_task(task_id => %s, attempt => %s, succeeded => false, "
+                "error => %s)",
+                (task_id, number, f"gateway timeout #{number}"),
+            )
+    return task_id

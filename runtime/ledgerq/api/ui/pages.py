@@ -193,13 +193,15 @@ def register(app: FastAPI) -> None:
                 refresh_s=None,
             )
         effects = await ledger.effects_of([TaskId(task_id)])
+        now = datetime.now(UTC)
         return await _show(
             request,
             "task.html",
             nav="tasks",
             title=f"Task {task.id}",
             task=task,
-            spans=render.timeline(task.attempt_history, datetime.now(UTC)),
+            spans=render.timeline(task.attempt_history, now),
+            timeline_end=max((a.finished_at or now for a in task.attempt_history), default=now),
             effects=effects,
         )
 
