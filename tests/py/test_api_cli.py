@@ -72,7 +72,7 @@ def test_ledgerq_api_refuses_a_read_only_token_without_an_admin_token(
 ) -> None:
     result = run_api(settings, "--api-readonly-token", "reader-0123456789")
 
-    assert result.returncode == 1
+    assert result.returncode == 2  # invalid configuration, like every command's
     assert result.stderr == (
         "ledgerq: a read-only API token needs an admin API token (LEDGERQ_API_TOKEN) too\n"
     )
@@ -122,7 +122,7 @@ def test_ledgerq_api_read_only_token_from_the_environment_reads_and_is_refused_c
 def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> None:
     result = run_api(settings, "--api-token", "short")
 
-    assert result.returncode == 1
+    assert result.returncode == 2  # invalid configuration, like every command's
     assert result.stderr == "ledgerq: API token must be at least 8 characters\n"
 
 

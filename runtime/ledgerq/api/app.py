@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from ledgerq import __version__, config
 from ledgerq.api import auth, body, state
 from ledgerq.api import errors as api_errors
-from ledgerq.api.routes import system, tasks
+from ledgerq.api.routes import queues, system, tasks
 from ledgerq.api.ui import routes as ui_routes
 from ledgerq.api.ui import sessions
 from ledgerq.dispatch import Dispatch
@@ -77,6 +77,7 @@ def create_app(
     app.router.route_class = body.LimitedRoute
     tasks.register(app.router)
     system.register(app.router)
+    queues.register(app.router)
     ui_routes.register(
         app,
         sessions.Keys.from_tokens(

@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from ledgerq import errors
 from ledgerq.api import schemas
-from ledgerq.api.routes.tasks import decode_cursor, encode_cursor
 from ledgerq.api.state import services
 from ledgerq.api.ui import common, render, sessions
 from ledgerq.types import TaskId, TaskStatus
@@ -26,6 +25,8 @@ DEAD_PAGE_SIZE = 100
 #: PostgreSQL text cannot hold U+0000: refuse it with the 422 of a bad parameter.
 NO_NUL = r"^[^\x00]*$"
 StatusFilter = Annotated[str | None, Query(pattern="^(|" + "|".join(TaskStatus.__members__) + ")$")]
+#: Where the next page of a listing starts: the last id shown (ids are never reused).
+BeforeId = Annotated[int | None, Query(ge=1, le=schemas.BIGINT_MAX)]
 TextFilter = Annotated[str | None, Query(max_length=200, pattern=NO_NUL)]
 SCRIPT = resources.files("ledgerq.api.ui").joinpath("static/dashboard.js").read_bytes()
 
@@ -120,7 +121,7 @@ def register(app: FastAPI) -> None:
             str | None, Query(alias="type", max_length=200, pattern=NO_NUL)
         ] = None,
         q: Annotated[str | None, Query(max_length=512, pattern=NO_NUL)] = None,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        before: BeforeId = None,
     ) -> Response:
         """Tasks newest first, filtered by status, queue and type; or found by id or key.
 
@@ -128,7 +129,7 @@ def register(app: FastAPI) -> None:
         ledger = services(request).ledger
         status, queue, task_type = status or None, queue or None, task_type or None
         search = (q or "").strip()
-        next_cursor = None
+        next_before = None
         if search:
             # An id (primary key) or an idempotency key (tasks_idempotency_key_idx).
             ids: list[int] = []
@@ -140,7 +141,7 @@ def register(app: FastAPI) -> None:
             found = await ledger.get_many(sorted(set(ids), reverse=True)) if ids else []
             found.sort(key=lambda t: t.id, reverse=True)
         else:
-            before_id = decode_cursor(cursor) if cursor else None
+            before_id = before
             page = await ledger.list_tasks(
                 status=status,
                 queue=queue,
@@ -150,7 +151,7 @@ def register(app: FastAPI) -> None:
             )
             found = page.tasks
             if page.next_before_id is not None:
-                next_cursor = encode_cursor(page.next_before_id)
+                next_before = page.next_before_id
         return await _show(
             request,
             "tasks.html",
@@ -164,7 +165,7 @@ def register(app: FastAPI) -> None:
                 "type": task_type or "",
                 "q": search,
             },
-            next_cursor=next_cursor,
+            next_before=next_before,
         )
 
     @router.get(
@@ -215,19 +216,19 @@ def register(app: FastAPI) -> None:
     async def dead(
         request: Request,
         queue: TextFilter = None,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        before: BeforeId = None,
     ) -> Response:
         """DEAD tasks newest first (tasks_dead_idx), to retry one, some or all."""
         ledger = services(request).ledger
         queue = queue or None
-        before_id = decode_cursor(cursor) if cursor else None
+        before_id = before
         page = await ledger.list_tasks(
             status="DEAD", queue=queue, limit=DEAD_PAGE_SIZE, before_id=before_id
         )
         found = page.tasks
-        next_cursor = None
+        next_before = None
         if page.next_before_id is not None:
-            next_cursor = encode_cursor(page.next_before_id)
+            next_before = page.next_before_id
         total = await ledger.dead_count(queue)
         return await _show(
             request,
@@ -237,7 +238,7 @@ def register(app: FastAPI) -> None:
             tasks=found,
             total=total,
             queue=queue or "",
-            next_cursor=next_cursor,
+            next_before=next_before,
         )
 
     @router.get(
