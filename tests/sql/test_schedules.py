@@ -1,44 +1,46 @@
-"""Schedules (sql/functions/schedule.sql): exactly one task per slot, whoever fires it.
+"""Schedules (sql/functions/schedule.sql): the SQL API, firing, replace, pause, resume.
 
-run_schedules from eight connections at once over a simulated day; overlap and
-catch_up; replace, pause, resume and unschedule; DST nights through the whole
-path; keys held by other tasks; the view; bad input. Time is simulated with
-run_schedules' ``as_of``: a schedule created now fires slots after now, so each
-test walks a clock that starts in the near future.
+The contract's signatures and view; a due slot becoming one task with its key and
+run_at; replace, pause, resume and unschedule with the slots each one fires or
+skips; keys held by other tasks; the view's next run; bad input. Overlap, catch_up
+and DST are in test_schedule_firing.py, many callers at once in
+test_schedule_concurrency.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .helpers import (
     Conn,
-    Row,
     call_rows,
     call_value,
-    claimed,
-    complete,
     count,
     db_now,
     raises_sqlstate,
     task,
 )
-
-UTC = dt.UTC
-MINUTE = dt.timedelta(minutes=1)
-HOUR = dt.timedelta(hours=1)
-DAY = dt.timedelta(days=1)
+from .schedule_helpers import (
+    DAY,
+    HOUR,
+    MINUTE,
+    UTC,
+    fire,
+    key,
+    keys,
+    midnight_after,
+    next_run_at,
+    run,
+    schedule,
+    schedule_row,
+    task_by_key,
+    view,
+)
 
 # SPEC.md's schedule functions as pg_get_function_arguments / pg_get_function_result
 # print them: names, defaults and types are the contract (callers use named notation).
@@ -55,78 +57,6 @@ SPEC_FUNCTIONS = {
     "resume_schedule": ("name text", "boolean"),
     "run_schedules": ("as_of timestamp with time zone DEFAULT now()", "integer"),
 }
-
-
-def schedule(
-    conn: Conn, name: str, cron: str, task_type: str = "report.build", **arguments: Any
-) -> None:
-    call_value(conn, "schedule_task", name=name, cron=cron, task_type=task_type, **arguments)
-
-
-def run(conn: Conn, as_of: dt.datetime) -> int:
-    return int(call_value(conn, "run_schedules", as_of=as_of))
-
-
-def fire(conn: Conn, as_of: dt.datetime) -> dict[str, Row]:
-    """schedule_fire's report, by schedule name."""
-    return {row["name"]: row for row in call_rows(conn, "schedule_fire", as_of=as_of)}
-
-
-def view(conn: Conn, name: str) -> Row | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM ledgerq.schedules WHERE name = %s", (name,)).fetchone()
-
-
-def next_run_at(conn: Conn, name: str) -> dt.datetime:
-    row = view(conn, name)
-    assert row is not None and row["next_run_at"] is not None
-    return row["next_run_at"]
-
-
-def key(name: str, slot: dt.datetime) -> str:
-    return f"schedule:{name}:{slot.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
-
-
-def keys(conn: Conn, name: str) -> list[str]:
-    rows = conn.execute(
-        "SELECT idempotency_key FROM ledgerq.tasks WHERE idempotency_key LIKE %s"
-        " ORDER BY idempotency_key",
-        (f"schedule:{name}:%",),
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-def keys_since(conn: Conn, name: str, since: dt.datetime) -> list[str]:
-    rows = conn.execute(
-        "SELECT idempotency_key FROM ledgerq.tasks WHERE idempotency_key LIKE %s AND run_at >= %s"
-        " ORDER BY run_at",
-        (f"schedule:{name}:%", since),
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-def task_by_key(conn: Conn, idempotency_key: str) -> Row:
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "SELECT * FROM ledgerq.tasks WHERE idempotency_key = %s", (idempotency_key,)
-        ).fetchone()
-    assert row is not None, f"no task with key {idempotency_key}"
-    return row
-
-
-def every(start: dt.datetime, end: dt.datetime, step: dt.timedelta) -> list[dt.datetime]:
-    """start, start + step, ... up to end inclusive."""
-    found = []
-    while start <= end:
-        found.append(start)
-        start += step
-    return found
-
-
-def midnight_after(conn: Conn, days: int = 2) -> dt.datetime:
-    """A UTC midnight `days` ahead: a simulated day that starts after every schedule's creation."""
-    today = db_now(conn).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return today + days * DAY
 
 
 # --- the contract's shape ----------------------------------------------------------------------
@@ -269,291 +199,7 @@ def test_schedule_fire_reports_each_schedule_it_handled(db: Conn) -> None:
     assert (report["b"]["last_slot"], report["b"]["next_slot"]) == (start, start + 2 * HOUR)
 
 
-# --- exactly once under concurrency --------------------------------------------------------------
-
-DAY_SCHEDULES: list[dict[str, Any]] = [
-    {"name": "five", "cron": "*/5 * * * *"},
-    {"name": "hourly", "cron": "0 * * * *", "queue": "hourly"},
-    {"name": "every90", "cron": "@every 90 seconds"},
-    {"name": "berlin", "cron": "30 2 * * *", "timezone": "Europe/Berlin"},
-    {"name": "single", "cron": "*/10 * * * *", "overlap": False},
-]
-
-
-def expected_day_slots(start: dt.datetime, end: dt.datetime) -> dict[str, list[dt.datetime]]:
-    """The slots a day of calls at start, start + 1 min, ..., end fires, with catch_up 0:
-    the latest slot at or before start, then every slot up to end."""
-    berlin = ZoneInfo("Europe/Berlin")
-    nightly = []
-    for days in range(-3, 3):
-        local = dt.datetime.combine((start + days * DAY).date(), dt.time(2, 30))
-        instant = local.replace(tzinfo=berlin).astimezone(UTC)
-        if instant.astimezone(berlin).replace(tzinfo=None) == local:  # not in a DST gap
-            nightly.append(instant)
-    latest_before = max(s for s in nightly if s <= start)
-    return {
-        "five": every(start, end, 5 * MINUTE),
-        "hourly": every(start, end, HOUR),
-        "every90": every(start, end, dt.timedelta(seconds=90)),  # midnight is a multiple of 90 s
-        "berlin": [latest_before] + [s for s in nightly if start < s <= end],
-        "single": [start],  # its first task stays PENDING, so every later slot is skipped
-    }
-
-
-def run_threads(count_: int, target: Callable[[int], None]) -> None:
-    failures: list[BaseException] = []
-
-    def guarded(index: int) -> None:
-        try:
-            target(index)
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count_)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert failures == []
-    assert not any(thread.is_alive() for thread in threads)
-
-
-def test_eight_connections_firing_every_minute_of_a_day_enqueue_each_slot_exactly_once(
-    db: Conn, db_url: str
-) -> None:
-    for definition in DAY_SCHEDULES:
-        schedule(db, **definition)
-    start = midnight_after(db)
-    steps = [start + n * MINUTE for n in range(24 * 60 + 1)]
-    connections = 8
-    barrier = threading.Barrier(connections, timeout=60)
-    created = [0] * connections
-
-    def caller(index: int) -> None:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for as_of in steps:
-                barrier.wait()  # all eight call with the same as_of at once
-                created[index] += run(conn, as_of)
-
-    run_threads(connections, caller)
-
-    expected = expected_day_slots(start, steps[-1])
-    for name, slots in expected.items():
-        assert keys(db, name) == [key(name, s) for s in slots], name
-    total = sum(len(s) for s in expected.values())
-    assert count(db, "SELECT count(*) FROM ledgerq.tasks") == total
-    assert sum(created) == total  # no call counted a task another created
-    # Every task's run_at is its slot, and it landed on its schedule's queue.
-    assert (
-        count(
-            db,
-            "SELECT count(*) FROM ledgerq.tasks WHERE idempotency_key"
-            " <> 'schedule:' || split_part(idempotency_key, ':', 2) || ':'"
-            "    || to_char(run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
-        )
-        == 0
-    )
-    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE queue = 'hourly'") == 25
-
-
-def test_callers_at_different_clocks_with_catch_up_still_fire_each_slot_once(
-    db: Conn, db_url: str
-) -> None:
-    schedule(db, "five", "*/5 * * * *", catch_up="1 day")
-    schedule(db, "every90", "@every 90 seconds", catch_up="1 day")
-    start = midnight_after(db)
-    before_threads = run(db, start)  # from here on, every caller's window covers every missed slot
-    end = start + 6 * HOUR
-    connections = 8
-    reports: list[list[Row]] = [[] for _ in range(connections)]
-
-    def caller(index: int) -> None:
-        # No barrier: callers drift apart, and a late one calls with an old as_of.
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for n in range(index, 6 * 60 + 1, 1 + index % 3):
-                reports[index].extend(call_rows(conn, "schedule_fire", as_of=start + n * MINUTE))
-            reports[index].extend(call_rows(conn, "schedule_fire", as_of=end))
-
-    run_threads(connections, caller)
-
-    assert keys(db, "five") == [key("five", s) for s in every(start - DAY, end, 5 * MINUTE)]
-    assert keys(db, "every90") == [
-        key("every90", s) for s in every(start - DAY, end, dt.timedelta(seconds=90))
-    ]
-    rows = [row for per_caller in reports for row in per_caller]
-    # The row locks alone kept callers apart: the key guard never had to step in.
-    assert sum(r["already_enqueued"] for r in rows) == 0
-    assert before_threads + sum(r["enqueued"] for r in rows) == count(
-        db, "SELECT count(*) FROM ledgerq.tasks"
-    )
-
-
-# --- overlap -----------------------------------------------------------------------------------
-
-
-def make_due(conn: Conn, task_id: int) -> None:
-    """A slot's task has run_at = its slot, ahead of the real clock: let it be claimed now."""
-    conn.execute("UPDATE ledgerq.tasks SET run_at = now() WHERE id = %s", (task_id,))
-
-
-def finish_cancelled(conn: Conn, task_id: int) -> None:
-    assert call_value(conn, "cancel_task", task_id=task_id) == "CANCELLED"
-
-
-def finish_succeeded(conn: Conn, task_id: int) -> None:
-    make_due(conn, task_id)
-    assert complete(conn, task_id, claimed(conn, task_id), True) == "SUCCEEDED"
-
-
-def finish_dead(conn: Conn, task_id: int) -> None:
-    make_due(conn, task_id)
-    assert complete(conn, task_id, claimed(conn, task_id), False, retryable=False) == "DEAD"
-
-
-def finish_pruned(conn: Conn, task_id: int) -> None:
-    finish_succeeded(conn, task_id)
-    conn.execute("DELETE FROM ledgerq.tasks WHERE id = %s", (task_id,))
-
-
-@pytest.mark.parametrize(
-    "finish",
-    [finish_cancelled, finish_succeeded, finish_dead, finish_pruned],
-    ids=["cancelled", "succeeded", "dead", "pruned"],
-)
-def test_overlap_false_skips_slots_until_the_previous_task_is_final(
-    db: Conn, finish: Callable[[Conn, int], None]
-) -> None:
-    schedule(db, "exclusive", "* * * * *", overlap=False)
-    first = next_run_at(db, "exclusive")
-    assert run(db, first) == 1
-    first_task = task_by_key(db, key("exclusive", first))
-
-    assert fire(db, first + MINUTE)["exclusive"]["skipped_overlap"] == 1  # PENDING
-    assert fire(db, first + 2 * MINUTE)["exclusive"]["skipped_overlap"] == 1
-    finish(db, first_task["id"])
-
-    assert run(db, first + 3 * MINUTE) == 1
-    assert keys(db, "exclusive") == sorted(
-        [key("exclusive", first + 3 * MINUTE)]
-        + ([] if finish is finish_pruned else [key("exclusive", first)])
-    )
-    row = view(db, "exclusive")
-    assert row is not None
-    assert row["last_slot"] == first + 3 * MINUTE
-
-
-def test_overlap_false_skips_slots_while_the_previous_task_runs(db: Conn) -> None:
-    schedule(db, "exclusive", "* * * * *", overlap=False)
-    first = next_run_at(db, "exclusive")
-    run(db, first)
-    first_id = task_by_key(db, key("exclusive", first))["id"]
-    make_due(db, first_id)
-    attempt = claimed(db, first_id)
-
-    assert run(db, first + MINUTE) == 0
-    assert complete(db, first_id, attempt, False) == "PENDING"  # a retry is not final either
-    assert run(db, first + 2 * MINUTE) == 0
-    assert keys(db, "exclusive") == [key("exclusive", first)]
-
-
-def test_overlap_true_fires_while_the_previous_task_runs(db: Conn) -> None:
-    schedule(db, "parallel", "* * * * *")
-    first = next_run_at(db, "parallel")
-    run(db, first)
-    first_id = task_by_key(db, key("parallel", first))["id"]
-    make_due(db, first_id)
-    claimed(db, first_id)
-    assert run(db, first + MINUTE) == 1
-
-
-def test_overlap_false_after_downtime_fires_the_first_caught_up_slot_and_skips_the_rest(
-    db: Conn,
-) -> None:
-    schedule(db, "exclusive", "*/10 * * * *", overlap=False)
-    start = midnight_after(db)
-    run(db, start)
-    finish_succeeded(db, task_by_key(db, key("exclusive", start))["id"])
-    schedule(db, "exclusive", "*/10 * * * *", overlap=False, catch_up="1 hour")  # same cursor
-
-    report = fire(db, start + 2 * HOUR)["exclusive"]
-
-    assert (report["enqueued"], report["skipped_overlap"]) == (1, 6)
-    assert keys(db, "exclusive") == [key("exclusive", start), key("exclusive", start + HOUR)]
-
-
-# --- catch_up ----------------------------------------------------------------------------------
-
-
-def test_default_catch_up_enqueues_only_the_latest_missed_slot(db: Conn) -> None:
-    schedule(db, "five", "*/5 * * * *")
-    start = midnight_after(db)
-    assert run(db, start) == 1
-    assert run(db, start + HOUR + 2 * MINUTE) == 1
-    assert keys(db, "five") == [key("five", start), key("five", start + HOUR)]
-    assert next_run_at(db, "five") == start + HOUR + 5 * MINUTE
-
-
-def test_catch_up_enqueues_each_missed_slot_in_its_window_once(db: Conn) -> None:
-    schedule(db, "five", "*/5 * * * *", catch_up="30 minutes")
-    start = midnight_after(db)
-    assert run(db, start) == 7  # start-30 ... start: the slots missed since creation
-
-    assert run(db, start + HOUR) == 7  # start+30 ... start+60; start+5 ... start+25 skipped
-    assert run(db, start + HOUR) == 0
-    assert keys(db, "five") == [
-        key("five", s)
-        for s in every(start - 30 * MINUTE, start, 5 * MINUTE)
-        + every(start + 30 * MINUTE, start + HOUR, 5 * MINUTE)
-    ]
-
-
-def test_latest_due_slot_fires_even_when_older_than_catch_up(db: Conn) -> None:
-    schedule(db, "hourly", "0 * * * *", catch_up="10 minutes")
-    start = midnight_after(db)
-    run(db, start)
-    assert run(db, start + 2 * HOUR + 30 * MINUTE) == 1
-    assert keys(db, "hourly") == [key("hourly", start), key("hourly", start + 2 * HOUR)]
-
-
-def test_catch_up_never_reaches_before_the_schedule_was_created(db: Conn) -> None:
-    created_at = db_now(db)
-    schedule(db, "tick", "* * * * *", catch_up="1 day")
-    first = next_run_at(db, "tick")
-    assert first - created_at <= MINUTE
-    assert run(db, first + MINUTE) == 2  # first and first + 1 min; nothing from the day before
-
-
-def test_catch_up_fires_at_most_a_thousand_slots_per_call_and_the_next_call_goes_on(
-    db: Conn,
-) -> None:
-    schedule(db, "tick", "* * * * *", catch_up="2 days")
-    first = next_run_at(db, "tick")
-    as_of = first + DAY  # 1,441 missed slots
-    assert run(db, as_of) == 1000
-    assert run(db, as_of) == 441
-    assert run(db, as_of) == 0
-    assert keys(db, "tick") == sorted(key("tick", s) for s in every(first, as_of, MINUTE))
-
-
-def test_catch_up_over_a_long_downtime_stays_cheap_with_the_default(db: Conn) -> None:
-    # Half a year of missed minutes: the latest slot is found by bisection, not by walking.
-    schedule(db, "tick", "* * * * *")
-    first = next_run_at(db, "tick")
-    as_of = first + 180 * DAY + 30 * dt.timedelta(seconds=1)
-    assert run(db, as_of) == 1
-    assert keys(db, "tick") == [key("tick", first + 180 * DAY)]
-
-
 # --- replace, pause, resume, unschedule --------------------------------------------------------
-
-
-def schedule_row(conn: Conn, name: str) -> Row:
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "SELECT * FROM ledgerq.task_schedules WHERE name = %s", (name,)
-        ).fetchone()
-    assert row is not None
-    return row
 
 
 def test_upserting_an_unchanged_schedule_writes_nothing_and_loses_no_due_slot(db: Conn) -> None:
@@ -766,86 +412,6 @@ def test_view_shows_an_overdue_slot_as_the_next_run(db: Conn) -> None:
     assert call_value(db, "schedule_next_slot", name="nope") is None
 
 
-# --- DST through run_schedules -----------------------------------------------------------------
-
-
-def next_transition(after: dt.datetime, tz: str, fall_back: bool) -> dt.datetime:
-    """The next instant after `after` where tz's clocks fall back (or spring forward)."""
-    zone = ZoneInfo(tz)
-    day = after
-    for _ in range(800):
-        nxt = day + DAY
-        before, later = day.astimezone(zone).utcoffset(), nxt.astimezone(zone).utcoffset()
-        assert before is not None and later is not None
-        if (later < before) if fall_back else (later > before):
-            lo, hi = day, nxt
-            while hi - lo > MINUTE:
-                mid = lo + (hi - lo) / 2
-                if mid.astimezone(zone).utcoffset() == before:
-                    lo = mid
-                else:
-                    hi = mid
-            return hi.replace(second=0, microsecond=0)
-        day = nxt
-    raise AssertionError(f"no DST change in {tz} within 800 days")
-
-
-def wall_clock_slots(
-    tz: str, start: dt.datetime, end: dt.datetime, minutes: set[int], hours: set[int] | None = None
-) -> list[dt.datetime]:
-    """UTC minutes in [start, end] whose wall-clock time matches, counted the first time only."""
-    zone = ZoneInfo(tz)
-    found = []
-    for minute in every(start, end, MINUTE):
-        local = minute.astimezone(zone)
-        if local.fold == 0 and local.minute in minutes and (hours is None or local.hour in hours):
-            found.append(minute)
-    return found
-
-
-@pytest.mark.parametrize(
-    ("tz", "fall_back"),
-    [
-        ("Europe/Berlin", True),
-        ("Europe/Berlin", False),
-        ("America/New_York", True),
-        ("America/New_York", False),
-    ],
-)
-def test_dst_night_fires_missing_times_never_and_repeated_times_once(
-    db: Conn, tz: str, fall_back: bool
-) -> None:
-    change = next_transition(db_now(db) + DAY, tz, fall_back)
-    start, end = change - 4 * HOUR, change + 4 * HOUR
-    local_hour = (change - MINUTE).astimezone(ZoneInfo(tz)).hour  # the hour before the change
-    changed_hour = local_hour if fall_back else local_hour + 1  # repeated, or skipped
-    schedule(db, "hourly", "0 * * * *", timezone=tz)
-    schedule(db, "half", "*/30 * * * *", timezone=tz)
-    schedule(db, "at", f"15 {changed_hour} * * *", timezone=tz)
-
-    for as_of in every(start, end, MINUTE):
-        run(db, as_of)
-
-    expected = {
-        "hourly": wall_clock_slots(tz, start, end, {0}),
-        "half": wall_clock_slots(tz, start, end, {0, 30}),
-        "at": wall_clock_slots(tz, start, end, {15}, {changed_hour}),
-    }
-    for name, slots in expected.items():
-        assert keys_since(db, name, start) == [key(name, s) for s in slots], name
-    # The model agrees with the rule: nine real hours hold nine hourly slots when the
-    # clocks skip an hour, eight when they repeat one; the changed hour's 15 minutes
-    # past ran once in the autumn and not at all in the spring.
-    zone = ZoneInfo(tz)
-    hours = [s.astimezone(zone).hour for s in expected["hourly"]]
-    if fall_back:
-        assert len(hours) == 8 and hours.count(changed_hour) == 1
-        assert len(expected["at"]) == 1
-    else:
-        assert len(hours) == 9 and changed_hour not in hours
-        assert expected["at"] == []
-
-
 # --- bad input ---------------------------------------------------------------------------------
 
 BAD_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
@@ -885,71 +451,3 @@ def test_bad_replacement_leaves_the_schedule_as_it_was(db: Conn) -> None:
     with raises_sqlstate("LQ422", "cron field 1 (minute)"):
         schedule(db, "job", "61 * * * *")
     assert schedule_row(db, "job") == before
-
-
-# --- plans ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def nested_plans(conn: Conn) -> Iterator[list[str]]:
-    """Plans of the statements inside functions, as auto_explain reports them (JSON)."""
-    notices: list[str] = []
-    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-    conn.execute("LOAD 'auto_explain'")
-    for setting, value in (
-        ("auto_explain.log_min_duration", "0"),
-        ("auto_explain.log_nested_statements", "on"),
-        ("auto_explain.log_format", "json"),
-        ("auto_explain.log_level", "notice"),
-    ):
-        conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
-    yield notices
-
-
-def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield node
-    for child in node.get("Plans", []):
-        yield from plan_nodes(child)
-
-
-def task_schedules_scans(notices: list[str]) -> set[tuple[str, str | None]]:
-    """(node type, index) of every scan of task_schedules in the plans reported."""
-    plans = [json.loads(n.split("plan:", 1)[1]) for n in notices if "task_schedules" in n]
-    return {
-        (node["Node Type"], node.get("Index Name"))
-        for plan in plans
-        for node in plan_nodes(plan["Plan"])
-        if node.get("Relation Name") == "task_schedules"
-    }
-
-
-def test_due_schedules_among_thousands_are_found_through_the_partial_index(db: Conn) -> None:
-    db.execute(
-        "SELECT ledgerq.schedule_task(name => 's' || g, cron => (ARRAY['0 3 * * *', '@hourly',"
-        " '*/5 * * * *'])[1 + g % 3], task_type => 't') FROM generate_series(1, 3000) g"
-    )
-    db.execute("UPDATE ledgerq.task_schedules SET next_slot = next_slot + interval '1 year'")
-    schedule(db, "soon", "* * * * *")
-    db.execute("ANALYZE ledgerq.task_schedules")
-    first = next_run_at(db, "soon")
-
-    with nested_plans(db) as notices:
-        for _ in range(8):  # past PL/pgSQL's five custom plans
-            notices.clear()
-            assert run(db, first - HOUR) == 0  # nothing due
-        nothing_due = task_schedules_scans(notices)
-        for n in range(8):
-            notices.clear()
-            assert run(db, first + n * MINUTE) == 1  # one due among 3,001
-        one_due = task_schedules_scans(notices)
-
-    due_index = {
-        ("Index Only Scan", "task_schedules_due_idx"),
-        ("Index Scan", "task_schedules_due_idx"),
-    }
-    assert nothing_due and nothing_due <= due_index, nothing_due
-    # Finding the due row goes through the index too; moving its cursor goes by name.
-    assert one_due & due_index and one_due <= due_index | {
-        ("Index Scan", "task_schedules_pkey"),
-        ("ModifyTable", None),
-    }, one_due
