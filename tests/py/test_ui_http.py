@@ -421,3 +421,18 @@ def test_read_only_token_needs_an_admin_token_and_must_differ() -> None:
         {"LEDGERQ_API_TOKEN": ADMIN_TOKEN, "LEDGERQ_API_READONLY_TOKEN": READER_TOKEN}
     )
     assert settings.api_readonly_token == READER_TOKEN
+
+
+async def test_task_list_pages_older_tasks_with_before(
+    open_client: httpx.AsyncClient, db: Db
+) -> None:
+    ids = [enqueue(db) for _ in range(53)]
+    first = (await open_client.get("/ui/tasks")).text
+    shown = [int(i) for i in re.findall(r'<td class="num"><a href="/ui/tasks/(\d+)"', first)]
+    assert shown == ids[::-1][:50]
+    link = re.search(r'href="/ui/tasks\?[^"]*before=(\d+)"', first)
+    assert link is not None and int(link.group(1)) == ids[3]
+    rest = (await open_client.get(f"/ui/tasks?before={link.group(1)}")).text
+    older = [int(i) for i in re.findall(r'<td class="num"><a href="/ui/tasks/(\d+)"', rest)]
+    assert older == ids[2::-1]
+    assert "before=" not in rest
