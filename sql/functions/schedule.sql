@@ -8,9 +8,10 @@
 -- cursor is at or before as_of, decides which of their due slots fire,
 -- enqueues one task per fired slot with run_at = the slot and the idempotency
 -- key `schedule:<name>:<slot in UTC, YYYY-MM-DDTHH:MM:SSZ>`, and moves each
--- cursor past what it handled. Finding the due schedules is a range scan of a
--- partial index on next_slot: with nothing due it costs the same for ten
--- schedules or ten thousand.
+-- cursor past what it handled. Whether anything is due is one step down a
+-- partial index on next_slot (the earliest cursor), and the due rows are a
+-- range of it: with nothing due a call costs the same for ten schedules or
+-- ten thousand.
 --
 -- Exactly once per slot. Two guards, each enough on its own in the common case:
 --  * Row locks with SKIP LOCKED. A caller locks the due rows it takes, and
