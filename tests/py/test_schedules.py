@@ -249,11 +249,11 @@ async def test_pause_resume_and_list_through_the_ledger(
     assert listed.next_run_at is not None and listed.next_run_at > db_now(db)
     assert listed.last_slot is None and listed.last_task_id is None
 
-    await ledger.pause_schedule("hourly")
-    await ledger.pause_schedule("hourly")  # again: no error
+    assert await ledger.pause_schedule("hourly")
+    assert await ledger.pause_schedule("hourly")  # again: still known
     (paused,) = await ledger.list_schedules()
     assert paused.paused and paused.next_run_at is None
-    await ledger.resume_schedule("hourly")
+    assert await ledger.resume_schedule("hourly")
     assert (await ledger.list_schedules())[0] == listed
 
     sync = Ledger.connect(db_url)
@@ -269,6 +269,5 @@ async def test_pause_resume_and_list_through_the_ledger(
             sync.pause_schedule("hourly")
     finally:
         sync.close()
-    for call in (ledger.pause_schedule, ledger.resume_schedule):
-        with pytest.raises(errors.ScheduleNotFound, match="schedule 'nope' does not exist"):
-            await call("nope")
+    assert not await ledger.pause_schedule("nope")
+    assert not await ledger.resume_schedule("nope")

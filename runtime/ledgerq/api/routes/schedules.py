@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from starlette.responses import JSONResponse, Response
 
+from ledgerq import errors
 from ledgerq.api import schemas
 from ledgerq.api.state import services
 
@@ -53,7 +54,8 @@ def register(api: APIRouter) -> None:
     )
     async def pause_schedule(request: Request, name: NamePath) -> Response:
         """No slot fires while paused; pausing a paused schedule changes nothing."""
-        await services(request).ledger.pause_schedule(name)
+        if not await services(request).ledger.pause_schedule(name):
+            raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
         return JSONResponse({"name": name, "paused": True})
 
     @api.post(
@@ -68,5 +70,6 @@ def register(api: APIRouter) -> None:
     )
     async def resume_schedule(request: Request, name: NamePath) -> Response:
         """Fires again from its first slot after now: the paused slots are skipped."""
-        await services(request).ledger.resume_schedule(name)
+        if not await services(request).ledger.resume_schedule(name):
+            raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
         return JSONResponse({"name": name, "paused": False})
