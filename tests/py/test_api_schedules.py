@@ -10,6 +10,7 @@ import httpx
 import psycopg
 import pytest
 from api_support import TOKEN, api_client
+from ui_support import ADMIN_TOKEN, READER_TOKEN, with_roles
 
 from ledgerq import config
 
@@ -96,3 +97,18 @@ async def test_the_openapi_document_describes_the_schedule_routes(
     for action in ("pause", "resume"):
         operation = paths[f"/schedules/{{name}}/{action}"]["post"]
         assert {"200", "404", "422"} <= set(operation["responses"])
+
+
+async def test_the_read_only_token_lists_schedules_but_cannot_pause_them(
+    settings: config.Settings, db: Conn
+) -> None:
+    add_schedule(db, "beat", "@every 5 seconds")
+    async with api_client(with_roles(settings), token=ADMIN_TOKEN) as client:
+        reader = {"Authorization": f"Bearer {READER_TOKEN}"}
+        listed = await client.get("/schedules", headers=reader)
+        assert [s["name"] for s in listed.json()["schedules"]] == ["beat"]
+        for action in ("pause", "resume"):
+            response = await client.post(f"/schedules/beat/{action}", headers=reader)
+            assert response.status_code == 403
+            assert response.json()["error"]["code"] == "forbidden"
+    assert db.execute("SELECT paused FROM ledgerq.task_schedules").fetchone() == (False,)
