@@ -83,6 +83,12 @@ SyncConn = psycopg.Connection[TupleRow]
 # --- error translation -----------------------------------------------------------
 
 
+# SQLSTATE classes of errors psycopg raises as OperationalError that are about
+# the call, not the connection: 54 program limit exceeded (an index row over
+# the btree limit, too many columns or arguments).
+REFUSAL_CLASSES = frozenset({"54"})
+
+
 def translate(exc: psycopg.Error) -> errors.LedgerError:
     """The ledgerq error for a psycopg error."""
     diag_message = exc.diag.message_primary if exc.diag else None
@@ -100,6 +106,10 @@ def translate(exc: psycopg.Error) -> errors.LedgerError:
         return errors.LedgerError(
             f"{message}: the ledgerq schema is missing or out of date; run `ledgerq migrate`"
         )
+    if state is not None and state[:2] in REFUSAL_CLASSES:
+        # psycopg files these under OperationalError, but the server answered:
+        # the same call would fail the same way again.
+        return errors.LedgerError(f"{message} (SQLSTATE {state})")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or (
         state is not None and state[:2] in ("08", "57")
     ):

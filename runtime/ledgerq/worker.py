@@ -20,8 +20,8 @@ is cancelled when the worker learns it, but may already have done work: use
 timeout or cancellation its thread runs on, and its result is discarded.
 
 Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
-``worker.stopped``, ``task.failed``, ``task.lost``, ``ledger.unavailable``,
-``dispatch.unavailable``.
+``worker.stopped``, ``task.failed``, ``task.lost``, ``task.unstorable``,
+``task.unrecordable``, ``ledger.unavailable``, ``ledger.error``, ``dispatch.unavailable``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -40,7 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, metrics
+from ledgerq import errors, metrics, storable
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger
 from ledgerq.registry import Context, Registry, TaskDefinition
@@ -51,7 +50,6 @@ LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
 POP_WAIT_S = 5.0
 RECONNECT_MAX_S = 5.0
-ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
 
@@ -449,7 +447,7 @@ class Worker:
             try:
                 statuses = await self.ledger.complete([outcome for outcome, _ in batch])
                 failures = 0
-            except errors.LedgerError as exc:
+            except errors.LedgerUnavailable as exc:
                 # Keep the outcomes and try again: if the ledger stays away past
                 # the lease, reap_stuck retries the task and this attempt is fenced.
                 self._outcomes = batch + self._outcomes
@@ -459,8 +457,44 @@ class Worker:
                     return
                 await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
                 continue
+            except errors.LedgerError as exc:
+                # A refusal is not transient: retrying the batch would fail the
+                # same way forever. Record the outcomes one by one, so one the
+                # ledger cannot store fails its own task and no other.
+                log.warning("ledger.error completing %d task(s): %s", len(batch), exc.message)
+                await self._complete_one_by_one(batch)
+                continue
             for (_outcome, labels), status in zip(batch, statuses, strict=True):
                 self._count(status, labels)
+
+    async def _complete_one_by_one(self, batch: list[tuple[Outcome, tuple[str, str]]]) -> None:
+        """Record each outcome alone; one the ledger refuses becomes a non-retryable
+        failure naming why. If the ledger becomes unreachable, the outcomes not yet
+        recorded go back to the queue."""
+        for index, (outcome, labels) in enumerate(batch):
+            try:
+                try:
+                    (status,) = await self.ledger.complete([outcome])
+                except errors.LedgerUnavailable:
+                    raise
+                except errors.LedgerError as exc:
+                    log.warning(
+                        "task.unstorable id=%s attempt=%d: %s",
+                        outcome.task_id, outcome.attempt, exc.message,
+                    )  # fmt: skip
+                    (status,) = await self.ledger.complete([_refused(outcome, exc.message)])
+            except errors.LedgerUnavailable:
+                self._outcomes = batch[index:] + self._outcomes
+                return
+            except errors.LedgerError as exc:
+                # Even the plain failure was refused: leave the task to its
+                # lease (reap_stuck retries it) rather than stop completing.
+                log.error(
+                    "task.unrecordable id=%s attempt=%d: %s",
+                    outcome.task_id, outcome.attempt, exc.message,
+                )  # fmt: skip
+                continue
+            self._count(status, labels)
 
     def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
@@ -502,15 +536,19 @@ class Worker:
 def _describe(exc: BaseException) -> str:
     """The error the ledger keeps: a first line a person can read at a glance
     ("ValueError: bad amount"), then, for a handler's own exception, where it
-    came from."""
+    came from. Bounded, and cleaned of what PostgreSQL cannot store (NUL)."""
     summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if getattr(exc, "_ledgerq_internal", False):
-        return summary
+        return storable.error_text(summary)
     trace = "".join(traceback.format_exception(exc, limit=-8)).strip()
-    text = f"{summary}\n{trace}"
-    if len(text) > ERROR_TEXT_MAX:
-        text = text[: ERROR_TEXT_MAX // 2] + "\n...\n" + text[-ERROR_TEXT_MAX // 2 :]
-    return text
+    return storable.error_text(f"{summary}\n{trace}")
+
+
+def _refused(outcome: Outcome, reason: str) -> Outcome:
+    """The failure to record instead of an outcome the ledger refused to store."""
+    what = "result" if outcome.succeeded else "outcome"
+    error = storable.error_text(f"the ledger cannot store this attempt's {what}: {reason}")
+    return Outcome(outcome.task_id, outcome.attempt, succeeded=False, error=error, retryable=False)
 
 
 def _internal(exc: BaseException) -> BaseException:
@@ -520,12 +558,9 @@ def _internal(exc: BaseException) -> BaseException:
 
 
 def _json_result(result: Any) -> JsonValue:
-    """A handler's return value as JSON; a value that is not JSON fails the attempt."""
-    if result is None or isinstance(result, str | int | float | bool):
-        return result
+    """A handler's return value as JSON the ledger can store; anything else fails
+    the attempt for good (the same value would fail every retry)."""
     try:
-        return json.loads(json.dumps(result))
-    except (TypeError, ValueError) as exc:
-        raise _internal(
-            errors.NonRetryable(f"handler returned a value that is not JSON: {exc}")
-        ) from None
+        return storable.result(result)
+    except errors.NonRetryable as exc:
+        raise _internal(exc) from None

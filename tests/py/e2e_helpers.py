@@ -172,6 +172,22 @@ async def non_retryable(ctx: Context, payload: dict[str, Any]) -> None:
 async def non_json(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     await record_run(ctx)
     return {"tags": {"a", "b"}}
+
+
+@tasks.task("e2e.poison")
+async def poison(ctx: Context, payload: dict[str, Any]) -> Any:
+    """Returns or raises a value PostgreSQL cannot store, picked by payload["kind"]."""
+    await record_run(ctx)
+    kind = payload["kind"]
+    if kind == "nan":
+        return {"x": float("nan")}
+    if kind == "nul":
+        return "a\\x00b"
+    if kind == "raise_nul":
+        raise ValueError("bad\\x00byte")
+    if kind == "huge":
+        return {"blob": "x" * 2_000_000}
+    raise AssertionError(kind)
 '''
 
 TABLES_SQL = """
