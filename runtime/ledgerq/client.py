@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import errors, metrics
+from ledgerq import errors, metrics, queries
 from ledgerq.config import Settings
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 from ledgerq.queries import NewTask
@@ -57,7 +57,12 @@ class _Defaults:
                 f"payload must be a JSON object (a dict), got {type(payload).__name__}"
             )
         if delay:
-            run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            try:
+                run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            except OverflowError:
+                raise errors.InvalidInput(f"delay of {delay} s is past year 9999") from None
+        if run_at is not None:
+            run_at = queries.run_at_in_utc(run_at)
         return NewTask(
             task_type=task_type,
             payload=dict(payload or {}),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from psycopg.types.json import Jsonb
@@ -26,6 +26,24 @@ from ledgerq.types import (
 
 NOTIFY_CHANNEL = "ledgerq_tasks"
 LIST_LIMIT_MAX = 1000
+
+
+RUN_AT_RANGE = "years 1 to 9999 in UTC"
+
+
+def run_at_in_utc(run_at: datetime) -> datetime:
+    """run_at as UTC, if the ledger can store it and every reader decode it back.
+
+    An aware datetime near year 1 or 9999 can be another year in UTC
+    (9999-12-31T23:59:59-14:00 is year 10000), which PostgreSQL stores and
+    psycopg cannot read. A naive one is the session's time zone's to place.
+    """
+    if run_at.tzinfo is None:
+        return run_at
+    try:
+        return run_at.astimezone(UTC)
+    except OverflowError:
+        raise errors.InvalidInput(f"run_at must fall within {RUN_AT_RANGE}, got {run_at}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

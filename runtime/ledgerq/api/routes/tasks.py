@@ -18,7 +18,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
@@ -168,6 +168,14 @@ def register(api: APIRouter) -> None:
             for task_id, created in rows
         ]
         return JSONResponse({"results": results})
+
+    @api.api_route(
+        "/tasks/batch", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    async def batch_wrong_method() -> Response:
+        # Without this, GET /tasks/batch would match GET /tasks/{task_id}: a 422 about
+        # task_id where the truth is that only POST serves this path.
+        raise HTTPException(405, headers={"Allow": "POST"})
 
     @api.get(
         "/tasks/{task_id}",
