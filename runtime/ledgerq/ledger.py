@@ -28,7 +28,11 @@ from ledgerq.queries import (
     CANCEL,
     CLAIM,
     COMPLETE,
+    EFFECT_FINISH,
+    EFFECT_FORGET,
     EFFECT_LOCK,
+    EFFECT_START,
+    EFFECT_UNLOCK,
     EFFECTS_OF,
     ENQUEUE_MANY,
     ENQUEUE_MANY_STAMPED,
@@ -51,6 +55,7 @@ from ledgerq.queries import (
     RETRY,
     TAKE_DUE,
     EffectRecord,
+    EffectStart,
     NewTask,
     QueueDepth,
     QueueSummary,
@@ -287,6 +292,34 @@ class AsyncLedger:
             conn,
         )
         return bool(row[0])
+
+    async def effect_start(
+        self, conn: AsyncConn, effect_key: str, task_id: int, attempt: int
+    ) -> EffectStart:
+        """Take effect_key's session lock and mark the effect started (autocommit
+        conn); the lock is already released when the effect was recorded."""
+        (row,) = await self._rows(EFFECT_START, (effect_key, task_id, attempt), conn)
+        return EffectStart(bool(row[0]), row[1], row[2], row[3], row[4])
+
+    async def effect_finish(
+        self, conn: AsyncConn, effect_key: str, task_id: int, result: JsonValue
+    ) -> bool:
+        """Record the effect and clear its start mark (then: effect_release)."""
+        (row,) = await self._rows(
+            EFFECT_FINISH,
+            (effect_key, task_id, Jsonb(result) if result is not None else None),
+            conn,
+        )
+        return bool(row[0])
+
+    async def effect_release(self, conn: AsyncConn, effect_key: str, *, forget_start: bool) -> None:
+        """Release effect_key's session lock; forget_start first clears its start mark.
+
+        Separate statements: the lock must outlive the commit of what was written
+        under it (see effect_finish in effects.sql)."""
+        if forget_start:
+            await self._rows(EFFECT_FORGET, (effect_key,), conn)
+        await self._rows(EFFECT_UNLOCK, (effect_key,), conn)
 
     # dispatcher
     async def take_due(self, batch_size: int) -> list[DueTask]:

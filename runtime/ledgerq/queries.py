@@ -47,6 +47,17 @@ def run_at_in_utc(run_at: datetime) -> datetime:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class EffectStart:
+    """What effect_start found: a recorded result, or a start left by a lost attempt."""
+
+    recorded: bool
+    result: Any
+    unknown_task_id: TaskId | None
+    unknown_attempt: int | None
+    unknown_started_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class NewTask:
     """The arguments of enqueue_task."""
 
@@ -147,6 +158,13 @@ CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
 RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
 RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
 EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
+EFFECT_START: LiteralString = """
+    SELECT recorded, result, unknown_task_id, unknown_attempt, unknown_started_at
+    FROM ledgerq.effect_start(%s, %s, %s)
+"""
+EFFECT_FINISH: LiteralString = "SELECT ledgerq.effect_finish(%s, %s, %s)"
+EFFECT_FORGET: LiteralString = "SELECT ledgerq.effect_forget(%s)"
+EFFECT_UNLOCK: LiteralString = "SELECT ledgerq.effect_unlock(%s)"
 
 # Read-only queries for listings and stats.
 GET_TASK: LiteralString = """

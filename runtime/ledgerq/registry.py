@@ -15,6 +15,7 @@ and a payload that does not fit sends the task DEAD after that one attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -26,11 +27,16 @@ from typing import Any
 
 import pydantic
 
-from ledgerq import errors
+from ledgerq import errors, storable
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
+from ledgerq.queries import EffectStart
 from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
 
 TIMEOUT_DEFAULT_S = 30.0
+
+OnUnknown = typing.Literal["run", "skip", "fail"]
+ON_UNKNOWN: tuple[OnUnknown, ...] = ("run", "skip", "fail")
+_effects_log = logging.getLogger("ledgerq.effects")
 
 Handler = Callable[..., Any]
 ExceptionTypes = tuple[type[BaseException], ...]
@@ -190,13 +196,14 @@ class Registry:
 class Context:
     """What a handler knows about the attempt it runs, and its effect helpers.
 
-    ``ctx.once(key, fn, *args)`` runs ``fn`` only if the effect ``key`` was
-    never recorded, records it with fn's JSON result, and returns the recorded
-    result on later attempts. Attempts racing on one key take turns (an
-    advisory lock), so fn never runs twice at once; if the worker dies while fn
-    runs, the record is not written and a later attempt runs fn again
-    (at-least-once in that one window: give the side effect's provider the same
-    key as its own idempotency key where it has one).
+    ``ctx.once(key, fn, *args, on_unknown="run")`` runs ``fn`` only if the
+    effect ``key`` was never recorded, records it with fn's JSON result, and
+    returns the recorded result on later attempts. Attempts racing on one key
+    take turns (an advisory lock), so fn never runs twice at once. A start mark
+    is committed before fn runs: if the worker dies while fn runs, the record is
+    not written and a later attempt finds the mark and applies ``on_unknown``
+    ("run" fn again, "skip" it, or "fail"; give the side effect's provider the
+    same key as its own idempotency key where it has one).
 
     ``ctx.once_in_transaction(key, fn)`` hands ``fn`` a database connection
     whose writes commit atomically with the effect record and the task's
@@ -238,30 +245,113 @@ class Context:
     def _in_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
 
-    def once(self, effect_key: str, fn: Callable[..., Any], *args: Any) -> JsonValue:
-        """Run fn(*args) once per effect_key; return its (recorded) JSON result."""
+    def once(
+        self,
+        effect_key: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        on_unknown: OnUnknown = "run",
+    ) -> JsonValue:
+        """Run fn(*args) once per effect_key; return its (recorded) JSON result.
+
+        on_unknown says what to do when an earlier attempt started this effect
+        and was lost before recording it (it may or may not have happened):
+        "run" it again (the default), "skip" it (return None, run nothing), or
+        "fail" the attempt for good naming that attempt. Each is logged as
+        ``effect.unknown``.
+        """
+        if on_unknown not in ON_UNKNOWN:
+            raise errors.ConfigError(
+                f"on_unknown must be one of {', '.join(ON_UNKNOWN)}, got {on_unknown!r}"
+            )
         if self._in_loop_thread():
-            return self._once(effect_key, fn, args, fn_in_thread=False)
+            return self._once(effect_key, fn, args, on_unknown, fn_in_thread=False)
         future = asyncio.run_coroutine_threadsafe(
-            self._once(effect_key, fn, args, fn_in_thread=True), self._loop
+            self._once(effect_key, fn, args, on_unknown, fn_in_thread=True), self._loop
         )
         return future.result()
 
     async def _once(
-        self, effect_key: str, fn: Callable[..., Any], args: tuple[Any, ...], *, fn_in_thread: bool
+        self,
+        effect_key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        on_unknown: OnUnknown,
+        *,
+        fn_in_thread: bool,
     ) -> JsonValue:
-        async with self._ledger.connection() as conn, conn.transaction():
-            recorded, result = await self._ledger.effect_lock(conn, effect_key)
-            if recorded:
-                return result
-            if fn_in_thread:
-                value = await asyncio.to_thread(fn, *args)
-            else:
-                value = fn(*args)
-            if inspect.isawaitable(value):
-                value = await value
-            await self._ledger.record_effect(conn, effect_key, self.task_id, value)
-            return value
+        # Autocommit statements under a session-level advisory lock: the start
+        # mark commits before fn runs, and the lock goes with the session if
+        # this process dies. Three round trips when fn runs, one when it was recorded.
+        async with self._ledger.connection() as conn:
+            try:
+                start = await self._ledger.effect_start(
+                    conn, effect_key, self.task_id, self.attempt
+                )
+            except errors.InvalidInput as exc:
+                # A key the ledger cannot hold fails every attempt the same way.
+                raise errors.NonRetryable(f"ctx.once: {exc.message}") from None
+            if start.recorded:
+                return start.result
+            forget_start = False
+            try:
+                if start.unknown_attempt is not None and not self._may_run_unknown(
+                    effect_key, start, on_unknown
+                ):
+                    return None
+                try:
+                    value = await asyncio.to_thread(fn, *args) if fn_in_thread else fn(*args)
+                    if inspect.isawaitable(value):
+                        value = await value
+                except Exception:
+                    forget_start = True  # fn came back with an error: nothing is unknown
+                    raise
+                try:
+                    value = storable.result(value)
+                    await self._ledger.effect_finish(conn, effect_key, self.task_id, value)
+                except (errors.NonRetryable, errors.InvalidInput) as exc:
+                    raise errors.NonRetryable(
+                        f"ctx.once({effect_key[:80]!r}): the effect ran but its result cannot "
+                        f"be recorded ({exc}); failing for good rather than running it again"
+                    ) from None
+                except errors.LedgerUnavailable:
+                    raise  # the start mark stays: the next attempt knows
+                except errors.LedgerError as exc:
+                    raise errors.NonRetryable(
+                        f"ctx.once({effect_key[:80]!r}): the effect ran but the ledger refused "
+                        f"its record ({exc.message}); failing for good rather than running it again"
+                    ) from None
+                return value
+            finally:
+                await self._release_effect(conn, effect_key, forget_start=forget_start)
+
+    def _may_run_unknown(self, effect_key: str, start: EffectStart, on_unknown: OnUnknown) -> bool:
+        """Apply on_unknown to an effect a lost attempt started; True: run fn."""
+        when = start.unknown_started_at.isoformat() if start.unknown_started_at else "?"
+        who = f"attempt {start.unknown_attempt} of task {start.unknown_task_id} at {when}"
+        _effects_log.warning(
+            "effect.unknown key=%r task_id=%s attempt=%d: started by %s, never recorded (on_unknown=%s)",
+            effect_key[:200], self.task_id, self.attempt, who, on_unknown,
+        )  # fmt: skip
+        if on_unknown == "fail":
+            raise errors.NonRetryable(
+                f"ctx.once({effect_key[:80]!r}): {who} started this effect and was lost before "
+                "recording it, so it may or may not have happened (on_unknown='fail')"
+            )
+        return on_unknown == "run"
+
+    async def _release_effect(
+        self, conn: AsyncConn, effect_key: str, *, forget_start: bool
+    ) -> None:
+        try:
+            # Shielded: a cancelled attempt must still let go of the key.
+            await asyncio.shield(
+                self._ledger.effect_release(conn, effect_key, forget_start=forget_start)
+            )
+        except (errors.LedgerError, asyncio.CancelledError):
+            # If the statement could not run, end the session: its lock goes with it.
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> JsonValue:
         """Run fn(conn) once per effect_key, inside the transaction that completes the task."""

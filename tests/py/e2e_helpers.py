@@ -174,6 +174,22 @@ async def non_json(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     return {"tags": {"a", "b"}}
 
 
+@tasks.task("e2e.once_unknown", timeout=None)
+async def once_unknown(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """ctx.once whose effect blocks attempt 1 after it happened (the test kills it there)."""
+    await record_run(ctx)
+
+    async def effect() -> dict[str, int]:
+        async with (await _connections()).connection() as conn:
+            await conn.execute(EFFECT_SQL, (ctx.task_id, ctx.attempt, os.getpid()))
+        while ctx.attempt == 1 and not released(ctx):
+            await asyncio.sleep(0.02)
+        return {"by_attempt": ctx.attempt}
+
+    value = await ctx.once(f"unknown-{ctx.task_id}", effect, on_unknown=payload["policy"])
+    return {"attempt": ctx.attempt, "effect": value}
+
+
 @tasks.task("e2e.poison")
 async def poison(ctx: Context, payload: dict[str, Any]) -> Any:
     """Returns or raises a value PostgreSQL cannot store, picked by payload["kind"]."""
