@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ledgerq import config, errors
+from ledgerq import config, display, errors
 from ledgerq.client import Client
 from ledgerq.ledger import Ledger, probe
 from ledgerq.queries import QueueSummary
@@ -53,7 +53,7 @@ def exit_code(exc: errors.LedgerqError) -> int:
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line to stderr and exit."""
-    click.echo(f"ledgerq: {message}", err=True)
+    click.echo(f"ledgerq: {display.line(message)}", err=True)
     sys.exit(code)
 
 
@@ -89,6 +89,7 @@ def table(
 ) -> str:
     """A plain-text table; columns in ``right`` are right-aligned. ``styles(row,
     column, padded_text)`` may colour a cell after it was padded."""
+    rows = [[display.printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -128,7 +129,9 @@ def age(seconds: float | None) -> str:
 
 
 def first_line(text: str | None, limit: int = 100) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    """The first line of text, escaped for a terminal and cut to limit characters."""
+    line = (text or "").strip().split("\n", 1)[0] if (text or "").strip() else ""
+    line = display.printable(line)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
@@ -149,10 +152,11 @@ class OneLineGroup(click.Group):
             result = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
             path = exc.ctx.command_path if exc.ctx is not None else (prog_name or "ledgerq")
-            click.echo(f"{path}: {exc.format_message()} (see {path} --help)", err=True)
+            message = display.line(exc.format_message())
+            click.echo(f"{path}: {message} (see {path} --help)", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"ledgerq: {exc.format_message()}", err=True)
+            click.echo(f"ledgerq: {display.line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("Aborted!", err=True)
@@ -212,9 +216,11 @@ def render_enqueued(task: Task) -> str:
     if task.created:
         head = f"task {task.id} created"
     else:
-        head = f"task {task.id} already exists for idempotency key {task.idempotency_key!r}"
+        key = display.printable(repr(task.idempotency_key))
+        head = f"task {task.id} already exists for idempotency key {key}"
+    task_type, queue = display.printable(task.type), display.printable(task.queue)
     return (
-        f"{head}: {task.type} on queue {task.queue}, {styled_status(task.status)}, "
+        f"{head}: {task_type} on queue {queue}, {styled_status(task.status)}, "
         f"created {when(task.created_at)}, due {when(task.run_at)}"
     )
 
@@ -225,8 +231,8 @@ def render_enqueued(task: Task) -> str:
 def render_task(task: Task) -> str:
     """The task and its attempt history, for a terminal."""
     fields = [
-        ("type", task.type),
-        ("queue", task.queue),
+        ("type", display.printable(task.type)),
+        ("queue", display.printable(task.queue)),
         (
             "status",
             styled_status(task.status) + (" (cancel requested)" if task.cancel_requested else ""),
@@ -234,7 +240,7 @@ def render_task(task: Task) -> str:
         ("priority", str(task.priority)),
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
         ("payload", json.dumps(task.payload)),
-        ("idempotency key", task.idempotency_key or "-"),
+        ("idempotency key", display.printable(task.idempotency_key or "-")),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
         ("started", when(task.started_at)),

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 import prometheus_client
 
-from ledgerq import __version__, admin, config, errors, metrics, migrations, supervise
+from ledgerq import __version__, admin, config, display, errors, metrics, migrations, supervise
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import (
     BATCH_SIZE_DEFAULT,
@@ -79,7 +79,7 @@ def one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except errors.LedgerqError as exc:
-            click.echo(f"ledgerq: {exc.message}", err=True)
+            click.echo(f"ledgerq: {display.line(exc.message)}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -250,7 +250,7 @@ def _worker_process(
     try:
         run_until_signalled(main_coro, stop)
     except errors.LedgerqError as exc:
-        click.echo(f"ledgerq: {exc.message}", err=True)
+        click.echo(f"ledgerq: {display.line(exc.message)}", err=True)
         sys.exit(1)
     if "worker" in holder and holder["worker"].abandoned_threads:
         # Handler threads still running were left to their leases; Python would

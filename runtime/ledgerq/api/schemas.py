@@ -229,7 +229,7 @@ class ErrorOut(BaseModel):
 
 
 class NotReadyOut(ErrorOut):
-    """GET /readyz when a dependency is down: which one, and why."""
+    """GET /readyz when a dependency is unavailable: which one."""
 
     checks: dict[str, str]
 

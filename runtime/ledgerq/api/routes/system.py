@@ -2,7 +2,8 @@
 
 - ``GET /healthz``: the process answers; touches nothing else.
 - ``GET /readyz``: PostgreSQL and Redis each answer a ping within
-  ``READY_TIMEOUT_S``; otherwise 503 naming which is down.
+  ``READY_TIMEOUT_S``; otherwise 503 naming which is unavailable (the driver's
+  reason goes to the log: it names hosts and ports).
 - ``GET /queues``: counts by status per queue, the oldest due task's age and
   last minute's finishes; one full pass over the tasks table, so for people
   and ``ledgerq stats``, not for a poll loop.
@@ -23,7 +24,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ledgerq import errors, metrics
+from ledgerq import display, errors, metrics
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import Services, services
@@ -106,7 +107,12 @@ def register(api: APIRouter) -> None:
         )
         if pg is None and redis is None:
             return JSONResponse({"status": "ok"})
-        return api_errors.not_ready_response({"PostgreSQL": pg, "Redis": redis})
+        problems = {"PostgreSQL": pg, "Redis": redis}
+        for name, why in problems.items():
+            if why is not None:
+                log.warning("not ready: %s unavailable: %s", name, display.redact(why))
+        down = [name for name, why in problems.items() if why is not None]
+        return api_errors.not_ready_response(down, list(problems))
 
     @api.get(
         "/queues",
