@@ -90,7 +90,7 @@ class _Defaults:
 def _count_enqueued(news: Iterable[NewTask], tasks: Iterable[Task]) -> None:
     for new, task in zip(news, tasks, strict=True):
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
 
 
 class Client:

@@ -76,9 +76,11 @@ _SERIES: dict[tuple[str, str], _Series] = {}
 
 
 def _series(labels: tuple[str, str]) -> _Series:
-    series = _SERIES.get(labels)
+    # Keyed by the bounded label values, so this cache is bounded too.
+    bounded = metrics.task_labels(*labels)
+    series = _SERIES.get(bounded)
     if series is None:
-        series = _SERIES[labels] = _Series(labels)
+        series = _SERIES[bounded] = _Series(bounded)
     return series
 
 

@@ -59,18 +59,23 @@ async def refresh_queue_gauges(found: Services) -> None:
         found.depth_series.clear()
         found.age_series.clear()
         return
-    counts = {(d.queue, d.status.value): d.count for d in depths}
+    # Queues past the label limit are summed (ages: the oldest) under "other".
+    counts: dict[tuple[str, str], int] = {}
     ages: dict[str, float] = {}
+    queues: set[str] = set()
     for d in depths:
+        queue = metrics.QUEUE_LABEL(d.queue)
+        queues.add(queue)
+        counts[queue, d.status.value] = counts.get((queue, d.status.value), 0) + d.count
         if d.status in _AGE_STATUSES and d.oldest_due_age_s is not None:
-            ages[d.queue] = max(ages.get(d.queue, 0.0), d.oldest_due_age_s)
+            ages[queue] = max(ages.get(queue, 0.0), d.oldest_due_age_s)
     # Series seen before and absent now read 0, so a drained queue shows as drained.
     for series in found.depth_series - counts.keys():
         metrics.QUEUE_DEPTH.labels(*series).set(0)
     for series, count in counts.items():
         metrics.QUEUE_DEPTH.labels(*series).set(count)
     found.depth_series |= counts.keys()
-    found.age_series |= {d.queue for d in depths}
+    found.age_series |= queues
     for queue in found.age_series:
         metrics.QUEUE_OLDEST_PENDING.labels(queue).set(ages.get(queue, 0.0))
 

@@ -132,7 +132,7 @@ def register(api: APIRouter) -> None:
         # Concurrent requests share transactions; each answer waits for its commit.
         task = await services(request).enqueuer.enqueue(new)
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
         return JSONResponse(task.to_json(), status_code=201 if task.created else 200)
 
     @api.post(
@@ -154,9 +154,10 @@ def register(api: APIRouter) -> None:
         # A replayed key's task may have moved on since: report its status now.
         current = {t.id: t.status for t in await ledger.get_many(replayed)} if replayed else {}
         made = collections.Counter(
-            (new.task_type, new.queue) for new, (_, created) in zip(new_tasks, rows, strict=True)
+            metrics.task_labels(new.task_type, new.queue)
+            for new, (_, created) in zip(new_tasks, rows, strict=True)
             if created
-        )  # fmt: skip
+        )
         for (task_type, queue), count in made.items():
             metrics.TASKS_ENQUEUED.labels(task_type, queue).inc(count)
         results = [
