@@ -92,6 +92,8 @@ SyncConn = psycopg.Connection[TupleRow]
 # the call, not the connection: 54 program limit exceeded (an index row over
 # the btree limit, too many columns or arguments).
 REFUSAL_CLASSES = frozenset({"54"})
+# 55P03 lock_not_available: lock_timeout ran out; the server is fine.
+LOCK_TIMEOUT = "55P03"
 
 
 def translate(exc: psycopg.Error) -> errors.LedgerError:
@@ -110,6 +112,10 @@ def translate(exc: psycopg.Error) -> errors.LedgerError:
     if state in ("3F000", "42883", "42P01"):  # schema, function or table missing
         return errors.LedgerError(
             f"{message}: the ledgerq schema is missing or out of date; run `ledgerq migrate`"
+        )
+    if state == LOCK_TIMEOUT:
+        return errors.LedgerError(
+            f"{message} (SQLSTATE {state}: another transaction holds the lock)"
         )
     if state is not None and state[:2] in REFUSAL_CLASSES:
         # psycopg files these under OperationalError, but the server answered:
@@ -148,6 +154,16 @@ def is_integrity_error(exc: BaseException) -> bool:
     return False
 
 
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether exc (or what it wraps) is PostgreSQL giving up on a lock (lock_timeout)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, psycopg.errors.LockNotAvailable):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def probe(database_url: str, *, timeout_s: int = 5) -> None:
     """Connect once and run ``SELECT 1``: LedgerUnavailable at once if PostgreSQL
     cannot be reached (a pool would retry until its timeout, logging each try)."""
@@ -171,6 +187,10 @@ def pool_kwargs(database_url: str) -> dict[str, Any]:
     options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
     merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
     return {"autocommit": True, "options": merged}
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, round(seconds * 1000))
 
 
 # --- the async ledger ------------------------------------------------------------
@@ -294,11 +314,20 @@ class AsyncLedger:
         return bool(row[0])
 
     async def effect_start(
-        self, conn: AsyncConn, effect_key: str, task_id: int, attempt: int
+        self,
+        conn: AsyncConn,
+        effect_key: str,
+        task_id: int,
+        attempt: int,
+        *,
+        wait_s: float | None = None,
+        hold_s: float | None = None,
     ) -> EffectStart:
         """Take effect_key's session lock and mark the effect started (autocommit
-        conn); the lock is already released when the effect was recorded."""
-        (row,) = await self._rows(EFFECT_START, (effect_key, task_id, attempt), conn)
+        conn); the lock is already released when the effect was recorded. wait_s
+        bounds the wait for the lock, hold_s how long the session may then idle."""
+        params = (effect_key, task_id, attempt, _ms(wait_s), _ms(hold_s))
+        (row,) = await self._rows(EFFECT_START, params, conn)
         return EffectStart(bool(row[0]), row[1], row[2], row[3], row[4])
 
     async def effect_finish(

@@ -160,7 +160,7 @@ RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
 EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
 EFFECT_START: LiteralString = """
     SELECT recorded, result, unknown_task_id, unknown_attempt, unknown_started_at
-    FROM ledgerq.effect_start(%s, %s, %s)
+    FROM ledgerq.effect_start(%s, %s, %s, %s, %s)
 """
 EFFECT_FINISH: LiteralString = "SELECT ledgerq.effect_finish(%s, %s, %s)"
 EFFECT_FORGET: LiteralString = "SELECT ledgerq.effect_forget(%s)"

@@ -26,13 +26,25 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pydantic
+from psycopg import sql
 
 from ledgerq import errors, storable
-from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
+from ledgerq.ledger import (
+    AsyncConn,
+    AsyncLedger,
+    Ledger,
+    SyncConn,
+    is_integrity_error,
+    is_lock_timeout,
+)
 from ledgerq.queries import EffectStart
 from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
 
 TIMEOUT_DEFAULT_S = 30.0
+
+#: How long ctx.once and once_in_transaction wait for an effect key another
+#: attempt holds, when the handler has no timeout to derive it from.
+EFFECT_LOCK_WAIT_DEFAULT_S = 60.0
 
 OnUnknown = typing.Literal["run", "skip", "fail"]
 ON_UNKNOWN: tuple[OnUnknown, ...] = ("run", "skip", "fail")
@@ -240,6 +252,12 @@ class Context:
         self._sync_ledger = sync_ledger
         self.transaction: AsyncConn | None = None
         self.sync_transaction: SyncConn | None = None
+        #: Bounds an effect's hold (ctx.once, once_in_transaction): how long its
+        #: session may sit idle holding the key before the server ends it, and how
+        #: long an attempt waits for a key another one holds. The worker sets it
+        #: from the handler's timeout plus the lease: a frozen attempt cannot block
+        #: its retry for ever.
+        self.transaction_timeout_s: float | None = None
         self._sync_tx_cm: Any = None
 
     def _in_loop_thread(self) -> bool:
@@ -286,11 +304,15 @@ class Context:
         async with self._ledger.connection() as conn:
             try:
                 start = await self._ledger.effect_start(
-                    conn, effect_key, self.task_id, self.attempt
-                )
+                    conn, effect_key, self.task_id, self.attempt,
+                    wait_s=self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S,
+                    hold_s=self.transaction_timeout_s,
+                )  # fmt: skip
             except errors.InvalidInput as exc:
                 # A key the ledger cannot hold fails every attempt the same way.
                 raise errors.NonRetryable(f"ctx.once: {exc.message}") from None
+            except errors.LedgerError as exc:
+                raise self._lock_refusal(effect_key, exc, "ctx.once") from None
             if start.recorded:
                 return start.result
             forget_start = False
@@ -365,13 +387,16 @@ class Context:
         if self.transaction is None:
             conn = await self._ledger.pool.getconn()
             try:
-                await conn.execute("BEGIN")
+                await conn.execute(self._begin())
             except BaseException:
                 await self._ledger.pool.putconn(conn)
                 raise
             self.transaction = conn
         conn = self.transaction
-        recorded, result = await self._ledger.effect_lock(conn, effect_key)
+        try:
+            recorded, result = await self._ledger.effect_lock(conn, effect_key)
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
         value = fn(conn)
@@ -389,18 +414,40 @@ class Context:
         if self.sync_transaction is None:
             conn = ledger.pool.getconn()
             try:
-                conn.execute("BEGIN")
+                conn.execute(self._begin())
             except BaseException:
                 ledger.pool.putconn(conn)
                 raise
             self.sync_transaction = conn
         conn = self.sync_transaction
-        recorded, result = ledger.effect_lock(conn, effect_key)
+        try:
+            recorded, result = ledger.effect_lock(conn, effect_key)
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
         value = fn(conn)
         ledger.record_effect(conn, effect_key, self.task_id, value)
         return value
+
+    def _begin(self) -> sql.Composed:
+        """BEGIN the handler's transaction with its bounds, in one round trip."""
+        wait_s = self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
+        idle_ms = round(self.transaction_timeout_s * 1000) if self.transaction_timeout_s else 0
+        return sql.SQL(
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}"
+        ).format(sql.Literal(round(wait_s * 1000)), sql.Literal(idle_ms))
+
+    def _lock_refusal(
+        self, effect_key: str, exc: errors.LedgerError, helper: str = "once_in_transaction"
+    ) -> Exception:
+        if is_lock_timeout(exc):
+            wait_s = self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
+            return errors.Retryable(
+                f"{helper}({effect_key[:80]!r}): another attempt held the effect's "
+                f"lock for over {wait_s:g} s (stalled?); retrying later"
+            )
+        return exc
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

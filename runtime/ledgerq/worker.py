@@ -285,6 +285,8 @@ class Worker:
             sync_ledger=self._sync_ledger,
         )
         running = _Running(task, ctx, self.registry.get(task.type))
+        if running.definition is not None and running.definition.timeout_s is not None:
+            ctx.transaction_timeout_s = running.definition.timeout_s + self.lease_s
         self._running[task.id] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
 

@@ -97,8 +97,19 @@ $$;
 --     ran the effect, or was about to; nobody knows).
 -- The caller then calls effect_finish (ran and recorded) or effect_forget (the
 -- function raised), or neither (unknown), and then effect_unlock.
-CREATE OR REPLACE FUNCTION ledgerq.effect_start(effect_key text, task_id bigint, attempt integer)
-RETURNS TABLE(recorded boolean, result jsonb, unknown_task_id bigint, unknown_attempt integer,
+--
+-- Bounds (milliseconds; NULL: none): wait_ms is how long to wait for the lock
+-- (lock_timeout: 55P03 past it), hold_ms how long this session may then sit idle
+-- while the effect runs before the server ends it (idle_session_timeout; reset
+-- by effect_unlock). A stopped worker cannot hold a key, and block every later
+-- attempt, for longer than hold_ms; its start mark then says what happened.
+CREATE OR REPLACE FUNCTION ledgerq.effect_start(
+    effect_key text,
+    task_id bigint,
+    attempt integer,
+    wait_ms integer DEFAULT NULL,
+    hold_ms integer DEFAULT NULL
+) RETURNS TABLE(recorded boolean, result jsonb, unknown_task_id bigint, unknown_attempt integer,
               unknown_started_at timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -111,10 +122,17 @@ BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
     END IF;
+    IF wait_ms IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
+    END IF;
     PERFORM pg_advisory_lock(lock_key);
+    IF hold_ms IS NOT NULL THEN
+        PERFORM set_config('idle_session_timeout', hold_ms || 'ms', false);
+    END IF;
     SELECT e.result INTO found_result FROM ledgerq.effects e WHERE e.effect_key = effect_start.effect_key;
     IF FOUND THEN
         PERFORM pg_advisory_unlock(lock_key);
+        PERFORM set_config('idle_session_timeout', '0', false);
         RETURN QUERY SELECT true, found_result, NULL::bigint, NULL::integer, NULL::timestamptz;
         RETURN;
     END IF;
@@ -154,9 +172,11 @@ LANGUAGE sql AS $$
     DELETE FROM ledgerq.effect_starts s WHERE s.effect_key = $1;
 $$;
 
--- effect_unlock: release the key's session-level lock taken by effect_start.
+-- effect_unlock: release the key's session-level lock taken by effect_start,
+-- and the idle bound that came with it.
 CREATE OR REPLACE FUNCTION ledgerq.effect_unlock(effect_key text)
 RETURNS boolean
 LANGUAGE sql AS $$
+    SELECT set_config('idle_session_timeout', '0', false);
     SELECT pg_advisory_unlock(ledgerq.effect_lock_key($1));
 $$;

@@ -174,6 +174,21 @@ async def non_json(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     return {"tags": {"a", "b"}}
 
 
+@tasks.task("e2e.effect_tx_hold", timeout=3)
+async def effect_tx_hold(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """once_in_transaction, then attempt 1 holds the transaction open (the test freezes it)."""
+    await record_run(ctx)
+
+    async def write(conn: Any) -> dict[str, int]:
+        await conn.execute(EFFECT_SQL, (ctx.task_id, ctx.attempt, os.getpid()))
+        return {"by_attempt": ctx.attempt}
+
+    effect = await ctx.once_in_transaction(f"hold-{ctx.task_id}", write)
+    while ctx.attempt == 1 and not released(ctx):
+        await asyncio.sleep(0.02)
+    return {"attempt": ctx.attempt, "effect": effect}
+
+
 @tasks.task("e2e.once_unknown", timeout=None)
 async def once_unknown(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """ctx.once whose effect blocks attempt 1 after it happened (the test kills it there)."""

@@ -186,3 +186,36 @@ LOCKS_HERE = """
     WHERE locktype = 'advisory' AND database = (
         SELECT oid FROM pg_database WHERE datname = current_database())
 """
+
+
+def test_effect_start_waits_at_most_wait_ms_for_a_key_another_session_holds(
+    db: Conn, db_url: str
+) -> None:
+    task_id = enqueue(db)
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        call_rows(holder, "effect_start", effect_key="k", task_id=task_id, attempt=1)
+        with raises_sqlstate("55P03", "lock timeout"):
+            call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=2, wait_ms=100)
+    # The holder's session ended: the key is free, its mark says attempt 1 started it.
+    rows = call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=3, wait_ms=100)
+    assert [(r["recorded"], r["unknown_attempt"]) for r in rows] == [(False, 1)]
+
+
+def test_a_session_holding_a_key_idle_past_hold_ms_is_ended_by_the_server(
+    db: Conn, db_url: str
+) -> None:
+    task_id = enqueue(db)
+    holder = psycopg.connect(db_url, autocommit=True)
+    try:
+        call_rows(holder, "effect_start", effect_key="k", task_id=task_id, attempt=1, hold_ms=200)
+        rows = call_rows(
+            db, "effect_start", effect_key="k", task_id=task_id, attempt=2, wait_ms=10_000
+        )
+        assert [(r["recorded"], r["unknown_attempt"]) for r in rows] == [(False, 1)]
+        with pytest.raises(psycopg.OperationalError):
+            holder.execute("SELECT 1")
+    finally:
+        holder.close()
+    # effect_unlock resets the bound, so a pooled connection is not ended later.
+    assert call_value(db, "effect_unlock", effect_key="k") is True
+    assert db.execute("SHOW idle_session_timeout").fetchone() == ("0",)
