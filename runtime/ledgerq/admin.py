@@ -24,11 +24,17 @@ import click
 from ledgerq import config, display, errors
 from ledgerq.client import Client
 from ledgerq.ledger import Ledger, probe
-from ledgerq.queries import QueueSummary
-from ledgerq.types import JsonObject, Task, TaskStatus
+from ledgerq.types import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    JsonObject,
+    QueueSummary,
+    Task,
+    TaskStatus,
+)
 
-RETRY_BATCH = 500
-DEAD_LIST_DEFAULT = 50
+RETRY_BATCH = LIST_LIMIT_MAX
+DEAD_LIST_DEFAULT = LIST_LIMIT_DEFAULT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -332,12 +338,12 @@ def dead_tasks(ledger: Ledger, *, queue: str | None, limit: int | None) -> Itera
     while left is None or left > 0:
         size = RETRY_BATCH if left is None else min(left, RETRY_BATCH)
         page = ledger.list_tasks(status="DEAD", queue=queue, limit=size, before_id=before)
-        yield from page
-        if len(page) < size:
+        yield from page.tasks
+        if page.next_before_id is None:
             return
-        before = page[-1].id
+        before = page.next_before_id
         if left is not None:
-            left -= len(page)
+            left -= len(page.tasks)
 
 
 def render_dead(tasks: Sequence[Task]) -> str:

@@ -28,7 +28,7 @@ from ledgerq.dispatcher import (
     POLL_INTERVAL_DEFAULT_S,
     Dispatcher,
 )
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S, Reaper
 from ledgerq.registry import Registry
 from ledgerq.worker import CONCURRENCY_DEFAULT, GRACE_DEFAULT_S, LEASE_DEFAULT_S, Worker
@@ -220,26 +220,18 @@ def _worker_process(
             metrics_port, addr="127.0.0.1", registry=metrics.REGISTRY
         )
     holder: dict[str, Worker] = {}
-    sync_ledger: list[Ledger] = []
-
-    def get_sync_ledger() -> Ledger:
-        if not sync_ledger:
-            sync_ledger.append(Ledger.connect(settings.database_url, max_size=concurrency))
-        return sync_ledger[0]
 
     async def main_coro() -> None:
         ledger, dispatch = await open_services(settings, pool_size=min(concurrency + 4, 50))
         worker = holder["worker"] = Worker(
             registry, ledger, dispatch, queues=queues, concurrency=concurrency,
-            lease_s=lease_s, grace_s=grace_s, sync_ledger=get_sync_ledger,
+            lease_s=lease_s, grace_s=grace_s,
         )  # fmt: skip
         try:
             await worker.run()
         finally:
             await ledger.close()
             await dispatch.close()
-            if sync_ledger:
-                sync_ledger[0].close()
 
     def stop() -> None:
         if "worker" in holder:

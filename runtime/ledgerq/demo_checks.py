@@ -19,7 +19,7 @@ import psycopg
 from ledgerq import config, demo_app
 from ledgerq.admin import age, table
 from ledgerq.ledger import AsyncLedger
-from ledgerq.types import AttemptOutcome, Task, TaskStatus
+from ledgerq.types import LIST_LIMIT_MAX, AttemptOutcome, Task, TaskStatus
 
 # The demo's settings that its checks quote as evidence.
 LEASE_S = 3
@@ -60,7 +60,14 @@ class Run:
 async def verify(
     ledger: AsyncLedger, settings: config.Settings, run: Run
 ) -> tuple[list[Check], str]:
-    tasks = await ledger.list_tasks(limit=1000)
+    tasks: list[Task] = []
+    before: int | None = None
+    while True:  # every task, a page at a time
+        page = await ledger.list_tasks(limit=LIST_LIMIT_MAX, before_id=before)
+        tasks += page.tasks
+        if page.next_before_id is None:
+            break
+        before = page.next_before_id
     history = await ledger.attempts_of([t.id for t in tasks])
     tasks = [dataclasses.replace(t, attempt_history=history.get(t.id, ())) for t in tasks]
     by_id: dict[int, Task] = {t.id: t for t in tasks}

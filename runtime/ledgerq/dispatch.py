@@ -31,11 +31,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
-from ledgerq import errors
-from ledgerq.types import DueTask, TaskId
+from ledgerq import errors, types
 
-PRIORITY_MIN = -32768
-PRIORITY_MAX = 32767
 # Priorities take 16 bits above 37 bits of task id: 2^53, the exact range of
 # the double Redis stores scores in.
 _ID_BITS = 37
@@ -47,21 +44,21 @@ T = TypeVar("T")
 
 def task_score(priority: int, task_id: int) -> int:
     """Lower pops first: higher priority, then lower (older) id."""
-    clamped = min(max(priority, PRIORITY_MIN), PRIORITY_MAX)
-    return ((PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
+    clamped = min(max(priority, types.PRIORITY_MIN), types.PRIORITY_MAX)
+    return ((types.PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
 
 
-def _task_ids(members: Any) -> list[TaskId]:
+def _task_ids(members: Any) -> list[types.TaskId]:
     """Task ids from queue members; anything else someone put there is dropped
     (the ledger, not Redis, says what needs running)."""
-    ids: list[TaskId] = []
+    ids: list[types.TaskId] = []
     for member in members:
         try:
             task_id = int(member)
         except (TypeError, ValueError):
             task_id = 0
         if 1 <= task_id <= TASK_ID_MAX:
-            ids.append(TaskId(task_id))
+            ids.append(types.TaskId(task_id))
         else:
             # Past bigint, an id would reach claim_tasks as numeric[] and fail
             # the whole claim: drop it here, with the member in the log.
@@ -173,7 +170,7 @@ class Dispatch:
         with _translated():
             await self.client.ping()
 
-    async def push(self, tasks: Sequence[DueTask]) -> int:
+    async def push(self, tasks: Sequence[types.DueTask]) -> int:
         """Add task ids to their queues; an id already waiting is not added twice.
 
         Returns how many were new (after a quarantine's retry, those of the second try)."""
@@ -196,7 +193,7 @@ class Dispatch:
 
         return await self._call([self.queue_key(q) for q in by_queue], "zset", add)
 
-    async def pop(self, queues: Sequence[str], count: int) -> list[TaskId]:
+    async def pop(self, queues: Sequence[str], count: int) -> list[types.TaskId]:
         """Take up to count ids at once without waiting, best first across queues."""
         if count < 1:
             return []
@@ -211,7 +208,7 @@ class Dispatch:
 
         return _task_ids(await self._call(keys, "zset", take))
 
-    async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> TaskId | None:
+    async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> types.TaskId | None:
         """Block until one id is available (None after timeout_s)."""
         keys = [self.queue_key(q) for q in queues]
 
@@ -224,7 +221,7 @@ class Dispatch:
         ids = _task_ids([item[1]])
         return ids[0] if ids else None
 
-    async def waiting(self, tasks: Sequence[DueTask]) -> list[bool]:
+    async def waiting(self, tasks: Sequence[types.DueTask]) -> list[bool]:
         """For each task, whether its id is waiting in its queue right now."""
         if not tasks:
             return []

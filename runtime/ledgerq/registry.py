@@ -15,33 +15,29 @@ and a payload that does not fit sends the task DEAD after that one attempt.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import logging
 import threading
-import types
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pydantic
-from psycopg import sql
 
-from ledgerq import errors, storable
+from ledgerq import errors, storable, types
 from ledgerq.ledger import (
     AsyncConn,
     AsyncLedger,
-    Ledger,
+    AsyncTransaction,
     SyncConn,
+    Transaction,
     is_integrity_error,
     is_lock_timeout,
 )
-from ledgerq.queries import EffectStart
-from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
 
 TIMEOUT_DEFAULT_S = 30.0
-
 #: How long ctx.once and once_in_transaction wait for an effect key another
 #: attempt holds, when the handler has no timeout to derive it from.
 EFFECT_LOCK_WAIT_DEFAULT_S = 60.0
@@ -49,6 +45,11 @@ EFFECT_LOCK_WAIT_DEFAULT_S = 60.0
 OnUnknown = typing.Literal["run", "skip", "fail"]
 ON_UNKNOWN: tuple[OnUnknown, ...] = ("run", "skip", "fail")
 _effects_log = logging.getLogger("ledgerq.effects")
+
+_MIXED_TRANSACTIONS = (
+    "once_in_transaction was called from the event loop and from a thread in one attempt; "
+    "an attempt has one transaction"
+)
 
 Handler = Callable[..., Any]
 ExceptionTypes = tuple[type[BaseException], ...]
@@ -60,8 +61,8 @@ class TaskDefinition:
 
     name: str
     fn: Handler
-    queue: str = QUEUE_DEFAULT
-    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    queue: str = types.QUEUE_DEFAULT
+    max_attempts: int = types.MAX_ATTEMPTS_DEFAULT
     timeout_s: float | None = TIMEOUT_DEFAULT_S
     retry_on: ExceptionTypes = ()
     dont_retry_on: ExceptionTypes = ()
@@ -71,10 +72,10 @@ class TaskDefinition:
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
 
-    def parse_payload(self, payload: JsonObject) -> Any:
+    def parse_payload(self, payload: types.JsonObject) -> Any:
         """The payload as the handler declared it; InvalidPayload if it does not fit."""
         if (
-            self.payload_type in (dict, JsonObject, Any)
+            self.payload_type in (dict, types.JsonObject, Any)
             or self.payload_type is inspect.Parameter.empty
         ):
             return payload
@@ -125,7 +126,7 @@ def _payload_type(fn: Handler) -> Any:
     # Context imported only under TYPE_CHECKING) must not hide it. A type that
     # cannot be resolved or validated is an error now, not a payload accepted
     # unchecked at run time.
-    holder = types.SimpleNamespace(__annotations__={params[1].name: raw})
+    holder = SimpleNamespace(__annotations__={params[1].name: raw})
     globalns = getattr(inspect.unwrap(fn), "__globals__", {})
     try:
         annotation = typing.get_type_hints(holder, globalns=globalns)[params[1].name]
@@ -137,7 +138,7 @@ def _payload_type(fn: Handler) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is dict or origin is dict:
         return dict
-    if annotation not in (JsonObject, Any):
+    if annotation not in (types.JsonObject, Any):
         try:
             _adapter(annotation)
         except pydantic.PydanticUserError as exc:
@@ -158,8 +159,8 @@ class Registry:
         self,
         name: str,
         *,
-        queue: str = QUEUE_DEFAULT,
-        max_attempts: int = MAX_ATTEMPTS_DEFAULT,
+        queue: str = types.QUEUE_DEFAULT,
+        max_attempts: int = types.MAX_ATTEMPTS_DEFAULT,
         timeout: float | None = TIMEOUT_DEFAULT_S,
         retry_on: Sequence[type[BaseException]] = (),
         dont_retry_on: Sequence[type[BaseException]] = (),
@@ -228,14 +229,13 @@ class Context:
     def __init__(
         self,
         *,
-        task_id: TaskId,
+        task_id: types.TaskId,
         attempt: int,
         task_type: str,
         queue: str,
         worker_id: str,
         ledger: AsyncLedger,
         loop: asyncio.AbstractEventLoop,
-        sync_ledger: Callable[[], Ledger] | None = None,
     ) -> None:
         self.task_id = task_id
         self.attempt = attempt
@@ -249,16 +249,20 @@ class Context:
         self._ledger = ledger
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._sync_ledger = sync_ledger
-        self.transaction: AsyncConn | None = None
-        self.sync_transaction: SyncConn | None = None
+        self._transaction: AsyncTransaction | Transaction | None = None
         #: Bounds an effect's hold (ctx.once, once_in_transaction): how long its
         #: session may sit idle holding the key before the server ends it, and how
         #: long an attempt waits for a key another one holds. The worker sets it
         #: from the handler's timeout plus the lease: a frozen attempt cannot block
         #: its retry for ever.
         self.transaction_timeout_s: float | None = None
-        self._sync_tx_cm: Any = None
+
+    @property
+    def transaction(self) -> AsyncTransaction | Transaction | None:
+        """The transaction once_in_transaction began, for the worker to finish; None if none."""
+        if self._transaction is None or not self._transaction.begun:
+            return None
+        return self._transaction
 
     def _in_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
@@ -269,7 +273,7 @@ class Context:
         fn: Callable[..., Any],
         *args: Any,
         on_unknown: OnUnknown = "run",
-    ) -> JsonValue:
+    ) -> types.JsonValue:
         """Run fn(*args) once per effect_key; return its (recorded) JSON result.
 
         on_unknown says what to do when an earlier attempt started this effect
@@ -297,57 +301,53 @@ class Context:
         on_unknown: OnUnknown,
         *,
         fn_in_thread: bool,
-    ) -> JsonValue:
-        # Autocommit statements under a session-level advisory lock: the start
-        # mark commits before fn runs, and the lock goes with the session if
-        # this process dies. Three round trips when fn runs, one when it was recorded.
-        async with self._ledger.connection() as conn:
+    ) -> types.JsonValue:
+        try:
+            hold = await self._ledger.effect_hold(
+                effect_key, self.task_id, self.attempt,
+                wait_s=self._lock_wait_s(), hold_s=self.transaction_timeout_s,
+            )  # fmt: skip
+        except errors.InvalidInput as exc:
+            # A key the ledger cannot hold fails every attempt the same way.
+            raise errors.NonRetryable(f"ctx.once: {exc.message}") from None
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc, "ctx.once") from None
+        try:
+            if hold.start.recorded:
+                return hold.start.result
+            if hold.start.unknown_attempt is not None and not self._may_run_unknown(
+                effect_key, hold.start, on_unknown
+            ):
+                return None
             try:
-                start = await self._ledger.effect_start(
-                    conn, effect_key, self.task_id, self.attempt,
-                    wait_s=self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S,
-                    hold_s=self.transaction_timeout_s,
-                )  # fmt: skip
-            except errors.InvalidInput as exc:
-                # A key the ledger cannot hold fails every attempt the same way.
-                raise errors.NonRetryable(f"ctx.once: {exc.message}") from None
+                value = await asyncio.to_thread(fn, *args) if fn_in_thread else fn(*args)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception:
+                hold.forget_start = True  # fn came back with an error: nothing is unknown
+                raise
+            try:
+                value = storable.result(value)
+                await hold.finish(self.task_id, value)
+            except (errors.NonRetryable, errors.InvalidInput) as exc:
+                raise errors.NonRetryable(
+                    f"ctx.once({effect_key[:80]!r}): the effect ran but its result cannot "
+                    f"be recorded ({exc}); failing for good rather than running it again"
+                ) from None
+            except errors.LedgerUnavailable:
+                raise  # the start mark stays: the next attempt knows
             except errors.LedgerError as exc:
-                raise self._lock_refusal(effect_key, exc, "ctx.once") from None
-            if start.recorded:
-                return start.result
-            forget_start = False
-            try:
-                if start.unknown_attempt is not None and not self._may_run_unknown(
-                    effect_key, start, on_unknown
-                ):
-                    return None
-                try:
-                    value = await asyncio.to_thread(fn, *args) if fn_in_thread else fn(*args)
-                    if inspect.isawaitable(value):
-                        value = await value
-                except Exception:
-                    forget_start = True  # fn came back with an error: nothing is unknown
-                    raise
-                try:
-                    value = storable.result(value)
-                    await self._ledger.effect_finish(conn, effect_key, self.task_id, value)
-                except (errors.NonRetryable, errors.InvalidInput) as exc:
-                    raise errors.NonRetryable(
-                        f"ctx.once({effect_key[:80]!r}): the effect ran but its result cannot "
-                        f"be recorded ({exc}); failing for good rather than running it again"
-                    ) from None
-                except errors.LedgerUnavailable:
-                    raise  # the start mark stays: the next attempt knows
-                except errors.LedgerError as exc:
-                    raise errors.NonRetryable(
-                        f"ctx.once({effect_key[:80]!r}): the effect ran but the ledger refused "
-                        f"its record ({exc.message}); failing for good rather than running it again"
-                    ) from None
-                return value
-            finally:
-                await self._release_effect(conn, effect_key, forget_start=forget_start)
+                raise errors.NonRetryable(
+                    f"ctx.once({effect_key[:80]!r}): the effect ran but the ledger refused "
+                    f"its record ({exc.message}); failing for good rather than running it again"
+                ) from None
+            return value
+        finally:
+            await hold.close()
 
-    def _may_run_unknown(self, effect_key: str, start: EffectStart, on_unknown: OnUnknown) -> bool:
+    def _may_run_unknown(
+        self, effect_key: str, start: types.EffectStart, on_unknown: OnUnknown
+    ) -> bool:
         """Apply on_unknown to an effect a lost attempt started; True: run fn."""
         when = start.unknown_started_at.isoformat() if start.unknown_started_at else "?"
         who = f"attempt {start.unknown_attempt} of task {start.unknown_task_id} at {when}"
@@ -362,92 +362,68 @@ class Context:
             )
         return on_unknown == "run"
 
-    async def _release_effect(
-        self, conn: AsyncConn, effect_key: str, *, forget_start: bool
-    ) -> None:
-        try:
-            # Shielded: a cancelled attempt must still let go of the key.
-            await asyncio.shield(
-                self._ledger.effect_release(conn, effect_key, forget_start=forget_start)
-            )
-        except (errors.LedgerError, asyncio.CancelledError):
-            # If the statement could not run, end the session: its lock goes with it.
-            with contextlib.suppress(Exception):
-                await conn.close()
+    def _lock_wait_s(self) -> float:
+        return self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
 
-    def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> JsonValue:
+    def _lock_refusal(
+        self, effect_key: str, exc: errors.LedgerError, helper: str = "once_in_transaction"
+    ) -> Exception:
+        if is_lock_timeout(exc):
+            return errors.Retryable(
+                f"{helper}({effect_key[:80]!r}): another attempt held the effect's lock "
+                f"for over {self._lock_wait_s():g} s (stalled?); retrying later"
+            )
+        return exc
+
+    def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> types.JsonValue:
         """Run fn(conn) once per effect_key, inside the transaction that completes the task."""
         if self._in_loop_thread():
             return self._once_in_transaction(effect_key, fn)
         return self._sync_once_in_transaction(effect_key, fn)
 
     async def _once_in_transaction(
-        self, effect_key: str, fn: Callable[[AsyncConn], Awaitable[JsonValue] | JsonValue]
-    ) -> JsonValue:
-        if self.transaction is None:
-            conn = await self._ledger.pool.getconn()
-            try:
-                await conn.execute(self._begin())
-            except BaseException:
-                await self._ledger.pool.putconn(conn)
-                raise
-            self.transaction = conn
-        conn = self.transaction
+        self,
+        effect_key: str,
+        fn: Callable[[AsyncConn], Awaitable[types.JsonValue] | types.JsonValue],
+    ) -> types.JsonValue:
+        if self._transaction is None:
+            self._transaction = self._ledger.transaction(
+                lock_wait_s=self._lock_wait_s(), idle_s=self.transaction_timeout_s
+            )
+        transaction = self._transaction
+        if not isinstance(transaction, AsyncTransaction):
+            raise errors.ConfigError(_MIXED_TRANSACTIONS)
         try:
-            recorded, result = await self._ledger.effect_lock(conn, effect_key)
+            recorded, result = await transaction.effect_lock(effect_key)
         except errors.LedgerError as exc:
             raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
-        value = fn(conn)
+        value = fn(await transaction.connection())
         if inspect.isawaitable(value):
             value = await value
-        await self._ledger.record_effect(conn, effect_key, self.task_id, value)
+        await transaction.record_effect(effect_key, self.task_id, value)
         return value
 
     def _sync_once_in_transaction(
-        self, effect_key: str, fn: Callable[[SyncConn], JsonValue]
-    ) -> JsonValue:
-        if self._sync_ledger is None:
-            raise errors.ConfigError("once_in_transaction needs a worker with a database")
-        ledger = self._sync_ledger()
-        if self.sync_transaction is None:
-            conn = ledger.pool.getconn()
-            try:
-                conn.execute(self._begin())
-            except BaseException:
-                ledger.pool.putconn(conn)
-                raise
-            self.sync_transaction = conn
-        conn = self.sync_transaction
+        self, effect_key: str, fn: Callable[[SyncConn], types.JsonValue]
+    ) -> types.JsonValue:
+        if self._transaction is None:
+            self._transaction = self._ledger.sync_transaction(
+                lock_wait_s=self._lock_wait_s(), idle_s=self.transaction_timeout_s
+            )
+        transaction = self._transaction
+        if not isinstance(transaction, Transaction):
+            raise errors.ConfigError(_MIXED_TRANSACTIONS)
         try:
-            recorded, result = ledger.effect_lock(conn, effect_key)
+            recorded, result = transaction.effect_lock(effect_key)
         except errors.LedgerError as exc:
             raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
-        value = fn(conn)
-        ledger.record_effect(conn, effect_key, self.task_id, value)
+        value = fn(transaction.connection())
+        transaction.record_effect(effect_key, self.task_id, value)
         return value
-
-    def _begin(self) -> sql.Composed:
-        """BEGIN the handler's transaction with its bounds, in one round trip."""
-        wait_s = self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
-        idle_ms = round(self.transaction_timeout_s * 1000) if self.transaction_timeout_s else 0
-        return sql.SQL(
-            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}"
-        ).format(sql.Literal(round(wait_s * 1000)), sql.Literal(idle_ms))
-
-    def _lock_refusal(
-        self, effect_key: str, exc: errors.LedgerError, helper: str = "once_in_transaction"
-    ) -> Exception:
-        if is_lock_timeout(exc):
-            wait_s = self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
-            return errors.Retryable(
-                f"{helper}({effect_key[:80]!r}): another attempt held the effect's "
-                f"lock for over {wait_s:g} s (stalled?); retrying later"
-            )
-        return exc
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

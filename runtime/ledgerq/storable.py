@@ -9,12 +9,14 @@ texts (which are only for people to read) instead of refusing them.
 
 Bounds: a result of at most RESULT_MAX_BYTES of JSON, an error text of at most
 ERROR_TEXT_MAX characters (the middle is cut, keeping the summary and where the
-error came from).
+error came from), a ``run_at`` whose UTC instant falls in years 1 to 9999 (the
+clients and the HTTP API check it before sending).
 """
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from ledgerq import errors
@@ -22,6 +24,23 @@ from ledgerq.types import JsonValue
 
 RESULT_MAX_BYTES = 1_000_000
 ERROR_TEXT_MAX = 8000
+RUN_AT_RANGE = "years 1 to 9999 in UTC"
+
+
+def run_at(value: datetime) -> datetime:
+    """value as UTC, if the ledger can store it and every reader decode it back;
+    InvalidInput otherwise.
+
+    An aware datetime near year 1 or 9999 can be another year in UTC
+    (9999-12-31T23:59:59-14:00 is year 10000), which PostgreSQL stores and
+    psycopg cannot read. A naive one is the session's time zone's to place.
+    """
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise errors.InvalidInput(f"run_at must fall within {RUN_AT_RANGE}, got {value}") from None
 
 
 def result(value: Any) -> JsonValue:

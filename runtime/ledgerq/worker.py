@@ -35,21 +35,18 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, metrics, storable
+from ledgerq import errors, metrics, service, storable, types
 from ledgerq.dispatch import Dispatch
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
-from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
 
 CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
 POP_WAIT_S = 5.0
-RECONNECT_MAX_S = 5.0
 
 log = logging.getLogger("ledgerq.worker")
 
@@ -65,10 +62,10 @@ class _Series:
         self.duration = metrics.TASK_DURATION.labels(*labels)
         self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
         self.outcomes = {
-            TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
-            TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
-            TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
-            TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
+            types.TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
+            types.TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
+            types.TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
+            types.TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
         }
 
 
@@ -93,7 +90,9 @@ class _Running:
 
     __slots__ = ("ctx", "definition", "future", "lost", "task")
 
-    def __init__(self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None) -> None:
+    def __init__(
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> None:
         self.task = task
         self.ctx = ctx
         self.definition = definition
@@ -115,7 +114,6 @@ class Worker:
         lease_s: int = LEASE_DEFAULT_S,
         grace_s: float = GRACE_DEFAULT_S,
         worker_id: str | None = None,
-        sync_ledger: Callable[[], Ledger] | None = None,
     ) -> None:
         if concurrency < 1:
             raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -129,10 +127,11 @@ class Worker:
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = worker_id or new_worker_id()
-        self._sync_ledger = sync_ledger
-        self._running: dict[TaskId, _Running] = {}
+        # By (task, attempt): a stalled attempt may still be running when its
+        # task's next attempt is delivered to this same worker.
+        self._running: dict[tuple[types.TaskId, int], _Running] = {}
         self._slot_freed = asyncio.Event()
-        self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
+        self._outcomes: list[tuple[types.Outcome, tuple[str, str]]] = []
         self._outcomes_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -179,6 +178,24 @@ class Worker:
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker.stopped id=%s", self.worker_id)
 
+    async def run_once(self) -> int:
+        """Take the ids waiting now (up to concurrency, without blocking), claim them,
+        run their handlers (heartbeats included) and record every outcome; how
+        many attempts ran. For tests and one-shot use, not beside run()."""
+        ids = await self.dispatch.pop(self.queues, self.concurrency - len(self._running))
+        if not ids:
+            return 0
+        claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+        started = [self._start(task) for task in claimed]
+        heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        try:
+            await asyncio.gather(*(r.future for r in started if r.future is not None))
+        finally:
+            heartbeater.cancel()
+            await asyncio.gather(heartbeater, return_exceptions=True)
+        await self._complete_waiting()
+        return len(claimed)
+
     async def _drain(self) -> None:
         """Let running handlers finish within the grace period; hand back the rest.
 
@@ -208,7 +225,7 @@ class Worker:
                 await self.ledger.release(leases, f"worker {self.worker_id} shut down")
         for running in leftovers:
             if running not in cancellable:
-                self._running.pop(running.task.id, None)
+                self._running.pop((running.task.id, running.task.attempt), None)
                 self.abandoned_threads += 1
                 log.warning(
                     "task.abandoned id=%s attempt=%d: a thread cannot be stopped; "
@@ -251,7 +268,7 @@ class Worker:
                 else:
                     event = "ledger.error"
                 log.warning("%s %s (retrying)", event, exc.message)
-                await self._wait_either(asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures)))
+                await self._wait_either(asyncio.sleep(service.reconnect_delay_s(failures)))
                 continue
             for task in claimed:
                 self._start(task)
@@ -273,7 +290,7 @@ class Worker:
 
     # --- running handlers ------------------------------------------------------
 
-    def _start(self, task: ClaimedTask) -> None:
+    def _start(self, task: types.ClaimedTask) -> _Running:
         ctx = Context(
             task_id=task.id,
             attempt=task.attempt,
@@ -282,13 +299,13 @@ class Worker:
             worker_id=self.worker_id,
             ledger=self.ledger,
             loop=asyncio.get_running_loop(),
-            sync_ledger=self._sync_ledger,
         )
         running = _Running(task, ctx, self.registry.get(task.type))
         if running.definition is not None and running.definition.timeout_s is not None:
             ctx.transaction_timeout_s = running.definition.timeout_s + self.lease_s
-        self._running[task.id] = running
+        self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
+        return running
 
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
@@ -298,18 +315,18 @@ class Worker:
         metrics.WORKER_INFLIGHT.inc()
         series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
         started = time.perf_counter()
-        outcome: Outcome | None
+        outcome: types.Outcome | None
         try:
             result = await self._call(task, ctx, definition)
-            outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
+            outcome = types.Outcome(task.id, task.attempt, succeeded=True, result=result)
         except asyncio.CancelledError:
             # Cancelled by a heartbeat ('cancel' or 'lost') or by shutdown.
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error="cancelled while running"
             )
         except BaseException as exc:
             retryable = definition.is_retryable(exc) if definition is not None else False
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
             )
             log.info(
@@ -320,33 +337,49 @@ class Worker:
             metrics.WORKER_INFLIGHT.dec()
             series.duration.observe(time.perf_counter() - started)
         try:
-            if running.lost:
-                await self._abandon_transaction(ctx)
-            elif ctx.transaction is not None or ctx.sync_transaction is not None:
-                try:
-                    await self._complete_in_transaction(ctx, outcome, labels)
-                except Exception as exc:
-                    # The transaction's connection failed (PostgreSQL restarted):
-                    # its writes did not commit, so record the attempt as failed the
-                    # usual way, and it is retried. Had the COMMIT gone through, the
-                    # task would be final and this outcome fenced out.
-                    reason = errors.first_line(exc)
-                    log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
-                    if outcome.succeeded:
-                        error = f"the task's transaction did not commit: {reason}"
-                        outcome = Outcome(task.id, task.attempt, succeeded=False, error=error)
-                    self._outcomes.append((outcome, labels))
-                    self._outcomes_ready.set()
-            else:
-                self._outcomes.append((outcome, labels))
-                self._outcomes_ready.set()
+            await self._record(running, outcome, labels)
         finally:
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
 
+    async def _record(
+        self, running: _Running, outcome: types.Outcome, labels: tuple[str, str]
+    ) -> None:
+        """Queue the outcome for complete_tasks, or end the handler's transaction with it
+        (its writes, its effect records and the completion commit together, or none)."""
+        transaction = running.ctx.transaction
+        if transaction is None:
+            if not running.lost:  # a lost attempt's outcome would only be fenced
+                self._queue(outcome, labels)
+            return
+        try:
+            status = await transaction.finish(None if running.lost else outcome)
+        except Exception as exc:
+            # The transaction's connection failed (PostgreSQL restarted): its
+            # writes did not commit, so record the attempt as failed the usual
+            # way, and it is retried. Had the COMMIT gone through, the task
+            # would be final and this outcome fenced out.
+            reason = errors.first_line(exc)
+            log.warning("ledger.unavailable completing task %s: %s", outcome.task_id, reason)
+            error = f"the task's transaction did not commit: {reason}"
+            self._queue(types.Outcome(outcome.task_id, outcome.attempt, False, error=error), labels)
+            return
+        if running.lost:
+            return
+        if status is not None:
+            self._count(status, labels)
+        elif outcome.succeeded:
+            self._count(None, labels)  # fenced: another attempt owns the task
+        else:
+            self._queue(outcome, labels)  # rolled back; recorded as a failure below
+
+    def _queue(self, outcome: types.Outcome, labels: tuple[str, str]) -> None:
+        self._outcomes.append((outcome, labels))
+        self._outcomes_ready.set()
+
     async def _call(
-        self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
-    ) -> JsonValue:
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> types.JsonValue:
         if definition is None:
             raise _internal(
                 errors.NonRetryable(f"unknown task type {task.type!r}: no handler is registered")
@@ -370,7 +403,7 @@ class Worker:
 
     async def _call_in_thread(
         self, definition: TaskDefinition, ctx: Context, payload: Any
-    ) -> JsonValue:
+    ) -> types.JsonValue:
         """Run a plain ``def`` handler in the thread pool. A thread cannot be
         stopped: on timeout the attempt waits for it (ctx.cancelled tells the
         handler to give up), so the next attempt never overlaps this one."""
@@ -383,59 +416,6 @@ class Worker:
             raise _internal(errors.Retryable(f"timed out after {definition.timeout_s:g} s"))
         return future.result()
 
-    async def _complete_in_transaction(
-        self, ctx: Context, outcome: Outcome, labels: tuple[str, str]
-    ) -> None:
-        """Complete inside the handler's transaction: commit its writes, the effect
-        records and the completion together, or (a failed or fenced attempt) none."""
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            status: TaskStatus | None = None
-            try:
-                if outcome.succeeded:
-                    (status,) = await self.ledger.complete([outcome], conn)
-                # Fenced (status None: another attempt owns the task) or failed:
-                # none of the handler's writes may land.
-                await conn.execute("COMMIT" if status is not None else "ROLLBACK")
-            except errors.LedgerError:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-                raise
-            finally:
-                await self.ledger.pool.putconn(conn)
-        else:
-            status = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._complete_in_sync_transaction, ctx, outcome
-            )
-        if status is not None:
-            self._count(status, labels)
-        elif outcome.succeeded:
-            self._count(None, labels)  # fenced: another attempt owns the task
-        else:
-            self._outcomes.append((outcome, labels))
-            self._outcomes_ready.set()
-
-    def _complete_in_sync_transaction(self, ctx: Context, outcome: Outcome) -> TaskStatus | None:
-        """The thread-side twin of the block above, for plain ``def`` handlers."""
-        conn, ctx.sync_transaction = ctx.sync_transaction, None
-        assert conn is not None and self._sync_ledger is not None
-        ledger = self._sync_ledger()
-        status: TaskStatus | None = None
-        try:
-            if outcome.succeeded:
-                (status,) = ledger.complete([outcome], conn)
-            conn.execute("COMMIT" if status is not None else "ROLLBACK")
-        finally:
-            ledger.pool.putconn(conn)
-        return status
-
-    async def _abandon_transaction(self, ctx: Context) -> None:
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            await self.ledger.pool.putconn(conn)
-
     # --- completing ------------------------------------------------------------
 
     async def _complete_loop(self) -> None:
@@ -447,34 +427,45 @@ class Worker:
                 self._outcomes_ready.clear()
                 await self._outcomes_ready.wait()
                 continue
-            batch, self._outcomes = self._outcomes, []
             try:
-                statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+                await self._complete_waiting()
                 failures = 0
-            except errors.LedgerUnavailable as exc:
-                # Keep the outcomes and try again: if the ledger stays away past
+            except errors.LedgerError as exc:
+                # The outcomes wait for the next try: if the ledger stays away past
                 # the lease, reap_stuck retries the task and this attempt is fenced.
-                self._outcomes = batch + self._outcomes
                 failures += 1
-                log.warning("ledger.unavailable completing %d task(s): %s", len(batch), exc.message)
+                log.warning(
+                    "ledger.unavailable completing %d task(s): %s", len(self._outcomes), exc.message
+                )
                 if self._stopping.is_set() and failures > 5:
                     return
-                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
-                continue
-            except errors.LedgerError as exc:
-                # A refusal is not transient: retrying the batch would fail the
-                # same way forever. Record the outcomes one by one, so one the
-                # ledger cannot store fails its own task and no other.
-                log.warning("ledger.error completing %d task(s): %s", len(batch), exc.message)
-                await self._complete_one_by_one(batch)
-                continue
-            for (_outcome, labels), status in zip(batch, statuses, strict=True):
-                self._count(status, labels)
+                await asyncio.sleep(service.reconnect_delay_s(failures))
 
-    async def _complete_one_by_one(self, batch: list[tuple[Outcome, tuple[str, str]]]) -> None:
+    async def _complete_waiting(self) -> None:
+        """Record every waiting outcome in one complete_tasks call. If the ledger
+        is unreachable they stay waiting (LedgerUnavailable); any other refusal
+        is not transient, and retrying the batch would fail the same way for
+        ever: the outcomes are recorded one by one instead, so one the ledger
+        cannot store fails its own task and no other."""
+        batch, self._outcomes = self._outcomes, []
+        try:
+            statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+        except errors.LedgerUnavailable:
+            self._outcomes = batch + self._outcomes
+            raise
+        except errors.LedgerError as exc:
+            log.warning("ledger.error completing %d task(s): %s", len(batch), exc.message)
+            await self._complete_one_by_one(batch)
+            return
+        for (_outcome, labels), status in zip(batch, statuses, strict=True):
+            self._count(status, labels)
+
+    async def _complete_one_by_one(
+        self, batch: list[tuple[types.Outcome, tuple[str, str]]]
+    ) -> None:
         """Record each outcome alone; one the ledger refuses becomes a non-retryable
         failure naming why. If the ledger becomes unreachable, the outcomes not yet
-        recorded go back to the queue."""
+        recorded wait again (LedgerUnavailable)."""
         for index, (outcome, labels) in enumerate(batch):
             try:
                 try:
@@ -489,7 +480,7 @@ class Worker:
                     (status,) = await self.ledger.complete([_refused(outcome, exc.message)])
             except errors.LedgerUnavailable:
                 self._outcomes = batch[index:] + self._outcomes
-                return
+                raise
             except errors.LedgerError as exc:
                 # Even the plain failure was refused: leave the task to its
                 # lease (reap_stuck retries it) rather than stop completing.
@@ -500,7 +491,7 @@ class Worker:
                 continue
             self._count(status, labels)
 
-    def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
+    def _count(self, status: types.TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
         counter = _series(labels).outcomes.get(status) if status is not None else None
@@ -521,8 +512,8 @@ class Worker:
             except errors.LedgerError as exc:
                 log.warning("ledger.unavailable heartbeat: %s", exc.message)
                 continue
-            for task_id, _attempt, state in states:
-                running = self._running.get(task_id)
+            for task_id, attempt, state in states:
+                running = self._running.get((task_id, attempt))
                 if running is None or state == "ok":
                     continue
                 running.ctx.request_stop()
@@ -548,11 +539,13 @@ def _describe(exc: BaseException) -> str:
     return storable.error_text(f"{summary}\n{trace}")
 
 
-def _refused(outcome: Outcome, reason: str) -> Outcome:
+def _refused(outcome: types.Outcome, reason: str) -> types.Outcome:
     """The failure to record instead of an outcome the ledger refused to store."""
     what = "result" if outcome.succeeded else "outcome"
     error = storable.error_text(f"the ledger cannot store this attempt's {what}: {reason}")
-    return Outcome(outcome.task_id, outcome.attempt, succeeded=False, error=error, retryable=False)
+    return types.Outcome(
+        outcome.task_id, outcome.attempt, succeeded=False, error=error, retryable=False
+    )
 
 
 def _internal(exc: BaseException) -> BaseException:
@@ -561,7 +554,7 @@ def _internal(exc: BaseException) -> BaseException:
     return exc
 
 
-def _json_result(result: Any) -> JsonValue:
+def _json_result(result: Any) -> types.JsonValue:
     """A handler's return value as JSON the ledger can store; anything else fails
     the attempt for good (the same value would fail every retry)."""
     try:
