@@ -43,7 +43,7 @@ import click
 import psycopg
 from psycopg import sql
 
-from ledgerq import config, demo_app, demo_checks, errors, migrations
+from ledgerq import config, demo_app, demo_checks, display, errors, migrations
 from ledgerq.admin import styled_status
 from ledgerq.demo_checks import DUPLICATE_SUBMITS, LEASE_S, REAPER_INTERVAL_S
 from ledgerq.dispatch import Dispatch
@@ -201,7 +201,7 @@ def run_demo(options: Options, out: TextIO | None = None) -> int:
     screen.block(
         click.style("ledgerq demo", bold=True)
         + f": PostgreSQL {options.settings.redacted_database_url()} (database "
-        f"{options.database_name}), Redis {options.settings.redis_url} (prefix "
+        f"{options.database_name}), Redis {display.redact(options.settings.redis_url)} (prefix "
         f"{options.settings.redis_prefix})"
     )
     url = recreate_database(server, options.database_name)
