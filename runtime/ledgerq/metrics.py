@@ -32,6 +32,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ledgerq import types
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _TASK_LABELS = ("type", "queue")
@@ -147,3 +149,35 @@ def configure_labels(*, max_types: int, max_queues: int) -> None:
     global TYPE_LABEL, QUEUE_LABEL
     TYPE_LABEL = LabelValues(max_types)
     QUEUE_LABEL = LabelValues(max_queues)
+
+
+class TaskSeries:
+    """The labelled children of the task metrics for one (type, queue), looked up
+    once: prometheus-client's labels() takes a lock and builds a key on every call."""
+
+    __slots__ = ("duration", "outcomes", "pickup", "started")
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.started = TASKS_STARTED.labels(*labels)
+        self.duration = TASK_DURATION.labels(*labels)
+        self.pickup = PICKUP_LATENCY.labels(labels[1])
+        #: The counter an attempt's resulting status adds to.
+        self.outcomes = {
+            types.TaskStatus.SUCCEEDED: TASKS_SUCCEEDED.labels(*labels),
+            types.TaskStatus.PENDING: TASKS_RETRIED.labels(*labels),
+            types.TaskStatus.DEAD: TASKS_DEAD.labels(*labels),
+            types.TaskStatus.CANCELLED: TASKS_CANCELLED.labels(*labels),
+        }
+
+
+_TASK_SERIES: dict[tuple[str, str], TaskSeries] = {}
+
+
+def task_series(labels: tuple[str, str]) -> TaskSeries:
+    """The TaskSeries of (task type, queue), under its bounded label values (so
+    this cache is bounded too)."""
+    bounded = task_labels(*labels)
+    series = _TASK_SERIES.get(bounded)
+    if series is None:
+        series = _TASK_SERIES[bounded] = TaskSeries(bounded)
+    return series

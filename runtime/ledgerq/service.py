@@ -24,8 +24,9 @@ import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+T = TypeVar("T")
 RECONNECT_MAX_S = 5.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -74,11 +75,11 @@ class Runner:
             raise
 
 
-def run_until_signalled(main: Callable[[Runner], Awaitable[None]]) -> None:
-    """Run main(runner) in a new event loop; SIGTERM/SIGINT stop runner's services,
-    a second signal exits the process at once (status 1)."""
+def run_until_signalled(main: Callable[[Runner], Awaitable[T]]) -> T:
+    """Run main(runner) in a new event loop and return what it returns; SIGTERM/SIGINT
+    stop runner's services, a second signal exits the process at once (status 1)."""
 
-    async def body() -> None:
+    async def body() -> T:
         runner = Runner()
         loop = asyncio.get_running_loop()
         signals = 0
@@ -93,9 +94,9 @@ def run_until_signalled(main: Callable[[Runner], Awaitable[None]]) -> None:
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, on_signal)
         try:
-            await main(runner)
+            return await main(runner)
         finally:
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
 
-    asyncio.run(body())
+    return asyncio.run(body())

@@ -237,6 +237,15 @@ class QueueSummary:
     oldest_due_age_s: float | None
     finished_last_minute: int
 
+    def to_json(self) -> JsonObject:
+        """The queue as GET /queues and ``ledgerq stats --json`` show it."""
+        return {
+            "queue": self.queue,
+            "counts": {status.value: self.counts.get(status, 0) for status in TaskStatus},
+            "oldest_pending_age_seconds": self.oldest_due_age_s,
+            "finished_last_minute": self.finished_last_minute,
+        }
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EffectRecord:

@@ -51,36 +51,6 @@ POP_WAIT_S = 5.0
 log = logging.getLogger("ledgerq.worker")
 
 
-class _Series:
-    """The labelled metric children of one (type, queue), looked up once:
-    prometheus-client's labels() takes a lock and builds a key on every call."""
-
-    __slots__ = ("duration", "outcomes", "pickup", "started")
-
-    def __init__(self, labels: tuple[str, str]) -> None:
-        self.started = metrics.TASKS_STARTED.labels(*labels)
-        self.duration = metrics.TASK_DURATION.labels(*labels)
-        self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
-        self.outcomes = {
-            types.TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
-            types.TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
-            types.TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
-            types.TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
-        }
-
-
-_SERIES: dict[tuple[str, str], _Series] = {}
-
-
-def _series(labels: tuple[str, str]) -> _Series:
-    # Keyed by the bounded label values, so this cache is bounded too.
-    bounded = metrics.task_labels(*labels)
-    series = _SERIES.get(bounded)
-    if series is None:
-        series = _SERIES[bounded] = _Series(bounded)
-    return series
-
-
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -310,7 +280,7 @@ class Worker:
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
         labels = (task.type, task.queue)
-        series = _series(labels)
+        series = metrics.task_series(labels)
         series.started.inc()
         metrics.WORKER_INFLIGHT.inc()
         series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
@@ -494,7 +464,7 @@ class Worker:
     def _count(self, status: types.TaskStatus | None, labels: tuple[str, str]) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
-        counter = _series(labels).outcomes.get(status) if status is not None else None
+        counter = metrics.task_series(labels).outcomes.get(status) if status is not None else None
         if counter is not None:
             counter.inc()
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from ledgerq import __version__, config
 from ledgerq.api import auth, body, state
 from ledgerq.api import errors as api_errors
-from ledgerq.api.routes import system, tasks
+from ledgerq.api.routes import queues, system, tasks
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -32,7 +32,7 @@ def create_app(
     dispatch: Dispatch | None = None,
     max_body_bytes: int = body.MAX_BODY_BYTES_DEFAULT,
 ) -> FastAPI:
-    """The ledgerq HTTP API, with SPEC.md's routes, errors and auth."""
+    """The ledgerq HTTP API, with the README's routes, errors and auth."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +71,7 @@ def create_app(
     app.router.route_class = body.LimitedRoute
     tasks.register(app.router)
     system.register(app.router)
+    queues.register(app.router)
     api_errors.install(app)
     # The last added middleware runs first: the catch-all wraps auth.
     if settings.api_token is not None:

@@ -1,12 +1,9 @@
-"""Operations routes: health, readiness, queue state and Prometheus metrics.
+"""Operations routes: health, readiness and Prometheus metrics.
 
 - ``GET /healthz``: the process answers; touches nothing else.
 - ``GET /readyz``: PostgreSQL and Redis each answer a ping within
   ``READY_TIMEOUT_S``; otherwise 503 naming which is unavailable (the driver's
   reason goes to the log: it names hosts and ports).
-- ``GET /queues``: counts by status per queue, the oldest due task's age and
-  last minute's finishes; one full pass over the tasks table, so for people
-  and ``ledgerq stats``, not for a poll loop.
 - ``GET /metrics``: every metric in ``ledgerq.metrics.REGISTRY``; the queue
   depth gauges are read from the ledger at each scrape through partial
   indexes (live statuses and DEAD only: counting SUCCEEDED rows would scan the
@@ -24,16 +21,15 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ledgerq import display, errors, metrics
+from ledgerq import display, errors, metrics, types
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import Services, services
-from ledgerq.types import TaskStatus
 
 log = logging.getLogger("ledgerq.api")
 
 READY_TIMEOUT_S = 2.0
-_AGE_STATUSES = (TaskStatus.PENDING, TaskStatus.QUEUED)
+_AGE_STATUSES = (types.TaskStatus.PENDING, types.TaskStatus.QUEUED)
 
 
 async def _problem(check: Awaitable[None]) -> str | None:
@@ -118,33 +114,6 @@ def register(api: APIRouter) -> None:
                 log.warning("not ready: %s unavailable: %s", name, display.redact(why))
         down = [name for name, why in problems.items() if why is not None]
         return api_errors.not_ready_response(down, list(problems))
-
-    @api.get(
-        "/queues",
-        tags=_TAGS,
-        response_model=None,
-        summary="Per queue: counts by status, oldest pending age, throughput",
-        responses={
-            200: {"model": schemas.QueuesOut, "description": "Every queue with tasks."},
-            **schemas.error_responses(500, 503),
-        },
-    )
-    async def queues(request: Request) -> Response:
-        """Every queue that has tasks, in name order."""
-        summary = await services(request).ledger.queue_summary()
-        return JSONResponse(
-            {
-                "queues": [
-                    {
-                        "queue": q.queue,
-                        "counts": {status.value: n for status, n in q.counts.items()},
-                        "oldest_pending_age_seconds": q.oldest_due_age_s,
-                        "finished_last_minute": q.finished_last_minute,
-                    }
-                    for q in summary
-                ]
-            }
-        )
 
     @api.get(
         "/metrics",
