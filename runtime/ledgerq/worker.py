@@ -6,7 +6,9 @@ a thread pool of the same size. Round trips per task are the cost, so
 everything is batched: one Redis call pops as many ids as there are free slots,
 one ``claim_tasks`` claims them, one ``complete_tasks`` records every outcome
 that finished while the previous one was in flight, and one ``heartbeat_tasks``
-renews every lease this worker holds.
+renews every lease this worker holds. ``run()`` serves until ``stop()``;
+``run_once()`` runs what is waiting now and says how many attempts ran (the
+service shape of ``service.py``).
 
 Options and defaults: ``concurrency`` (CONCURRENCY_DEFAULT), ``lease_s``
 (LEASE_DEFAULT_S; heartbeats every third of it), ``grace_s``
