@@ -26,7 +26,7 @@ from ledgerq import migrations
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "py"))
 
-import e2e_helpers as e2e  # noqa: E402
+import e2e_servers  # noqa: E402
 import soak_support  # noqa: E402
 
 ADMIN_URL = os.environ.get(
@@ -52,7 +52,7 @@ def main() -> int:
         migrations.migrate(url)
         with (
             tempfile.TemporaryDirectory(prefix="ledgerq-soak-") as root,
-            e2e.PrivateRedis(Path(root) / "redis") as redis,
+            e2e_servers.PrivateRedis(Path(root) / "redis") as redis,
         ):
             report = soak_support.run_soak(
                 Path(root) / "soak", url, redis,

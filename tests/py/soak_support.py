@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import e2e_helpers as e2e
+import e2e_servers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class SoakReport:
 def run_soak(
     root: Path,
     database_url: str,
-    redis: e2e.PrivateRedis,
+    redis: e2e_servers.PrivateRedis,
     *,
     tasks: int,
     waves: int,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import e2e_helpers as e2e
+import e2e_servers
 import pytest
 import soak_support
 
@@ -15,15 +15,15 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[e2e.PrivateRedis]:
-    with e2e.PrivateRedis(tmp_path / "redis") as server:
+def private_redis(tmp_path: Path) -> Iterator[e2e_servers.PrivateRedis]:
+    with e2e_servers.PrivateRedis(tmp_path / "redis") as server:
         yield server
 
 
 def test_short_soak_with_a_worker_kill_and_a_redis_flush_loses_and_duplicates_nothing(
     tmp_path: Path,
     db_url: str,
-    private_redis: e2e.PrivateRedis,
+    private_redis: e2e_servers.PrivateRedis,
     record_property: pytest.RecordProperty,
 ) -> None:
     report = soak_support.run_soak(
