@@ -89,7 +89,8 @@ def run_soak(
                     busy = d.wait_for(
                         functools.partial(_busy, d, [w.pid for w in live]), "a worker to run a task"
                     )
-                    victim = next(w for w in live if w.pid == chance.choice(sorted(busy)))
+                    pick = chance.choice(sorted(busy))
+                    victim = next(w for w in live if w.pid == pick)
                     live.remove(victim)
                     victim.send(signal.SIGKILL)
                     victim.wait_exit(10)
