@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import config, errors, metrics, types
+from ledgerq import config, errors, metrics, storable, types
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -54,7 +54,12 @@ class _Defaults:
                 f"payload must be a JSON object (a dict), got {type(payload).__name__}"
             )
         if delay:
-            run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            try:
+                run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            except OverflowError:
+                raise errors.InvalidInput(f"delay of {delay} s is past year 9999") from None
+        if run_at is not None:
+            run_at = storable.run_at(run_at)
         # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
         # to refuse (LQ422), not a request for the default.
         if queue is None:
@@ -84,7 +89,7 @@ class _Defaults:
 def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
     for new, task in zip(news, tasks, strict=True):
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
 
 
 class Client:

@@ -309,3 +309,14 @@ class ScheduleFired:
     enqueued: int
     already_enqueued: int
     skipped_overlap: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EffectStart:
+    """What effect_start found: a recorded result, or the start mark a lost attempt left."""
+
+    recorded: bool
+    result: Any
+    unknown_task_id: TaskId | None
+    unknown_attempt: int | None
+    unknown_started_at: datetime | None
