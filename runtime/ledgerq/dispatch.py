@@ -37,6 +37,13 @@ PRIORITY_MAX = 32767
 # the double Redis stores scores in.
 _ID_BITS = 37
 
+# The longest a blocking pop waits in Redis. Every read on a connection may
+# take this long plus a margin before it counts as a timeout: a socket timeout
+# at or under the pop's own wait (redis-py's default is 5 s) turns an idle
+# worker's empty pop into a false "Redis is unavailable".
+POP_WAIT_MAX_S = 5.0
+SOCKET_TIMEOUT_S = POP_WAIT_MAX_S + 10.0
+
 log = logging.getLogger("ledgerq.dispatch")
 
 
@@ -102,7 +109,11 @@ class Dispatch:
             )
         else:
             client = aioredis.Redis.from_url(
-                redis_url, socket_connect_timeout=timeout_s, health_check_interval=30
+                redis_url,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_keepalive=True,
+                health_check_interval=30,
             )
         return cls(client, prefix)
 
@@ -157,10 +168,10 @@ class Dispatch:
         return _task_ids(taken)
 
     async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> TaskId | None:
-        """Block until one id is available (None after timeout_s)."""
+        """Block until one id is available (None after timeout_s, at most POP_WAIT_MAX_S)."""
         keys = [self.queue_key(q) for q in queues]
         with _translated():
-            item = await self.client.bzpopmin(keys, timeout=timeout_s)
+            item = await self.client.bzpopmin(keys, timeout=min(timeout_s, POP_WAIT_MAX_S))
         if not item:
             return None
         ids = _task_ids([item[1]])

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ledgerq import errors, metrics
-from ledgerq.dispatch import Dispatch
+from ledgerq.dispatch import POP_WAIT_MAX_S, Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger
 from ledgerq.registry import Context, Registry, TaskDefinition
 from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
@@ -49,7 +49,7 @@ from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
 CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
-POP_WAIT_S = 5.0
+POP_WAIT_S = POP_WAIT_MAX_S
 RECONNECT_MAX_S = 5.0
 ERROR_TEXT_MAX = 8000
 
@@ -230,6 +230,9 @@ class Worker:
                 ids = await self.dispatch.pop(self.queues, free)
                 if not ids:
                     first = await self._wait_either(self.dispatch.pop_wait(self.queues, POP_WAIT_S))
+                    # Redis answered: whatever failed before is over. An empty
+                    # pop is an idle worker, never a failure to back off from.
+                    failures = 0
                     if first is None:
                         continue
                     # Claim the one that woke us at once; under load the
