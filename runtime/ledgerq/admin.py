@@ -25,7 +25,7 @@ from ledgerq import config, errors
 from ledgerq.client import Client
 from ledgerq.ledger import Ledger, probe
 from ledgerq.queries import QueueSummary
-from ledgerq.types import JsonObject, Task, TaskStatus
+from ledgerq.types import JsonObject, Task, TaskStatus, TaskTypeInfo
 
 RETRY_BATCH = 500
 DEAD_LIST_DEFAULT = 50
@@ -314,6 +314,21 @@ def render_stats(summary: Sequence[QueueSummary], in_redis: dict[str, int]) -> s
         return text
 
     return table(headers, rows, right=range(1, len(headers)), styles=style)
+
+
+def render_types(types: Sequence[TaskTypeInfo]) -> str:
+    if not types:
+        return "no task types registered yet: they appear when a worker starts"
+    headers = ["type", "queue", "max attempts", "timeout", "workers alive", "last seen"]
+    rows = [
+        [
+            t.task_type, t.queue, str(t.max_attempts),
+            f"{t.timeout_s:g}s" if t.timeout_s is not None else "none",
+            str(t.workers_alive), when(t.last_seen_at),
+        ]
+        for t in types
+    ]  # fmt: skip
+    return table(headers, rows, right=(2, 3, 4))
 
 
 # --- dead -----------------------------------------------------------------------------

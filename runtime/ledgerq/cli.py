@@ -295,7 +295,10 @@ def worker(
     period, hand back the rest, exit 0.
     """
     settings = settings_from(options)
-    load_registry(app)  # fail fast, with a one-line message, before forking
+    # Fail fast, with a one-line message, before forking.
+    if len(load_registry(app)) == 0:
+        click.echo(f"ledgerq: {app} has no task types: a worker would serve nothing", err=True)
+        sys.exit(2)
     queue_list = _split_queues(queues)
     args = (settings, app, queue_list, concurrency, lease_seconds, grace_seconds, log_level)
     if processes == 1:

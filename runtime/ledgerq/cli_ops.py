@@ -1,6 +1,6 @@
 """The ``ledgerq`` commands for operators, development and the demo.
 
-``enqueue``, ``show``, ``stats``, ``dead``, ``cancel`` (logic in ``ledgerq.admin``),
+``enqueue``, ``show``, ``stats``, ``types``, ``dead``, ``cancel`` (logic in ``ledgerq.admin``),
 ``run`` (``ledgerq.supervise``), ``demo`` (``ledgerq.demo``) and ``bench``
 (``ledgerq.benchrun``), registered on ``ledgerq.cli.main`` when ``ledgerq.cli``
 is imported. Each exits non-zero with one line on stderr when PostgreSQL or
@@ -71,6 +71,23 @@ def enqueue(
     finally:
         ledger.close()
     admin.echo_json(task.to_json()) if as_json else click.echo(admin.render_enqueued(task))
+
+
+@main.command("types")
+@_json_option
+@connection_options
+@admin.command_errors
+def task_types(as_json: bool, **options: Any) -> None:
+    """Task types workers registered: queue, max attempts, timeout, live workers."""
+    ledger = admin.open_ledger(settings_from(options))
+    try:
+        types = ledger.task_types()
+    finally:
+        ledger.close()
+    if as_json:
+        admin.echo_json({"task_types": [t.to_json() for t in types]})
+    else:
+        click.echo(admin.render_types(types))
 
 
 @main.command()

@@ -37,6 +37,7 @@ from ledgerq.queries import (
     GET_ATTEMPTS_MANY,
     GET_TASK,
     GET_TASKS,
+    HAND_BACK,
     HEARTBEAT,
     LIST_TASKS,
     NEXT_RUN_AT,
@@ -50,6 +51,10 @@ from ledgerq.queries import (
     RELEASE,
     RETRY,
     TAKE_DUE,
+    TASK_TYPES,
+    WORKER_HEARTBEAT,
+    WORKER_REGISTER,
+    WORKER_STOP,
     EffectRecord,
     NewTask,
     QueueDepth,
@@ -59,6 +64,7 @@ from ledgerq.queries import (
     decode_claimed,
     decode_queue_summary,
     decode_task,
+    decode_task_type,
     enqueue_params,
     enqueued,
     list_params,
@@ -75,6 +81,7 @@ from ledgerq.types import (
     Task,
     TaskId,
     TaskStatus,
+    TaskTypeInfo,
 )
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
@@ -261,6 +268,38 @@ class AsyncLedger:
     ) -> list[TaskStatus | None]:
         rows = await self._rows(RELEASE, ([t for t, _ in leases], [a for _, a in leases], reason))
         return [status_or_none(r[1]) for r in rows]
+
+    async def hand_back(
+        self, leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
+    ) -> list[TaskStatus | None]:
+        """Hand back tasks of a type another live worker serves (no attempt spent);
+        None for a task no live worker serves."""
+        rows = await self._rows(
+            HAND_BACK, ([t for t, _ in leases], [a for _, a in leases], worker_id, delay_s)
+        )
+        return [status_or_none(r[1]) for r in rows]
+
+    # task types known to the ledger
+    async def register_worker(
+        self, worker_id: str, queues: Sequence[str], types: Sequence[JsonObject], concurrency: int
+    ) -> int:
+        """Register a worker and the task types it serves; how many types."""
+        (row,) = await self._rows(
+            WORKER_REGISTER, (worker_id, list(queues), Jsonb(list(types)), concurrency)
+        )
+        return int(row[0])
+
+    async def worker_heartbeat(self, worker_id: str) -> bool:
+        """Keep a registration alive; False if it is gone (register again)."""
+        (row,) = await self._rows(WORKER_HEARTBEAT, (worker_id,))
+        return bool(row[0])
+
+    async def worker_stop(self, worker_id: str) -> None:
+        """A graceful stop: the worker no longer counts as serving its types."""
+        await self._rows(WORKER_STOP, (worker_id,))
+
+    async def task_types(self) -> list[TaskTypeInfo]:
+        return [decode_task_type(r) for r in await self._rows(TASK_TYPES)]
 
     # effects
     async def effect_lock(self, conn: AsyncConn, effect_key: str) -> tuple[bool, JsonValue]:
@@ -491,6 +530,10 @@ class Ledger:
     def queue_stats(self) -> list[QueueStat]:
         rows = self._rows(QUEUE_STATS)
         return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+    def task_types(self) -> list[TaskTypeInfo]:
+        """The task types workers registered, with how many live workers serve each."""
+        return [decode_task_type(r) for r in self._rows(TASK_TYPES)]
 
     def queue_summary(self) -> list[QueueSummary]:
         """Every queue's counts by status, oldest due age and last minute's finishes.

@@ -22,6 +22,7 @@ from ledgerq.types import (
     Task,
     TaskId,
     TaskStatus,
+    TaskTypeInfo,
 )
 
 NOTIFY_CHANNEL = "ledgerq_tasks"
@@ -129,6 +130,14 @@ CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
 RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
 RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
 EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
+WORKER_REGISTER: LiteralString = "SELECT ledgerq.worker_register(%s, %s, %s, %s)"
+WORKER_HEARTBEAT: LiteralString = "SELECT ledgerq.worker_heartbeat(%s)"
+WORKER_STOP: LiteralString = "SELECT ledgerq.worker_stop(%s)"
+HAND_BACK: LiteralString = "SELECT task_id, status FROM ledgerq.task_hand_back(%s, %s, %s, %s)"
+TASK_TYPES: LiteralString = """
+    SELECT task_type, queue, max_attempts, timeout_seconds, workers_alive, last_seen_at
+    FROM ledgerq.task_types ORDER BY task_type
+"""
 
 # Read-only queries for listings and stats.
 GET_TASK: LiteralString = """
@@ -340,3 +349,7 @@ SUMMARY_STATUSES = (
 def decode_queue_summary(row: Sequence[Any]) -> QueueSummary:
     counts = {status: int(n) for status, n in zip(SUMMARY_STATUSES, row[1:7], strict=True)}
     return QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def decode_task_type(row: Sequence[Any]) -> TaskTypeInfo:
+    return TaskTypeInfo(row[0], row[1], int(row[2]), row[3], int(row[4]), row[5])

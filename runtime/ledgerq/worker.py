@@ -50,6 +50,12 @@ CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
 POP_WAIT_S = POP_WAIT_MAX_S
+# How often a worker renews its registration: a third of the ledger's 30 s
+# liveness window (worker_liveness()), so one missed renewal is harmless.
+REGISTRATION_INTERVAL_S = 10.0
+# A task handed back (its type is served by another live worker, not this
+# one) is due again after this, so this worker does not spin on it.
+HAND_BACK_DELAY_S = 1.0
 RECONNECT_MAX_S = 5.0
 ERROR_TEXT_MAX = 8000
 
@@ -121,6 +127,11 @@ class Worker:
             raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if lease_s < 3:
             raise errors.ConfigError(f"lease must be >= 3 seconds, got {lease_s}")
+        if len(registry) == 0:
+            # It would send every task it received DEAD as an unknown type.
+            raise errors.ConfigError(
+                "the registry has no task types: register handlers with @registry.task(...)"
+            )
         self.registry = registry
         self.ledger = ledger
         self.dispatch = dispatch
@@ -156,15 +167,22 @@ class Worker:
             "worker.started id=%s queues=%s concurrency=%d lease=%ds",
             self.worker_id, ",".join(self.queues), self.concurrency, self.lease_s,
         )  # fmt: skip
+        await self._register()
         completer = asyncio.create_task(self._complete_loop(), name="ledgerq-completer")
         heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        registration = asyncio.create_task(self._registration_loop(), name="ledgerq-registration")
         try:
             await self._fetch_loop()
             log.info("worker.stopping id=%s running=%d", self.worker_id, len(self._running))
+            with contextlib.suppress(errors.LedgerError):
+                # At once, so no task is handed back to this worker meanwhile;
+                # if the ledger is down, the registration simply ages out.
+                await self.ledger.worker_stop(self.worker_id)
             await self._drain()
         finally:
             heartbeater.cancel()
-            await asyncio.gather(heartbeater, return_exceptions=True)
+            registration.cancel()
+            await asyncio.gather(heartbeater, registration, return_exceptions=True)
             self._outcomes_ready.set()
             self._stopping.set()
             try:
@@ -215,6 +233,29 @@ class Worker:
                     "its lease will expire and the reaper will retry it",
                     running.task.id, running.task.attempt,
                 )  # fmt: skip
+
+    # --- registration ---------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Tell the ledger which task types this worker serves, with their defaults."""
+        types = []
+        for name in self.registry.names():
+            definition = self.registry.get(name)
+            assert definition is not None
+            types.append({
+                "task_type": name, "queue": definition.queue,
+                "max_attempts": definition.max_attempts, "timeout_seconds": definition.timeout_s,
+            })  # fmt: skip
+        await self.ledger.register_worker(self.worker_id, self.queues, types, self.concurrency)
+
+    async def _registration_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRATION_INTERVAL_S)
+            try:
+                if not await self.ledger.worker_heartbeat(self.worker_id):
+                    await self._register()  # the registration was removed meanwhile
+            except errors.LedgerError as exc:
+                log.warning("ledger.unavailable registration: %s", exc.message)
 
     # --- fetching ------------------------------------------------------------
 
@@ -293,6 +334,10 @@ class Worker:
 
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
+        if definition is None and await self._handed_back(task):
+            self._running.pop(task.id, None)
+            self._slot_freed.set()
+            return
         labels = (task.type, task.queue)
         series = _series(labels)
         series.started.inc()
@@ -344,6 +389,28 @@ class Worker:
         finally:
             self._running.pop(task.id, None)
             self._slot_freed.set()
+
+    async def _handed_back(self, task: ClaimedTask) -> bool:
+        """No handler here: hand the task back if another live worker serves its
+        type (a rolling deploy), without spending an attempt."""
+        try:
+            (status,) = await self.ledger.hand_back(
+                [(task.id, task.attempt)], self.worker_id, HAND_BACK_DELAY_S
+            )
+        except errors.LedgerError as exc:
+            # Neither hand it back nor fail it: the lease expires and the
+            # reaper retries it (the attempt is spent, the task is not lost).
+            log.warning("ledger.unavailable handing back task %s: %s", task.id, exc.message)
+            return True
+        if status is None:
+            return False
+        log.info(
+            "task.handed_back id=%s type=%s queue=%s attempt=%d: no handler here, "
+            "another live worker serves this type",
+            task.id, task.type, task.queue, task.attempt,
+        )  # fmt: skip
+        self.completed["HANDED_BACK"] = self.completed.get("HANDED_BACK", 0) + 1
+        return True
 
     async def _call(
         self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
