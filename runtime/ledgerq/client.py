@@ -82,6 +82,14 @@ class _Defaults:
         return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
 
 
+def _seconds(timeout: float | timedelta | None) -> float | None:
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is not None and timeout < 0:
+        raise errors.InvalidInput(f"timeout must be >= 0 seconds, got {timeout}")
+    return timeout
+
+
 def _count_enqueued(news: Iterable[NewTask], tasks: Iterable[Task]) -> None:
     for new, task in zip(news, tasks, strict=True):
         if task.created:
@@ -152,6 +160,11 @@ class Client:
 
     def get(self, task_id: int) -> Task:
         return self.ledger.get(task_id)
+
+    def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:
+        """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
+        ledger, not by polling; raises TimeoutError after timeout (None: no limit)."""
+        return self.ledger.wait_final(task_id, _seconds(timeout))
 
     def cancel(self, task_id: int) -> TaskStatus:
         return self.ledger.cancel(task_id)
@@ -225,6 +238,12 @@ class AsyncClient:
 
     async def get(self, task_id: int) -> Task:
         return await (await self.ledger()).get(task_id)
+
+    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:
+        """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
+        ledger, not by polling; raises TimeoutError after timeout (None: no limit).
+        Any number of waits share one listening connection."""
+        return await (await self.ledger()).wait_final(task_id, _seconds(timeout))
 
     async def cancel(self, task_id: int) -> TaskStatus:
         return await (await self.ledger()).cancel(task_id)

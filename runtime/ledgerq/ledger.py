@@ -23,7 +23,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ledgerq import errors
+from ledgerq import errors, finals
 from ledgerq.queries import (
     CANCEL,
     CLAIM,
@@ -165,6 +165,13 @@ def pool_kwargs(database_url: str) -> dict[str, Any]:
     return {"autocommit": True, "options": merged}
 
 
+def _conninfo(conninfo: object) -> str:
+    """The pool's connection string, for the connections it does not manage (LISTEN)."""
+    if not isinstance(conninfo, str):
+        raise errors.ConfigError("waiting needs a pool opened with a connection string")
+    return conninfo
+
+
 # --- the async ledger ------------------------------------------------------------
 
 
@@ -173,6 +180,7 @@ class AsyncLedger:
 
     def __init__(self, pool: AsyncConnectionPool[AsyncConn]) -> None:
         self.pool = pool
+        self._finals: finals.FinalWatcher | None = None
 
     @classmethod
     async def connect(
@@ -196,7 +204,18 @@ class AsyncLedger:
         return cls(pool)
 
     async def close(self) -> None:
+        if self._finals is not None:
+            await self._finals.close()
         await self.pool.close()
+
+    async def wait_final(self, task_id: int, timeout_s: float | None = None) -> Task:
+        """The task once it is final, woken by the ledger's NOTIFY (one LISTEN
+        connection shared by every waiter); TimeoutError after timeout_s."""
+        if self._finals is None:
+            self._finals = finals.FinalWatcher(_conninfo(self.pool.conninfo), self.get)
+        # Not inside translated(): TimeoutError is an OSError. The reads raise
+        # ledgerq errors already, and the listener handles its own failures.
+        return await self._finals.wait(task_id, timeout_s)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConn]:
@@ -439,6 +458,19 @@ class Ledger:
 
     def close(self) -> None:
         self.pool.close()
+
+    def wait_final(self, task_id: int, timeout_s: float | None = None) -> Task:
+        """The task once it is final, woken by the ledger's NOTIFY; TimeoutError
+        after timeout_s. Holds a connection of its own while it waits."""
+        try:
+            with translated():
+                return finals.wait_sync(
+                    _conninfo(self.pool.conninfo), task_id, lambda: self.get(task_id), timeout_s
+                )
+        except errors.LedgerUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise exc.__cause__ from None  # the wait's own timeout, not an outage
+            raise
 
     def _rows(
         self, query: LiteralString, params: Any = None, conn: SyncConn | None = None

@@ -26,6 +26,8 @@ from ledgerq.types import (
 )
 
 NOTIFY_CHANNEL = "ledgerq_tasks"
+#: Each task's id, as it becomes final (migration 0005's trigger).
+FINAL_CHANNEL = "ledgerq_final"
 LIST_LIMIT_MAX = 1000
 
 

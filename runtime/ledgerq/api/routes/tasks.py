@@ -32,6 +32,9 @@ from ledgerq.types import TaskId, TaskStatus
 
 _CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
 
+#: The longest GET /tasks/{id}?wait=S holds a request open.
+WAIT_MAX_S = 60.0
+
 TaskIdPath = Annotated[int, Path(ge=1, le=schemas.BIGINT_MAX, description="The task's id.")]
 
 
@@ -179,9 +182,28 @@ def register(api: APIRouter) -> None:
             **schemas.error_responses(404, 422, 500, 503),
         },
     )
-    async def get_task(request: Request, task_id: TaskIdPath) -> Response:
+    async def get_task(
+        request: Request,
+        task_id: TaskIdPath,
+        wait: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=WAIT_MAX_S,
+                description="Answer once the task is final (SUCCEEDED, DEAD or CANCELLED), "
+                f"or after this many seconds (at most {WAIT_MAX_S:g}) with its current state.",
+            ),
+        ] = None,
+    ) -> Response:
         """The task, its attempt history, result and last error."""
-        task = await services(request).ledger.get(task_id)
+        ledger = services(request).ledger
+        if wait:
+            try:
+                # Woken by the ledger's NOTIFY when the task becomes final.
+                return JSONResponse((await ledger.wait_final(task_id, wait)).to_json())
+            except TimeoutError:
+                pass
+        task = await ledger.get(task_id)
         return JSONResponse(task.to_json())
 
     @api.get(
