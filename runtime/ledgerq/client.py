@@ -239,7 +239,8 @@ class AsyncClient:
     async def get(self, task_id: int) -> Task:
         return await (await self.ledger()).get(task_id)
 
-    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:
+    # The README's signature, shared with Client.wait; the same as asyncio.timeout.
+    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:  # noqa: ASYNC109
         """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
         ledger, not by polling; raises TimeoutError after timeout (None: no limit).
         Any number of waits share one listening connection."""
