@@ -65,7 +65,7 @@ def command_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except errors.LedgerqError as exc:
-            fail(exc.message.splitlines()[0] if exc.message else type(exc).__name__, exit_code(exc))
+            fail(errors.first_line(exc), exit_code(exc))
 
     return wrapper  # type: ignore[return-value]
 

@@ -148,8 +148,7 @@ def errors_from_psycopg() -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DemoFailed(f"PostgreSQL refused the demo's setup: {first}") from exc
+        raise DemoFailed(f"PostgreSQL refused the demo's setup: {errors.first_line(exc)}") from exc
 
 
 def free_port() -> int:

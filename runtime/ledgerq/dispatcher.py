@@ -196,5 +196,5 @@ class Dispatcher:
                         self._wake.set()
             except psycopg.Error as exc:
                 failures += 1
-                log.warning("ledger.unavailable listen: %s", str(exc).strip().splitlines()[0])
+                log.warning("ledger.unavailable listen: %s", errors.first_line(exc))
                 await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))

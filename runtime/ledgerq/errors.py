@@ -19,7 +19,8 @@
 
 Each class's docstring is its default message. Driver exceptions (psycopg,
 redis) are translated at the seam in ledger.py and dispatch.py and never
-leave those modules untranslated.
+leave those modules untranslated. ``first_line(exc)`` is how any exception is
+quoted in a log line or a one-line command error.
 """
 
 from __future__ import annotations
@@ -90,3 +91,9 @@ class NonRetryable(HandlerOutcome):
 
 class InvalidPayload(NonRetryable):
     """The payload does not match what the handler accepts."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of exc's message, or its class name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

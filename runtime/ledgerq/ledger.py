@@ -93,7 +93,7 @@ SyncConn = psycopg.Connection[TupleRow]
 def translate(exc: psycopg.Error) -> errors.LedgerError:
     """The ledgerq error for a psycopg error."""
     diag_message = exc.diag.message_primary if exc.diag else None
-    message = diag_message or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    message = diag_message or errors.first_line(exc)
     state = exc.sqlstate
     if state == "LQ422":
         return errors.InvalidInput(message)

@@ -60,9 +60,11 @@ def migrate(database_url: str) -> list[str]:
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     except psycopg.OperationalError as exc:
-        raise errors.LedgerUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}") from exc
+        raise errors.LedgerUnavailable(
+            f"cannot reach PostgreSQL: {errors.first_line(exc)}"
+        ) from exc
     except psycopg.Error as exc:
-        raise errors.LedgerError(f"migration failed: {_first_line(exc)}") from exc
+        raise errors.LedgerError(f"migration failed: {errors.first_line(exc)}") from exc
     return applied
 
 
@@ -94,8 +96,3 @@ def show(name: str) -> str:
             return path.read_text()
     known = ", ".join(p.stem for p in migration_files())
     raise errors.ConfigError(f"no migration {name!r}; known: {known}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -125,7 +125,7 @@ def _payload_type(fn: Handler) -> Any:
         except pydantic.PydanticUserError as exc:
             raise errors.ConfigError(
                 f"handler {fn.__qualname__}: payload type {raw!r} cannot be validated: "
-                f"{str(exc).splitlines()[0]}"
+                f"{errors.first_line(exc)}"
             ) from None
     return annotation
 

@@ -376,7 +376,7 @@ class Worker:
                     # its writes did not commit, so record the attempt as failed the
                     # usual way, and it is retried. Had the COMMIT gone through, the
                     # task would be final and this outcome fenced out.
-                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    reason = errors.first_line(exc)
                     log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
                     if outcome.succeeded:
                         error = f"the task's transaction did not commit: {reason}"
