@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import errors, metrics
+from ledgerq import errors, jsonvalue, metrics
 from ledgerq.config import Settings
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 from ledgerq.queries import NewTask
@@ -36,7 +36,7 @@ class _Defaults:
     def new_task(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
@@ -52,15 +52,11 @@ class _Defaults:
             raise errors.InvalidInput(f"delay must be >= 0 seconds, got {delay}")
         if run_at is not None and delay:
             raise errors.InvalidInput("give run_at or delay, not both")
-        if payload is not None and not isinstance(payload, Mapping):
-            raise errors.InvalidInput(
-                f"payload must be a JSON object (a dict), got {type(payload).__name__}"
-            )
         if delay:
             run_at = datetime.now().astimezone() + timedelta(seconds=delay)
         return NewTask(
             task_type=task_type,
-            payload=dict(payload or {}),
+            payload=jsonvalue.payload(payload),
             # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
             # to refuse (LQ422), not a request for the default.
             queue=(definition.queue if definition else QUEUE_DEFAULT) if queue is None else queue,
@@ -130,7 +126,7 @@ class Client:
     def enqueue(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
@@ -206,7 +202,7 @@ class AsyncClient:
     async def enqueue(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,

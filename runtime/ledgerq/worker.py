@@ -40,7 +40,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, metrics
+from ledgerq import errors, jsonvalue, metrics
 from ledgerq.dispatch import POP_WAIT_MAX_S, Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger
 from ledgerq.registry import Context, Registry, TaskDefinition
@@ -434,7 +434,7 @@ class Worker:
                 ) from None
         else:
             result = await self._call_in_thread(definition, ctx, payload)
-        return _json_result(result)
+        return _json_result(jsonvalue.plain(result))
 
     async def _call_in_thread(
         self, definition: TaskDefinition, ctx: Context, payload: Any
