@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import functools
 import importlib
-import logging
 import multiprocessing
 import os
 import signal
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 import click
 import prometheus_client
 
-from ledgerq import __version__, admin, config, errors, metrics, migrations, supervise
+from ledgerq import __version__, admin, config, errors, logs, metrics, migrations, supervise
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import (
     BATCH_SIZE_DEFAULT,
@@ -120,12 +119,38 @@ def migrate_show(name: str) -> None:
 # --- services ----------------------------------------------------------------
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str | None = None) -> None:
+    """Log lines to stderr at level, in LEDGERQ_LOG_FORMAT (see ledgerq.logs)."""
+    logs.configure(level)
+
+
+def log_options(func: F) -> F:
+    """--log-level and --log-format on a service command. The command receives
+    log_level resolved (the option, else LEDGERQ_LOG_LEVEL, else INFO; any
+    case); the format reaches setup_logging, and child processes, through
+    LEDGERQ_LOG_FORMAT."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, log_level: str | None, log_format: str | None, **kwargs: Any) -> Any:
+        try:
+            level = logs.level_name(log_level)
+            if log_format is not None:
+                os.environ["LEDGERQ_LOG_FORMAT"] = logs.format_name(log_format)
+            logs.format_name()
+        except errors.ConfigError as exc:
+            click.echo(f"ledgerq: {exc.message}", err=True)
+            sys.exit(2)
+        return func(*args, log_level=level, **kwargs)
+
+    wrapper = click.option(
+        "--log-format", metavar="text|json",
+        help="One line of text, or one JSON object, per event [env LEDGERQ_LOG_FORMAT; default text].",
+    )(wrapper)  # fmt: skip
+    wrapper = click.option(
+        "--log-level", metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case [env LEDGERQ_LOG_LEVEL; default INFO].",
+    )(wrapper)  # fmt: skip
+    return wrapper  # type: ignore[return-value]
 
 
 def load_registry(app: str) -> Registry:
@@ -275,7 +300,7 @@ def _worker_process(
 @click.option("--metrics-port", type=click.IntRange(1, 65_535), metavar="PORT",
               help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT/metrics "
               "(with --processes N, process i uses PORT+i).")  # fmt: skip
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@log_options
 @connection_options
 @one_line_errors
 def worker(
@@ -339,7 +364,7 @@ def worker(
               show_default=True, help="Tasks moved to Redis per transaction.")  # fmt: skip
 @click.option("--poll-interval", type=click.FloatRange(0.01), default=POLL_INTERVAL_DEFAULT_S,
               show_default=True, help="Seconds between polls when no NOTIFY arrives.")  # fmt: skip
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@log_options
 @connection_options
 @one_line_errors
 def dispatcher(batch_size: int, poll_interval: float, log_level: str, **options: Any) -> None:
@@ -367,7 +392,7 @@ def dispatcher(batch_size: int, poll_interval: float, log_level: str, **options:
 @click.option("--interval", type=click.FloatRange(0.05), default=REAPER_INTERVAL_DEFAULT_S,
               show_default=True, help="Seconds between sweeps.")  # fmt: skip
 @click.option("--once", is_flag=True, help="Sweep once, print how many tasks moved, and exit.")
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@log_options
 @connection_options
 @one_line_errors
 def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
@@ -401,7 +426,7 @@ API_POOL_SIZE = 10
               "on every route but /healthz and /readyz [env LEDGERQ_API_TOKEN].")  # fmt: skip
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
 @click.option("--access-log", is_flag=True, help="Log every request (off by default: it is slow).")
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@log_options
 @connection_options
 @one_line_errors
 def api(

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 import click
 
 from ledgerq import admin, benchrun, config, supervise
-from ledgerq.cli import _split_queues, connection_options, load_registry, main, settings_from
+from ledgerq.cli import (
+    _split_queues,
+    connection_options,
+    load_registry,
+    log_options,
+    main,
+    settings_from,
+)
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import probe
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S
@@ -217,7 +224,7 @@ def cancel(task_id: int, as_json: bool, **options: Any) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="API port.")  # fmt: skip
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@log_options
 @connection_options
 @admin.command_errors
 def run(

@@ -187,6 +187,15 @@ class Registry:
         return len(self._tasks)
 
 
+class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each line with the task id and attempt, and adds them as fields."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **(kwargs.get("extra") or {})}
+        return f"id={extra.get('task_id')} attempt={extra.get('attempt')} {msg}", kwargs
+
+
 class Context:
     """What a handler knows about the attempt it runs, and its effect helpers.
 
@@ -314,12 +323,16 @@ class Context:
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger named after the task type, carrying task id, attempt and worker."""
+        """A logger named after the task type whose lines carry the task id and
+        attempt (in the text, and as fields of JSON log lines)."""
         if self._logger is None:
-            self._logger = logging.LoggerAdapter(
+            self._logger = _TaskLogger(
                 logging.getLogger(f"ledgerq.task.{self.task_type}"),
-                {"task_id": self.task_id, "attempt": self.attempt, "worker_id": self.worker_id},
-            )
+                {
+                    "task_id": self.task_id, "task_type": self.task_type, "queue": self.queue,
+                    "attempt": self.attempt, "worker_id": self.worker_id,
+                },
+            )  # fmt: skip
         return self._logger
 
     def request_stop(self) -> None:

@@ -162,6 +162,8 @@ class Outcome:
     result: JsonValue = None
     error: str | None = None
     retryable: bool = True
+    #: How long the handler ran, for the worker's outcome log line.
+    duration_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,7 +20,10 @@ is cancelled when the worker learns it, but may already have done work: use
 timeout or cancellation its thread runs on, and its result is discarded.
 
 Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
-``worker.stopped``, ``task.failed``, ``task.lost``, ``ledger.unavailable``,
+``worker.stopped``; one line per recorded outcome, with the task's id, type,
+queue, attempt and duration: ``task.succeeded``, ``task.cancelled`` (INFO),
+``task.retried``, ``task.lost`` (WARNING), ``task.dead`` (ERROR); also
+``task.handed_back``, ``task.abandoned``, ``ledger.unavailable``,
 ``dispatch.unavailable``.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -358,13 +362,12 @@ class Worker:
             outcome = Outcome(
                 task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
             )
-            log.info(
-                "task.failed id=%s type=%s attempt=%d retryable=%s error=%s",
-                task.id, task.type, task.attempt, retryable, (outcome.error or "").splitlines()[0],
-            )  # fmt: skip
         finally:
             metrics.WORKER_INFLIGHT.dec()
-            series.duration.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            series.duration.observe(elapsed)
+        # Logged once the ledger has said what the outcome made of the task.
+        outcome = dataclasses.replace(outcome, duration_s=elapsed)
         try:
             if running.lost:
                 await self._abandon_transaction(ctx)
@@ -380,7 +383,10 @@ class Worker:
                     log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
                     if outcome.succeeded:
                         error = f"the task's transaction did not commit: {reason}"
-                        outcome = Outcome(task.id, task.attempt, succeeded=False, error=error)
+                        outcome = Outcome(
+                            task.id, task.attempt, succeeded=False, error=error,
+                            duration_s=outcome.duration_s,
+                        )  # fmt: skip
                     self._outcomes.append((outcome, labels))
                     self._outcomes_ready.set()
             else:
@@ -408,6 +414,7 @@ class Worker:
             "task.handed_back id=%s type=%s queue=%s attempt=%d: no handler here, "
             "another live worker serves this type",
             task.id, task.type, task.queue, task.attempt,
+            extra=_fields(task.id, task.type, task.queue, task.attempt, "handed_back"),
         )  # fmt: skip
         self.completed["HANDED_BACK"] = self.completed.get("HANDED_BACK", 0) + 1
         return True
@@ -476,9 +483,9 @@ class Worker:
                 self._executor, self._complete_in_sync_transaction, ctx, outcome
             )
         if status is not None:
-            self._count(status, labels)
+            self._count(status, labels, outcome)
         elif outcome.succeeded:
-            self._count(None, labels)  # fenced: another attempt owns the task
+            self._count(None, labels, outcome)  # fenced: another attempt owns the task
         else:
             self._outcomes.append((outcome, labels))
             self._outcomes_ready.set()
@@ -529,15 +536,19 @@ class Worker:
                     return
                 await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
                 continue
-            for (_outcome, labels), status in zip(batch, statuses, strict=True):
-                self._count(status, labels)
+            for (outcome, labels), status in zip(batch, statuses, strict=True):
+                self._count(status, labels, outcome)
 
-    def _count(self, status: TaskStatus | None, labels: tuple[str, str]) -> None:
+    def _count(
+        self, status: TaskStatus | None, labels: tuple[str, str], outcome: Outcome | None = None
+    ) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
         counter = _series(labels).outcomes.get(status) if status is not None else None
         if counter is not None:
             counter.inc()
+        if outcome is not None:
+            _log_outcome(outcome, labels, status)
 
     # --- heartbeats ------------------------------------------------------------
 
@@ -560,13 +571,58 @@ class Worker:
                 running.ctx.request_stop()
                 if state == "lost":
                     running.lost = True
-                    log.warning("task.lost id=%s attempt=%d", task_id, running.task.attempt)
+                    log.warning(
+                        "task.lost id=%s type=%s queue=%s attempt=%d: the lease was lost; "
+                        "this attempt's outcome will not be recorded",
+                        task_id, running.task.type, running.task.queue, running.task.attempt,
+                        extra=_fields(task_id, running.task.type, running.task.queue,
+                                      running.task.attempt, "lost"),
+                    )  # fmt: skip
                 if (
                     running.future is not None
                     and running.definition is not None
                     and running.definition.is_async
                 ):
                     running.future.cancel()
+
+
+# The outcome line of each status the ledger answered: event, level.
+_OUTCOME_EVENTS: dict[TaskStatus | None, tuple[str, int]] = {
+    TaskStatus.SUCCEEDED: ("task.succeeded", logging.INFO),
+    TaskStatus.PENDING: ("task.retried", logging.WARNING),
+    TaskStatus.DEAD: ("task.dead", logging.ERROR),
+    TaskStatus.CANCELLED: ("task.cancelled", logging.INFO),
+    # Fenced: another attempt owns the task (this one's lease was lost).
+    None: ("task.lost", logging.WARNING),
+}
+
+
+def _fields(task_id: int, task_type: str, queue: str, attempt: int, status: str) -> dict[str, Any]:
+    """The fields of a task's log line (JSON log lines carry them as keys)."""
+    return {
+        "task_id": task_id, "task_type": task_type, "queue": queue, "attempt": attempt,
+        "status": status,
+    }  # fmt: skip
+
+
+def _log_outcome(outcome: Outcome, labels: tuple[str, str], status: TaskStatus | None) -> None:
+    """One line per recorded outcome: what the ledger made of the attempt."""
+    event, level = _OUTCOME_EVENTS.get(status, ("task.finished", logging.INFO))
+    if not log.isEnabledFor(level):
+        return
+    fields = _fields(outcome.task_id, labels[0], labels[1], outcome.attempt, event[5:])
+    duration = outcome.duration_s
+    fields["duration_s"] = round(duration, 6) if duration is not None else None
+    text = (
+        f"{event} id={outcome.task_id} type={labels[0]} queue={labels[1]} "
+        f"attempt={outcome.attempt} duration={duration if duration is not None else 0:.3f}s"
+    )
+    if not outcome.succeeded:
+        lines = (outcome.error or "").strip().splitlines()
+        error = lines[0] if lines else ""
+        fields["error"] = error
+        text += f" error={error}"
+    log.log(level, "%s", text, extra=fields)
 
 
 def _describe(exc: BaseException) -> str:
