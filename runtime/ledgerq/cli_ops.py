@@ -34,6 +34,9 @@ from ledgerq.worker import CONCURRENCY_DEFAULT, LEASE_DEFAULT_S
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# `run` is for development: a Ctrl-C should not wait long for running tasks.
+RUN_GRACE_DEFAULT_S = 5.0
+
 
 # --- operators: enqueue, show, stats, dead, cancel (logic in ledgerq.admin) ----------
 
@@ -221,6 +224,9 @@ def cancel(task_id: int, as_json: bool, **options: Any) -> None:
               show_default=True, help="Lease per attempt.")  # fmt: skip
 @click.option("--reaper-interval", type=click.FloatRange(0.05), default=REAPER_INTERVAL_DEFAULT_S,
               show_default=True, help="Seconds between reaper sweeps.")  # fmt: skip
+@click.option("--grace-seconds", type=click.FloatRange(0), default=RUN_GRACE_DEFAULT_S,
+              show_default=True, help="On Ctrl-C, how long running tasks may finish before "
+              "they are handed back (short: this is for development).")  # fmt: skip
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="API port.")  # fmt: skip
@@ -234,6 +240,7 @@ def run(
     processes: int,
     lease_seconds: int,
     reaper_interval: float,
+    grace_seconds: float,
     host: str,
     port: int,
     log_level: str,
@@ -242,7 +249,8 @@ def run(
     """Run the API, a dispatcher, a reaper and workers together, for development.
 
     They run as child processes in one process group; one Ctrl-C or SIGTERM
-    stops them all gracefully (a second one kills them) and exits 0.
+    stops them all gracefully, letting running tasks finish within
+    --grace-seconds (a second one kills them at once), and exits 0.
     """
     from ledgerq.api import server as api_server
 
@@ -256,7 +264,8 @@ def run(
     group = supervise.ProcessGroup(settings)
     level = ["--log-level", log_level]
     worker_args = ["worker", "--app", app, "--concurrency", str(concurrency),
-                   "--lease-seconds", str(lease_seconds), *level]  # fmt: skip
+                   "--lease-seconds", str(lease_seconds), "--grace-seconds", str(grace_seconds),
+                   *level]  # fmt: skip
     if queues:
         worker_args += ["--queues", queues]
     try:
@@ -268,7 +277,7 @@ def run(
     except BaseException:
         group.stop(timeout_s=5)
         raise
-    sys.exit(supervise.supervise(group))
+    sys.exit(supervise.supervise(group, grace_s=grace_seconds))
 
 
 async def _ping_redis(settings: config.Settings) -> None:
