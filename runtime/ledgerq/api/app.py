@@ -4,6 +4,7 @@ Given a ledger and a dispatcher, the app uses them and leaves closing them to
 the caller (tests, ``ledgerq api``, ``ledgerq run``). Given neither, it opens
 both from the settings when it starts (the ASGI lifespan) and closes them when
 it stops, so ``uvicorn 'module:app'`` works with a plain ``create_app(settings)``.
+Mounted inside another app, its lifespan runs only through ``lifespan(app)``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,30 @@ from ledgerq.ledger import AsyncLedger
 
 #: Connections the API's pool keeps at most; each request holds one briefly.
 POOL_SIZE_DEFAULT = 10
+
+
+@contextlib.asynccontextmanager
+async def lifespan(*apps: FastAPI) -> AsyncIterator[None]:
+    """Run the lifespan of ledgerq apps mounted inside another ASGI app.
+
+    A mounted sub-application's own lifespan never runs (Starlette runs only the
+    outer app's), so its ledger and Redis connections would never open and every
+    route would answer 503. Enter this in the outer app's lifespan::
+
+        queue_api = create_app(Settings.from_env())
+
+        @contextlib.asynccontextmanager
+        async def app_lifespan(app: FastAPI):
+            async with ledgerq.api.lifespan(queue_api):
+                yield
+
+        app = FastAPI(lifespan=app_lifespan)
+        app.mount("/queue", queue_api)
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        yield
 
 
 def create_app(
