@@ -129,7 +129,19 @@ def age(seconds: float | None) -> str:
 
 def first_line(text: str | None, limit: int = 100) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return clip(line, limit)
+
+
+def clip(text: str, limit: int) -> str:
+    """text, or its first words within limit characters and an ellipsis: never
+    cut mid-word (a word longer than the limit is cut)."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
 
 
 class OneLineGroup(click.Group):

@@ -15,7 +15,7 @@ Against a PostgreSQL server and a Redis (the local ones by default) it
    with other content, an email that fails twice after sending and succeeds on
    its third attempt, an invalid payload, an unknown task type, an operation
    that exhausts its attempts, and a request the API must refuse;
-4. shows live progress, then a summary of each SPEC.md guarantee and whether
+4. shows live progress, then a summary of each guarantee (README, Guarantees) and whether
    this run upheld it, checked against what the ledger recorded;
 5. stops every process it started (also on Ctrl-C or failure) and exits 0 only
    if every guarantee held. The database is kept for exploring with
@@ -161,7 +161,7 @@ def free_port() -> int:
 def worker_args() -> list[str]:
     return [
         "worker", "--app", APP, "--concurrency", str(WORKER_CONCURRENCY),
-        "--lease-seconds", str(LEASE_S), "--grace-seconds", "2", "--log-level", "WARNING",
+        "--lease-seconds", str(LEASE_S), "--grace-seconds", "2", "--log-level", "INFO",
     ]  # fmt: skip
 
 
@@ -252,11 +252,10 @@ async def _demo(
     import httpx  # the demo's HTTP client; imported here so other commands do not load it
 
     port = free_port()
-    group.start("api", ["api", "--port", str(port), "--log-level", "WARNING"])
-    group.start("dispatcher", ["dispatcher", "--log-level", "WARNING"])
-    group.start(
-        "reaper", ["reaper", "--interval", str(REAPER_INTERVAL_S), "--log-level", "WARNING"]
-    )
+    # INFO: services.log then tells the run's story (one line per task outcome).
+    group.start("api", ["api", "--port", str(port), "--log-level", "INFO"])
+    group.start("dispatcher", ["dispatcher", "--log-level", "INFO"])
+    group.start("reaper", ["reaper", "--interval", str(REAPER_INTERVAL_S), "--log-level", "INFO"])
     workers = [group.start(f"worker-{n}", worker_args()) for n in (1, 2)]
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + options.timeout_s
@@ -473,7 +472,14 @@ async def _watch(
         final = sum(counts[s.value] for s in TaskStatus if s.is_final)
         parts = "  ".join(f"{styled_status(s)} {counts[s.value]:>3}" for s in TaskStatus)
         done = final >= total and sum(counts.values()) == total
-        screen.progress(f"{parts}   ({final}/{total} final)", force=done)
+        waiting = (
+            ""
+            if done
+            # The last ones are usually a retry waiting out its backoff, or the
+            # killed worker's task waiting for its lease to expire and the reaper.
+            else f"; {total - final} running, or waiting for a retry's backoff or an expired lease"
+        )
+        screen.progress(f"{parts}   ({final}/{total} final{waiting})", force=done)
         if done:
             screen.step(f"all {total} accepted tasks reached a final state")
             return

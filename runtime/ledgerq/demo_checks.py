@@ -1,7 +1,7 @@
 """What ``ledgerq demo`` submitted, and each guarantee checked against the ledger.
 
 The demo (``ledgerq.demo``) records what it sent in a ``Run``; ``verify``
-reads back every task, attempt and effect and turns each SPEC.md guarantee
+reads back every task, attempt and effect and turns each guarantee (README, Guarantees)
 into a ``Check`` with its evidence. Nothing is assumed: a guarantee is upheld
 only if the ledger's own records show it.
 """
@@ -17,7 +17,7 @@ import click
 import psycopg
 
 from ledgerq import config, demo_app
-from ledgerq.admin import age, table
+from ledgerq.admin import age, clip, table
 from ledgerq.ledger import AsyncLedger
 from ledgerq.types import AttemptOutcome, Task, TaskStatus
 
@@ -233,13 +233,13 @@ def check_bad_input(run: Run, by_id: dict[int, Task]) -> Check:
                 problems.append(
                     f"task {task_id} ({kind}): DEAD after {task.attempts} attempts, reason {reason!r}"
                 )
-            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {reason[:90]}")
+            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {clip(reason, 90)}")
     succeeded = sum(1 for _, e in run.expected.values() if e is TaskStatus.SUCCEEDED)
     refused_ok = run.refused_code == 422 and "payload" in run.refused_message
     if not refused_ok:
         problems.append(f"bad request answered {run.refused_code}: {run.refused_message}")
     evidence = [
-        f"refused at the door: {run.refused_code} ({run.refused_message[:60]})",
+        f"refused at the door: {run.refused_code} ({clip(run.refused_message, 60)})",
         *dead_lines,
         f"the other {succeeded} tasks SUCCEEDED",
         *problems[:5],
@@ -272,7 +272,7 @@ def render_logs(effects: list[Any], logs: dict[str, dict[str, int]]) -> str:
 
 
 def render_checks(checks: list[Check]) -> str:
-    lines = [click.style("guarantee (SPEC.md), checked against the ledger", bold=True)]
+    lines = [click.style("guarantee (README, Guarantees), checked against the ledger", bold=True)]
     width = max(len(c.guarantee) for c in checks)
     for check in checks:
         mark = (

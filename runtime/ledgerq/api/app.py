@@ -57,7 +57,7 @@ def create_app(
     dispatch: Dispatch | None = None,
     max_body_bytes: int = body.MAX_BODY_BYTES_DEFAULT,
 ) -> FastAPI:
-    """The ledgerq HTTP API, with SPEC.md's routes, errors and auth."""
+    """The ledgerq HTTP API, with the README's routes, errors and auth."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
