@@ -71,7 +71,8 @@ def command_errors(func: F) -> F:
 
 
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+    # ensure_ascii=False: "café" stays readable; the output is UTF-8 JSON all the same.
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str, ensure_ascii=False))
 
 
 def styled_status(status: TaskStatus | str) -> str:
@@ -184,8 +185,28 @@ def open_ledger(settings: config.Settings) -> Ledger:
 # --- enqueue ---------------------------------------------------------------------
 
 
+def read_payload(text: str | None) -> str | None:
+    """PAYLOAD_JSON as given: ``-`` reads standard input, ``@FILE`` reads FILE
+    (for payloads too large for a command line); anything else is the JSON."""
+    if text == "-":
+        return sys.stdin.read()
+    if text is not None and text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise errors.InvalidInput(
+                f"PAYLOAD_JSON: cannot read {path!r}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise errors.InvalidInput(f"PAYLOAD_JSON: {path!r} is not UTF-8 text") from None
+    return text
+
+
 def parse_payload(text: str | None) -> JsonObject:
-    """PAYLOAD_JSON as a JSON object; InvalidInput otherwise."""
+    """PAYLOAD_JSON (or ``-``, or ``@FILE``) as a JSON object; InvalidInput otherwise."""
+    text = read_payload(text)
     if text is None:
         return {}
     try:
@@ -233,6 +254,20 @@ def render_enqueued(task: Task) -> str:
 
 # --- show ---------------------------------------------------------------------------
 
+#: How much of a payload or result `show` prints; `--json` prints everything.
+SHOWN_JSON_MAX = 2000
+
+
+def shown_json(value: Any) -> str:
+    """value as JSON for a terminal: non-ASCII kept, and cut (saying so) past SHOWN_JSON_MAX."""
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) <= SHOWN_JSON_MAX:
+        return text
+    return (
+        f"{text[:SHOWN_JSON_MAX]}… ({len(text):,} characters in all; "
+        "`ledgerq show ID --json` prints everything)"
+    )
+
 
 def render_task(task: Task) -> str:
     """The task and its attempt history, for a terminal."""
@@ -245,7 +280,7 @@ def render_task(task: Task) -> str:
         ),
         ("priority", str(task.priority)),
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
-        ("payload", json.dumps(task.payload)),
+        ("payload", shown_json(task.payload)),
         ("idempotency key", task.idempotency_key or "-"),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
@@ -253,7 +288,7 @@ def render_task(task: Task) -> str:
         ("finished", when(task.finished_at)),
     ]
     if task.result is not None:
-        fields.append(("result", json.dumps(task.result)))
+        fields.append(("result", shown_json(task.result)))
     if task.last_error:
         fields.append(("last error", first_line(task.last_error, 200)))
     width = max(len(name) for name, _ in fields)

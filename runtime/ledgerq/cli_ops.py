@@ -69,7 +69,11 @@ def enqueue(
     as_json: bool,
     **options: Any,
 ) -> None:
-    """Enqueue a task of TYPE with a JSON object PAYLOAD_JSON (default {})."""
+    """Enqueue a task of TYPE with a JSON object PAYLOAD_JSON (default {}).
+
+    PAYLOAD_JSON may be `-` (read standard input) or `@FILE` (read FILE), for
+    payloads too large for a command line.
+    """
     payload = admin.parse_payload(payload_json)
     settings = settings_from(options)
     ledger = admin.open_ledger(settings)
