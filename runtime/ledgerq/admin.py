@@ -339,7 +339,8 @@ def stats_json(summary: Sequence[QueueSummary], in_redis: dict[str, int]) -> Jso
     }
 
 
-def render_stats(summary: Sequence[QueueSummary], in_redis: dict[str, int]) -> str:
+def render_stats(summary: Sequence[QueueSummary], in_redis: dict[str, int] | None) -> str:
+    """The stats table; in_redis None: Redis could not be asked ("?")."""
     if not summary:
         return "no tasks in the ledger yet"
     headers = ["queue", *(s.value for s in _STATUSES), "in Redis", "oldest pending", "done/min"]
@@ -347,7 +348,7 @@ def render_stats(summary: Sequence[QueueSummary], in_redis: dict[str, int]) -> s
         [
             q.queue,
             *(str(q.counts.get(s, 0)) for s in _STATUSES),
-            str(in_redis.get(q.queue, 0)),
+            str(in_redis.get(q.queue, 0)) if in_redis is not None else "?",
             age(q.oldest_due_age_s),
             str(q.finished_last_minute),
         ]

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import functools
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -456,7 +457,19 @@ def api(
     setup_logging(log_level)
 
     async def main_coro() -> None:
-        ledger, dispatch = await open_services(settings, pool_size=API_POOL_SIZE)
+        # Redis is not needed to start: most routes read or write PostgreSQL
+        # only, and /readyz reports Redis until it answers.
+        ledger = await AsyncLedger.connect(settings.database_url, max_size=API_POOL_SIZE)
+        dispatch = Dispatch.connect(
+            settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
+        )
+        try:
+            await dispatch.ping()
+        except errors.DispatchError as exc:
+            logging.getLogger("ledgerq.api").warning(
+                "dispatch.unavailable %s; serving anyway (/readyz answers 503 until it answers)",
+                exc.message,
+            )
         try:
             app = api_app.create_app(settings, ledger=ledger, dispatch=dispatch)
             await api_server.serve(app, host=host, port=port, access_log=access_log)

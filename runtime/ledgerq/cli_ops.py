@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ledgerq import admin, benchrun, config, supervise
+from ledgerq import admin, benchrun, config, errors, supervise
 from ledgerq.cli import (
     _split_queues,
     connection_options,
@@ -142,11 +142,23 @@ def stats(as_json: bool, **options: Any) -> None:
         finally:
             await dispatch.close()
 
-    in_redis = asyncio.run(lengths())
+    redis_error: str | None = None
+    try:
+        in_redis: dict[str, int] | None = asyncio.run(lengths())
+    except errors.DispatchError as exc:
+        # What stats reports is the ledger's; Redis only adds its queue lengths.
+        in_redis, redis_error = None, exc.message
     if as_json:
-        admin.echo_json(admin.stats_json(summary, in_redis))
+        body = admin.stats_json(summary, in_redis or {})
+        if in_redis is None:
+            for queue in body["queues"]:
+                queue["waiting_in_redis"] = None
+            body["redis_error"] = redis_error
+        admin.echo_json(body)
     else:
         click.echo(admin.render_stats(summary, in_redis))
+    if redis_error is not None:
+        click.echo(f"ledgerq: {redis_error}: the 'in Redis' counts are unknown", err=True)
 
 
 @main.command()

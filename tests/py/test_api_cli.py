@@ -73,15 +73,23 @@ def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> Non
     assert result.stderr == "ledgerq: API token must be at least 8 characters\n"
 
 
-def test_ledgerq_api_with_redis_unreachable_exits_with_one_line(
+def test_ledgerq_api_serves_the_ledger_without_redis_and_readyz_says_so(
     settings: config.Settings,
 ) -> None:
-    result = run_api(settings, "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    with (
+        api_process(settings, "--redis-url", down) as api,
+        httpx.Client(base_url=api.base_url) as http,
+    ):
+        created = http.post("/tasks", json={"type": "email.send"})
+        fetched = http.get(f"/tasks/{created.json()['id']}")
+        ready = http.get("/readyz")
+        exit_status = api.stop()
 
-    assert result.returncode == 1
-    assert result.stderr.startswith("ledgerq: Redis is unavailable")
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1
+    assert (created.status_code, fetched.status_code) == (201, 200)
+    assert ready.status_code == 503
+    assert "Redis" in ready.text
+    assert exit_status == 0
 
 
 def test_ledgerq_api_with_postgresql_unreachable_exits_with_one_line(

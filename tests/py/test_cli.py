@@ -406,7 +406,7 @@ def test_unreachable_redis_is_one_line_and_exit_1(settings: config.Settings) -> 
         **cli_support.env_for(settings),
         "LEDGERQ_REDIS_URL": f"redis://127.0.0.1:{cli_support.closed_port()}/0",
     }
-    commands = [["stats"], ["run", "--app", "quickstart:tasks"], ["demo"]]
+    commands = [["run", "--app", "quickstart:tasks"], ["demo"]]
     for args, (code, out, err) in zip(commands, _run_all(commands, env), strict=True):
         assert code == 1, (args, code, out, err)
         line = cli_support.one_line(err)

@@ -62,3 +62,24 @@ def test_show_cuts_a_huge_payload_saying_so_and_json_prints_it_whole_and_readabl
     assert json.loads(whole.stdout)["payload"] == {**BIG, "who": "café"}
     assert '"who": "café"' in whole.stdout  # not \\u00e9
     assert admin.shown_json({"who": "café"}) == '{"who": "café"}'
+
+
+def test_stats_reports_the_ledger_without_redis_and_says_what_it_lacks(
+    settings: config.Settings, db: Conn
+) -> None:
+    db.execute("SELECT ledgerq.enqueue_task(task_type => 't')")
+    down = {"LEDGERQ_REDIS_URL": f"redis://127.0.0.1:{cli_support.closed_port()}/0"}
+    runner = CliRunner()
+    env = {**cli_support.env_for(settings), **down}
+
+    text = runner.invoke(main, ["stats"], env=env)
+    as_json = runner.invoke(main, ["stats", "--json"], env=env)
+
+    assert text.exit_code == 0, text.output
+    row = text.stdout.splitlines()[1].split()
+    assert row[:2] == ["default", "1"] and row[7] == "?"
+    assert text.stderr.startswith("ledgerq: Redis is unavailable")
+    body = json.loads(as_json.stdout)
+    assert body["queues"][0]["counts"]["PENDING"] == 1
+    assert body["queues"][0]["waiting_in_redis"] is None
+    assert body["redis_error"].startswith("Redis is unavailable")
