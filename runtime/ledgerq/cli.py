@@ -209,6 +209,19 @@ def run_until_signalled(main_coro: Callable[[], Awaitable[None]], stop: Callable
     asyncio.run(runner())
 
 
+def warn_undeclared_queues(queues: list[str] | None, registry: Registry, app: str) -> None:
+    """A warning (not an error: tasks may name any queue) for --queues naming a
+    queue none of the registry's task types declares, most likely a typo."""
+    declared = registry.queues()
+    undeclared = [q for q in queues or () if q not in declared]
+    if undeclared:
+        click.echo(
+            f"ledgerq: warning: --queues names {', '.join(undeclared)}, which no task type of "
+            f"{app} declares (they declare {', '.join(declared)}); a typo?",
+            err=True,
+        )
+
+
 def _split_queues(queues: str | None) -> list[str] | None:
     if not queues:
         return None
@@ -322,10 +335,12 @@ def worker(
     """
     settings = settings_from(options)
     # Fail fast, with a one-line message, before forking.
-    if len(load_registry(app)) == 0:
+    registry = load_registry(app)
+    if len(registry) == 0:
         click.echo(f"ledgerq: {app} has no task types: a worker would serve nothing", err=True)
         sys.exit(2)
     queue_list = _split_queues(queues)
+    warn_undeclared_queues(queue_list, registry, app)
     args = (settings, app, queue_list, concurrency, lease_seconds, grace_seconds, log_level)
     if processes == 1:
         _worker_process(*args, metrics_port)

@@ -26,6 +26,7 @@ from ledgerq.cli import (
     log_options,
     main,
     settings_from,
+    warn_undeclared_queues,
 )
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import probe
@@ -271,8 +272,8 @@ def run(
     from ledgerq.api import server as api_server
 
     settings = settings_from(options)
-    load_registry(app)  # fail fast, with one line, before starting anything
-    _split_queues(queues)
+    registry = load_registry(app)  # fail fast, with one line, before starting anything
+    warn_undeclared_queues(_split_queues(queues), registry, app)
     if settings.api_token is None and not api_server.is_loopback(host):
         admin.fail(f"refusing to serve the API on {host} without LEDGERQ_API_TOKEN", 2)
     probe(settings.database_url)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import cli_support
+import e2e_helpers as e2e
 import helpers
 import psycopg
 import pytest
@@ -133,3 +134,19 @@ def test_types_command_lists_registered_types_with_live_workers(
     assert text[0].split() == ["type", "queue", "max", "attempts", "timeout", "workers", "alive",
                                "last", "seen"]  # fmt: skip
     assert text[1].split()[:5] == ["email.send", "default", "5", "30s", "2"]
+
+
+@pytest.mark.e2e
+def test_worker_warns_when_queues_names_a_queue_no_task_type_declares(
+    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
+        typo = d.worker("--queues", "default,ordrs")
+        typo.wait_log("worker.started")
+        assert (
+            "warning: --queues names ordrs, which no task type of e2e_app:tasks declares"
+            in typo.log()
+        )
+        fine = d.worker("--queues", "default")
+        fine.wait_log("worker.started")
+        assert "warning" not in fine.log()
