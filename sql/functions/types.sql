@@ -123,10 +123,14 @@ LANGUAGE sql AS $$
     RETURNING true
 $$;
 
--- Whether some live worker (other than except_worker) serves task_type.
+-- Whether some live worker (other than except_worker) serves task_type (on
+-- queue, when one is given: a worker that serves the type on other queues
+-- would never receive the task).
+DROP FUNCTION IF EXISTS ledgerq.task_type_served(text, text);
 CREATE OR REPLACE FUNCTION ledgerq.task_type_served(
     task_type text,
-    except_worker text DEFAULT NULL
+    except_worker text DEFAULT NULL,
+    queue text DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (
@@ -134,12 +138,14 @@ LANGUAGE sql STABLE AS $$
         WHERE w.stopped_at IS NULL
           AND w.last_seen_at > now() - ledgerq.worker_liveness()
           AND task_type_served.task_type = ANY (w.task_types)
+          AND (task_type_served.queue IS NULL OR task_type_served.queue = ANY (w.queues))
           AND w.worker_id IS DISTINCT FROM except_worker
     )
 $$;
 
 -- task_hand_back: a worker received tasks of a type it has no handler for.
--- Where some other live worker serves the type (a rolling deploy), the task
+-- Where some other live worker serves the type on the task's queue (a rolling
+-- deploy), the task
 -- goes back to PENDING without spending an attempt, due again after
 -- delay_seconds (so the worker that cannot run it does not spin on it), and
 -- the reason is recorded in the attempt. Returns one row per input: PENDING
@@ -163,7 +169,7 @@ BEGIN
     INTO served_ids, served_attempts
     FROM unnest(task_ids, attempts) WITH ORDINALITY AS i(task_id, attempt, ord)
     JOIN ledgerq.tasks t ON t.id = i.task_id
-    WHERE ledgerq.task_type_served(t.task_type, worker_id);
+    WHERE ledgerq.task_type_served(t.task_type, worker_id, t.queue);
     IF served_ids IS NULL THEN
         RETURN QUERY SELECT i.task_id, NULL::text FROM unnest(task_ids) AS i(task_id);
         RETURN;

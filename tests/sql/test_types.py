@@ -183,3 +183,15 @@ def test_task_hand_back_fences_out_a_stale_attempt(db: Conn) -> None:
 
     assert row["status"] is None
     assert task(db, task_id)["status"] == "RUNNING"
+
+
+def test_task_hand_back_needs_a_live_worker_serving_the_type_on_the_tasks_queue(db: Conn) -> None:
+    register(db, "elsewhere", typedef("a.x", "orders"), queues=["orders"])
+    task_id = enqueue(db, "a.x", queue="default")
+    attempt = claimed(db, task_id, worker_id="w")
+
+    (row,) = call_rows(db, "task_hand_back", task_ids=[task_id], attempts=[attempt], worker_id="w")
+
+    assert row["status"] is None  # nobody would ever receive it on default
+    assert call_value(db, "task_type_served", task_type="a.x", queue="orders") is True
+    assert call_value(db, "task_type_served", task_type="a.x", queue="default") is False
