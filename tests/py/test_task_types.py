@@ -150,3 +150,61 @@ def test_worker_warns_when_queues_names_a_queue_no_task_type_declares(
         fine = d.worker("--queues", "default")
         fine.wait_log("worker.started")
         assert "warning" not in fine.log()
+
+
+NEW_APP = """
+from ledgerq import Registry
+
+tasks = Registry()
+
+
+@tasks.task("e2e.newer")
+async def newer(ctx, payload):
+    return None
+"""
+
+
+@pytest.mark.e2e
+def test_rolling_deploy_a_new_worker_hands_back_what_only_the_old_one_serves(
+    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
+        d.create_tables()
+        (d.app_dir / "new_app.py").write_text(NEW_APP)
+        d.dispatcher()
+        old = d.worker(concurrency=1)
+        new = d.start("worker", "--app", "new_app:tasks", "--concurrency", "4")
+        for proc in (old, new):
+            proc.wait_log("worker.started")
+        d.wait_for(
+            lambda: (
+                d.query_one(
+                    "SELECT workers_alive FROM ledgerq.task_types WHERE task_type = 'e2e.record'"
+                )
+                == (1,)
+            ),
+            "the old worker's registration",
+        )
+        ids = [
+            d.enqueue("e2e.record", {"n": n, "sleep_s": 0.05}, max_attempts=1) for n in range(12)
+        ]
+        d.wait_statuses({"SUCCEEDED": 12})
+
+        handed_back = d.query(
+            "SELECT count(*) FROM ledgerq.attempts WHERE task_id = ANY(%s) AND outcome = 'lost'",
+            (ids,),
+        )[0][0]
+        print(f"{handed_back} hand-back(s) by the new worker")
+        assert handed_back > 0, new.log()  # the new worker did receive some
+        assert "task.handed_back" in new.log()
+        assert set(d.runs_per_task().values()) == {1}  # each ran once, on the old worker
+
+        # The old version stops: nobody serves e2e.record any more.
+        old.send(e2e.signal.SIGTERM)
+        assert old.wait_exit(15) == 0
+        assert d.query_one(
+            "SELECT workers_alive FROM ledgerq.task_types WHERE task_type = 'e2e.record'"
+        ) == (0,)
+        late = d.enqueue("e2e.record", {"n": 99})
+        d.wait_for(lambda: d.task(late)["status"] == "DEAD", "the unserved task to go DEAD")
+        assert "unknown task type 'e2e.record'" in (d.task(late)["last_error"] or "")
