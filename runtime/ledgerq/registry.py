@@ -26,7 +26,7 @@ from typing import Any
 
 import pydantic
 
-from ledgerq import errors
+from ledgerq import errors, jsonvalue
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
 from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
 
@@ -269,6 +269,8 @@ class Context:
                 value = fn(*args)
             if inspect.isawaitable(value):
                 value = await value
+            # As JSON now, so later attempts get back exactly what this one did.
+            value = jsonvalue.plain(value)
             await self._ledger.record_effect(conn, effect_key, self.task_id, value)
             return value
 
@@ -296,6 +298,7 @@ class Context:
         value = fn(conn)
         if inspect.isawaitable(value):
             value = await value
+        value = jsonvalue.plain(value)
         await self._ledger.record_effect(conn, effect_key, self.task_id, value)
         return value
 
@@ -318,6 +321,7 @@ class Context:
         if recorded:
             return result
         value = fn(conn)
+        value = jsonvalue.plain(value)
         ledger.record_effect(conn, effect_key, self.task_id, value)
         return value
 

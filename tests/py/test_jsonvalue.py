@@ -138,3 +138,20 @@ async def test_a_handler_result_that_is_not_json_fails_for_good_after_one_attemp
     assert task.last_error is not None
     assert task.last_error.startswith("NonRetryable: handler returned a value that is not JSON")
     assert "set" in task.last_error
+
+
+async def test_ctx_once_records_a_model_or_dataclass_result_as_json(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    seen: list[Any] = []
+
+    @tasks.task("charge")
+    async def charge(ctx: Context, payload: dict[str, Any]) -> None:
+        seen.append(await ctx.once("charge:1", lambda: ORDER))
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("charge")
+        await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert seen == [ORDER_JSON]
+    assert db.execute("SELECT result FROM ledgerq.effects").fetchone() == (ORDER_JSON,)
