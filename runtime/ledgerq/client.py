@@ -15,11 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import errors, jsonvalue, metrics
+from ledgerq import errors, jsonvalue, metrics, types
 from ledgerq.config import Settings
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
-from ledgerq.queries import NewTask
-from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, Task, TaskStatus, TaskTypes
 
 _TASK_FIELDS = {
     "task_type", "payload", "queue", "priority", "run_at", "delay", "max_attempts",
@@ -30,7 +28,7 @@ _TASK_FIELDS = {
 class _Defaults:
     """Turns enqueue arguments into a NewTask, with the registry's defaults."""
 
-    def __init__(self, registry: TaskTypes | None) -> None:
+    def __init__(self, registry: types.TaskTypes | None) -> None:
         self.registry = registry
 
     def new_task(
@@ -44,7 +42,7 @@ class _Defaults:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
-    ) -> NewTask:
+    ) -> types.NewTask:
         definition = self.registry.get(task_type) if self.registry is not None else None
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
@@ -54,21 +52,23 @@ class _Defaults:
             raise errors.InvalidInput("give run_at or delay, not both")
         if delay:
             run_at = datetime.now().astimezone() + timedelta(seconds=delay)
-        return NewTask(
+        # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
+        # to refuse (LQ422), not a request for the default.
+        if queue is None:
+            queue = definition.queue if definition else types.QUEUE_DEFAULT
+        if max_attempts is None:
+            max_attempts = definition.max_attempts if definition else types.MAX_ATTEMPTS_DEFAULT
+        return types.NewTask(
             task_type=task_type,
             payload=jsonvalue.payload(payload),
-            # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
-            # to refuse (LQ422), not a request for the default.
-            queue=(definition.queue if definition else QUEUE_DEFAULT) if queue is None else queue,
+            queue=queue,
             priority=priority,
             run_at=run_at,
-            max_attempts=(definition.max_attempts if definition else MAX_ATTEMPTS_DEFAULT)
-            if max_attempts is None
-            else max_attempts,
+            max_attempts=max_attempts,
             idempotency_key=idempotency_key,
         )
 
-    def from_mapping(self, item: Mapping[str, Any]) -> NewTask:
+    def from_mapping(self, item: Mapping[str, Any]) -> types.NewTask:
         unknown = set(item) - _TASK_FIELDS
         if unknown:
             raise errors.InvalidInput(f"unknown task field(s): {', '.join(sorted(unknown))}")
@@ -86,7 +86,7 @@ def _seconds(timeout: float | timedelta | None) -> float | None:
     return timeout
 
 
-def _count_enqueued(news: Iterable[NewTask], tasks: Iterable[Task]) -> None:
+def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
     for new, task in zip(news, tasks, strict=True):
         if task.created:
             metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
@@ -99,7 +99,7 @@ class Client:
         self,
         settings: Settings | None = None,
         *,
-        registry: TaskTypes | None = None,
+        registry: types.TaskTypes | None = None,
         ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
@@ -135,7 +135,7 @@ class Client:
         queue: str | None = None,
         max_attempts: int | None = None,
         conn: SyncConn | None = None,
-    ) -> Task:
+    ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
@@ -147,25 +147,25 @@ class Client:
 
     def enqueue_many(
         self, tasks: Sequence[Mapping[str, Any]], conn: SyncConn | None = None
-    ) -> list[Task]:
+    ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
         results = self.ledger.enqueue_tasks(news, conn)
         _count_enqueued(news, results)
         return results
 
-    def get(self, task_id: int) -> Task:
+    def get(self, task_id: int) -> types.Task:
         return self.ledger.get(task_id)
 
-    def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:
+    def wait(self, task_id: int, timeout: float | timedelta | None = None) -> types.Task:
         """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
         ledger, not by polling; raises TimeoutError after timeout (None: no limit)."""
         return self.ledger.wait_final(task_id, _seconds(timeout))
 
-    def cancel(self, task_id: int) -> TaskStatus:
+    def cancel(self, task_id: int) -> types.TaskStatus:
         return self.ledger.cancel(task_id)
 
-    def retry(self, task_id: int) -> TaskStatus:
+    def retry(self, task_id: int) -> types.TaskStatus:
         return self.ledger.retry(task_id)
 
 
@@ -176,7 +176,7 @@ class AsyncClient:
         self,
         settings: Settings | None = None,
         *,
-        registry: TaskTypes | None = None,
+        registry: types.TaskTypes | None = None,
         ledger: AsyncLedger | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
@@ -211,7 +211,7 @@ class AsyncClient:
         queue: str | None = None,
         max_attempts: int | None = None,
         conn: AsyncConn | None = None,
-    ) -> Task:
+    ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
@@ -224,7 +224,7 @@ class AsyncClient:
 
     async def enqueue_many(
         self, tasks: Sequence[Mapping[str, Any]], conn: AsyncConn | None = None
-    ) -> list[Task]:
+    ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
         ledger = await self.ledger()
@@ -232,18 +232,18 @@ class AsyncClient:
         _count_enqueued(news, results)
         return results
 
-    async def get(self, task_id: int) -> Task:
+    async def get(self, task_id: int) -> types.Task:
         return await (await self.ledger()).get(task_id)
 
     # The README's signature, shared with Client.wait; the same as asyncio.timeout.
-    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> Task:  # noqa: ASYNC109
+    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> types.Task:  # noqa: ASYNC109
         """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
         ledger, not by polling; raises TimeoutError after timeout (None: no limit).
         Any number of waits share one listening connection."""
         return await (await self.ledger()).wait_final(task_id, _seconds(timeout))
 
-    async def cancel(self, task_id: int) -> TaskStatus:
+    async def cancel(self, task_id: int) -> types.TaskStatus:
         return await (await self.ledger()).cancel(task_id)
 
-    async def retry(self, task_id: int) -> TaskStatus:
+    async def retry(self, task_id: int) -> types.TaskStatus:
         return await (await self.ledger()).retry(task_id)

@@ -28,11 +28,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
-from ledgerq import errors
-from ledgerq.types import DueTask, TaskId
+from ledgerq import errors, types
 
-PRIORITY_MIN = -32768
-PRIORITY_MAX = 32767
 # Priorities take 16 bits above 37 bits of task id: 2^53, the exact range of
 # the double Redis stores scores in.
 _ID_BITS = 37
@@ -49,17 +46,17 @@ log = logging.getLogger("ledgerq.dispatch")
 
 def task_score(priority: int, task_id: int) -> int:
     """Lower pops first: higher priority, then lower (older) id."""
-    clamped = min(max(priority, PRIORITY_MIN), PRIORITY_MAX)
-    return ((PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
+    clamped = min(max(priority, types.PRIORITY_MIN), types.PRIORITY_MAX)
+    return ((types.PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
 
 
-def _task_ids(members: Any) -> list[TaskId]:
+def _task_ids(members: Any) -> list[types.TaskId]:
     """Task ids from queue members; anything else someone put there is dropped
     (the ledger, not Redis, says what needs running)."""
-    ids: list[TaskId] = []
+    ids: list[types.TaskId] = []
     for member in members:
         try:
-            ids.append(TaskId(int(member)))
+            ids.append(types.TaskId(int(member)))
         except (TypeError, ValueError):
             log.warning("dispatch.ignored a queue member that is not a task id: %r", member)
     return ids
@@ -137,7 +134,7 @@ class Dispatch:
         with _translated():
             await self.client.ping()
 
-    async def push(self, tasks: Sequence[DueTask]) -> int:
+    async def push(self, tasks: Sequence[types.DueTask]) -> int:
         """Add task ids to their queues; an id already waiting is not added twice."""
         if not tasks:
             return 0
@@ -155,7 +152,7 @@ class Dispatch:
                 added = await pipe.execute()
         return sum(int(n) for n in added)
 
-    async def pop(self, queues: Sequence[str], count: int) -> list[TaskId]:
+    async def pop(self, queues: Sequence[str], count: int) -> list[types.TaskId]:
         """Take up to count ids at once without waiting, best first across queues."""
         if count < 1:
             return []
@@ -167,7 +164,7 @@ class Dispatch:
             taken = await self._pop_script(keys=keys, args=[count])
         return _task_ids(taken)
 
-    async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> TaskId | None:
+    async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> types.TaskId | None:
         """Block until one id is available (None after timeout_s, at most POP_WAIT_MAX_S)."""
         keys = [self.queue_key(q) for q in queues]
         with _translated():
@@ -177,7 +174,7 @@ class Dispatch:
         ids = _task_ids([item[1]])
         return ids[0] if ids else None
 
-    async def waiting(self, tasks: Sequence[DueTask]) -> list[bool]:
+    async def waiting(self, tasks: Sequence[types.DueTask]) -> list[bool]:
         """For each task, whether its id is waiting in its queue right now."""
         if not tasks:
             return []

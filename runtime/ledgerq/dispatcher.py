@@ -32,11 +32,9 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from ledgerq import errors
+from ledgerq import errors, queries, service, types
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NOTIFY_CHANNEL
-from ledgerq.types import DueTask
 
 BATCH_SIZE_DEFAULT = 500
 POLL_INTERVAL_DEFAULT_S = 1.0
@@ -44,7 +42,6 @@ SWEEP_INTERVAL_DEFAULT_S = 5.0
 RECHECK_AFTER_DEFAULT_S = 10.0
 EPOCH_CHECK_INTERVAL_S = 1.0
 SWEEP_BATCH = 5000
-RECONNECT_MAX_S = 5.0
 
 log = logging.getLogger("ledgerq.dispatcher")
 
@@ -73,7 +70,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._epoch: str | None = None
-        self._unpushed: list[DueTask] = []
+        self._unpushed: list[types.DueTask] = []
         #: Totals since start, for tests and stats.
         self.dispatched = 0
         self.redelivered = 0
@@ -167,7 +164,7 @@ class Dispatcher:
                         else "ledger.unavailable"
                     )
                     log.warning("%s %s (retrying)", event, exc.message)
-                    sleep_s = min(RECONNECT_MAX_S, 0.1 * 2**failures)
+                    sleep_s = service.reconnect_delay_s(failures)
                     next_epoch_check = 0.0  # Redis may have come back empty
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=sleep_s)
@@ -189,7 +186,7 @@ class Dispatcher:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
                 async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                     failures = 0
                     self._wake.set()  # something may have been enqueued while we were away
                     async for _notify in conn.notifies():
@@ -197,4 +194,4 @@ class Dispatcher:
             except psycopg.Error as exc:
                 failures += 1
                 log.warning("ledger.unavailable listen: %s", errors.first_line(exc))
-                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
+                await asyncio.sleep(service.reconnect_delay_s(failures))

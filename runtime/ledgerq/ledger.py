@@ -1,8 +1,18 @@
-"""The only code that talks to PostgreSQL: one typed method per SQL function.
+"""The only code that talks to PostgreSQL: one typed method per SQL function call.
 
 ``AsyncLedger`` serves the worker, dispatcher, reaper, API and ``AsyncClient``;
-``Ledger`` serves the synchronous ``Client`` and the command line. Both send
-the same query texts and decode rows with the same functions (queries.py). psycopg errors are translated here into ``ledgerq.errors``: SQLSTATE
+``Ledger`` serves the synchronous ``Client`` and the command line. Each method
+runs a plan from ``queries.py`` (the query, its parameters and its decoding,
+written once for both twins), so each is one line in both.
+
+Transactions live here too. ``AsyncTransaction`` and its synchronous twin
+``Transaction`` begin on a pooled connection at their first statement: ``ctx.once``
+uses one as a context manager, and a handler's ``ctx.once_in_transaction``
+writes go into one that the worker ends with ``finish(outcome)``: the attempt
+is completed inside it and committed with the handler's writes, or (failed,
+fenced, lost) all of it rolls back. Nothing outside this module touches a pool.
+
+psycopg errors are translated here into ``ledgerq.errors``: SQLSTATE
 ``LQ422`` → ``InvalidInput``, ``LQ409`` → ``IdempotencyConflict`` or
 ``InvalidTransition``, ``LQ404`` → ``TaskNotFound``, a lost or refused
 connection → ``LedgerUnavailable``.
@@ -12,80 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-from collections.abc import AsyncIterator, Iterator, Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, LiteralString
+from types import TracebackType
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ledgerq import errors, finals
-from ledgerq.queries import (
-    CANCEL,
-    CLAIM,
-    COMPLETE,
-    EFFECT_LOCK,
-    EFFECTS_OF,
-    ENQUEUE_MANY,
-    ENQUEUE_MANY_STAMPED,
-    ENQUEUE_STAMPED,
-    GET_ATTEMPTS,
-    GET_ATTEMPTS_MANY,
-    GET_TASK,
-    GET_TASKS,
-    HAND_BACK,
-    HEARTBEAT,
-    LIST_TASKS,
-    NEXT_RUN_AT,
-    QUEUE_DEPTHS,
-    QUEUE_STATS,
-    QUEUE_SUMMARY,
-    QUEUED_CONFIRM,
-    QUEUED_STALE,
-    REAP,
-    RECORD_EFFECT,
-    RELEASE,
-    RETRY,
-    TAKE_DUE,
-    TASK_TYPES,
-    WORKER_HEARTBEAT,
-    WORKER_REGISTER,
-    WORKER_STOP,
-    EffectRecord,
-    NewTask,
-    QueueDepth,
-    QueueSummary,
-    complete_params,
-    decode_attempt,
-    decode_claimed,
-    decode_queue_summary,
-    decode_task,
-    decode_task_type,
-    enqueue_params,
-    enqueued,
-    list_params,
-    status_or_none,
-)
-from ledgerq.types import (
-    Attempt,
-    ClaimedTask,
-    DueTask,
-    JsonObject,
-    JsonValue,
-    Outcome,
-    QueueStat,
-    Task,
-    TaskId,
-    TaskStatus,
-    TaskTypeInfo,
-)
+from ledgerq import errors, finals, queries, types
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
 SyncConn = psycopg.Connection[TupleRow]
+T = TypeVar("T")
 
 # --- error translation -----------------------------------------------------------
 
@@ -147,7 +99,7 @@ def probe(database_url: str, *, timeout_s: int = 5) -> None:
         translated(),
         psycopg.connect(database_url, autocommit=True, connect_timeout=max(2, timeout_s)) as conn,
     ):
-        conn.execute("SELECT 1")
+        conn.execute(queries.PING)
 
 
 # Ask the server to probe idle client sockets, so a worker host that vanished
@@ -172,6 +124,183 @@ def _conninfo(conninfo: object) -> str:
     return conninfo
 
 
+# --- running plans -------------------------------------------------------------------
+
+
+async def _run_async(plan: queries.Plan[T], conn: AsyncConn) -> T:
+    """Send each of plan's statements on conn and hand it the rows; its answer."""
+    with translated():
+        try:
+            call = next(plan)
+            while True:
+                cursor = await conn.execute(call.text, call.params)
+                call = plan.send(await cursor.fetchall())
+        except StopIteration as done:
+            answer: T = done.value
+            return answer
+
+
+def _run(plan: queries.Plan[T], conn: SyncConn) -> T:
+    """The blocking twin of _run_async."""
+    with translated():
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(conn.execute(call.text, call.params).fetchall())
+        except StopIteration as done:
+            answer: T = done.value
+            return answer
+
+
+# --- transactions ----------------------------------------------------------------------
+
+
+class AsyncTransaction:
+    """A transaction on a pooled connection, begun at its first statement.
+
+    As ``async with ledger.transaction() as tx:`` it commits when the block
+    ends and rolls back if it raises. As a handler's transaction it is ended
+    by ``finish(outcome)``. Either way the connection goes back to the pool.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConn]) -> None:
+        self._pool = pool
+        self._conn: AsyncConn | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self._conn is not None
+
+    async def connection(self) -> AsyncConn:
+        """The transaction's connection (BEGIN on a pooled one the first time)."""
+        if self._conn is None:
+            with translated():
+                conn = await self._pool.getconn()
+                try:
+                    await conn.execute("BEGIN")
+                except BaseException:
+                    await self._pool.putconn(conn)
+                    raise
+            self._conn = conn
+        return self._conn
+
+    async def effect_lock(self, effect_key: str) -> tuple[bool, types.JsonValue]:
+        """Lock effect_key until the transaction ends; (already recorded?, its result)."""
+        return await _run_async(queries.effect_lock(effect_key), await self.connection())
+
+    async def record_effect(self, effect_key: str, task_id: int, result: types.JsonValue) -> bool:
+        plan = queries.record_effect(effect_key, task_id, result)
+        return await _run_async(plan, await self.connection())
+
+    async def finish(self, outcome: types.Outcome | None) -> types.TaskStatus | None:
+        """End the transaction; the status the attempt's completion committed, if any.
+
+        A succeeded outcome is completed inside the transaction (complete_tasks)
+        and committed with the handler's writes, unless the attempt was fenced
+        (another attempt owns the task: None), when all of it rolls back. A
+        failed outcome, or None (the attempt was lost), rolls back; its caller
+        records a failed outcome the usual way. Raises LedgerError when
+        completing or committing failed: then nothing was committed.
+        """
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return None
+        try:
+            status: types.TaskStatus | None = None
+            if outcome is not None and outcome.succeeded:
+                (status,) = await _run_async(queries.complete([outcome]), conn)
+            with translated():
+                await conn.execute("COMMIT" if status is not None else "ROLLBACK")
+            return status
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            if outcome is None or not outcome.succeeded:
+                return None  # it was to roll back anyway; the server drops the rest
+            raise
+        finally:
+            await self._pool.putconn(conn)
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if exc_type is None:
+                with translated():
+                    await conn.execute("COMMIT")
+            else:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+        finally:
+            await self._pool.putconn(conn)
+
+
+class Transaction:
+    """AsyncTransaction's twin for a plain ``def`` handler, used from its thread."""
+
+    def __init__(self, pool: ConnectionPool[SyncConn]) -> None:
+        self._pool = pool
+        self._conn: SyncConn | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self._conn is not None
+
+    def connection(self) -> SyncConn:
+        """The transaction's connection (BEGIN on a pooled one the first time)."""
+        if self._conn is None:
+            with translated():
+                conn = self._pool.getconn()
+                try:
+                    conn.execute("BEGIN")
+                except BaseException:
+                    self._pool.putconn(conn)
+                    raise
+            self._conn = conn
+        return self._conn
+
+    def effect_lock(self, effect_key: str) -> tuple[bool, types.JsonValue]:
+        """Lock effect_key until the transaction ends; (already recorded?, its result)."""
+        return _run(queries.effect_lock(effect_key), self.connection())
+
+    def record_effect(self, effect_key: str, task_id: int, result: types.JsonValue) -> bool:
+        return _run(queries.record_effect(effect_key, task_id, result), self.connection())
+
+    async def finish(self, outcome: types.Outcome | None) -> types.TaskStatus | None:
+        """AsyncTransaction.finish, in a thread: the worker ends every handler's
+        transaction from its event loop, and this one's statements block."""
+        return await asyncio.to_thread(self._finish, outcome)
+
+    def _finish(self, outcome: types.Outcome | None) -> types.TaskStatus | None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return None
+        try:
+            status: types.TaskStatus | None = None
+            if outcome is not None and outcome.succeeded:
+                (status,) = _run(queries.complete([outcome]), conn)
+            with translated():
+                conn.execute("COMMIT" if status is not None else "ROLLBACK")
+            return status
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            if outcome is None or not outcome.succeeded:
+                return None
+            raise
+        finally:
+            self._pool.putconn(conn)
+
+
 # --- the async ledger ------------------------------------------------------------
 
 
@@ -179,7 +308,9 @@ class AsyncLedger:
     """Typed async calls into the ledger's SQL functions, over a connection pool."""
 
     def __init__(self, pool: AsyncConnectionPool[AsyncConn]) -> None:
-        self.pool = pool
+        self._pool = pool
+        self._sync_twin: Ledger | None = None
+        self._sync_twin_lock = threading.Lock()
         self._finals: finals.FinalWatcher | None = None
 
     @classmethod
@@ -206,186 +337,145 @@ class AsyncLedger:
     async def close(self) -> None:
         if self._finals is not None:
             await self._finals.close()
-        await self.pool.close()
+        await self._pool.close()
+        if self._sync_twin is not None:
+            await asyncio.to_thread(self._sync_twin.close)
 
-    async def wait_final(self, task_id: int, timeout_s: float | None = None) -> Task:
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    async def wait_final(self, task_id: int, timeout_s: float | None = None) -> types.Task:
         """The task once it is final, woken by the ledger's NOTIFY (one LISTEN
         connection shared by every waiter); TimeoutError after timeout_s."""
         if self._finals is None:
-            self._finals = finals.FinalWatcher(_conninfo(self.pool.conninfo), self.get)
+            self._finals = finals.FinalWatcher(_conninfo(self._pool.conninfo), self.get)
         # Not inside translated(): TimeoutError is an OSError. The reads raise
         # ledgerq errors already, and the listener handles its own failures.
         return await self._finals.wait(task_id, timeout_s)
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConn]:
-        """A pooled connection in autocommit mode."""
+    async def _run(self, plan: queries.Plan[T], conn: AsyncConn | None = None) -> T:
+        """Run plan on conn (the caller's transaction), or on a pooled connection."""
+        if conn is not None:
+            return await _run_async(plan, conn)
         with translated():
-            async with self.pool.connection() as conn:
-                yield conn
+            async with self._pool.connection() as pooled:
+                return await _run_async(plan, pooled)
 
-    async def _rows(
-        self, query: LiteralString, params: Any = None, conn: AsyncConn | None = None
-    ) -> list[tuple[Any, ...]]:
-        with translated():
-            if conn is not None:
-                cur = await conn.execute(query, params)
-                return await cur.fetchall()
-            async with self.pool.connection() as pooled:
-                cur = await pooled.execute(query, params)
-                return await cur.fetchall()
+    def transaction(self) -> AsyncTransaction:
+        """A transaction, begun at its first statement (see AsyncTransaction)."""
+        return AsyncTransaction(self._pool)
+
+    def sync_transaction(self) -> Transaction:
+        """A transaction for a plain ``def`` handler's thread, on a synchronous pool
+        of this ledger's size, opened on first use (so a worker whose handlers
+        are all ``async def`` never opens it)."""
+        with self._sync_twin_lock:
+            if self._sync_twin is None:
+                conninfo = self._pool.conninfo
+                if not isinstance(conninfo, str):
+                    raise errors.ConfigError("plain def handlers need a pool with a fixed conninfo")
+                self._sync_twin = Ledger.connect(conninfo, max_size=self._pool.max_size)
+        return self._sync_twin.transaction()
 
     async def ping(self) -> None:
-        await self._rows("SELECT 1")
+        await self._run(queries.ping())
 
     # enqueue
-    async def enqueue_many(
-        self, tasks: Sequence[NewTask] | Sequence[JsonObject], conn: AsyncConn | None = None
-    ) -> list[tuple[TaskId, bool]]:
-        body = [t.to_json() if isinstance(t, NewTask) else t for t in tasks]
-        rows = await self._rows(ENQUEUE_MANY, (Jsonb(body),), conn)
-        return [(TaskId(r[0]), bool(r[1])) for r in rows]
+    async def enqueue_many(self, tasks: Sequence[types.NewTask]) -> list[tuple[types.TaskId, bool]]:
+        """enqueue_tasks: (id, created) per task, in input order; nothing read back."""
+        return await self._run(queries.enqueue_many(tasks))
 
-    async def enqueue_task(self, task: NewTask, conn: AsyncConn | None = None) -> Task:
+    async def enqueue_task(self, task: types.NewTask, conn: AsyncConn | None = None) -> types.Task:
         """Enqueue; the task with ``created`` set (one round trip unless a key replays)."""
-        (row,) = await self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
-        replayed = {} if row[1] else {row[0]: await self.get(row[0], conn)}
-        return enqueued([task], [row], replayed)[0]
+        return await self._run(queries.enqueue_task(task), conn)
 
     async def enqueue_tasks(
-        self, tasks: Sequence[NewTask], conn: AsyncConn | None = None
-    ) -> list[Task]:
+        self, tasks: Sequence[types.NewTask], conn: AsyncConn | None = None
+    ) -> list[types.Task]:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
-        rows = await self._rows(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),), conn)
-        old = [r[0] for r in rows if not r[1]]
-        replayed = {t.id: t for t in await self.get_many(old, conn, history=True)} if old else {}
-        return enqueued(tasks, rows, replayed)
+        return await self._run(queries.enqueue_tasks(tasks), conn)
 
     # worker
     async def claim(
         self, task_ids: Sequence[int], worker_id: str, lease_s: int
-    ) -> list[ClaimedTask]:
-        rows = await self._rows(CLAIM, (list(task_ids), worker_id, lease_s))
-        return [decode_claimed(r) for r in rows]
+    ) -> list[types.ClaimedTask]:
+        return await self._run(queries.claim(task_ids, worker_id, lease_s))
 
     async def heartbeat(
         self, leases: Sequence[tuple[int, int]], lease_s: int
-    ) -> list[tuple[TaskId, int, str]]:
-        rows = await self._rows(
-            HEARTBEAT, ([t for t, _ in leases], [a for _, a in leases], lease_s)
-        )
-        return [(TaskId(r[0]), r[1], r[2]) for r in rows]
+    ) -> list[tuple[types.TaskId, int, str]]:
+        return await self._run(queries.heartbeat(leases, lease_s))
 
-    async def complete(
-        self, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
-    ) -> list[TaskStatus | None]:
-        rows = await self._rows(COMPLETE, complete_params(outcomes), conn)
-        return [status_or_none(r[2]) for r in rows]
+    async def complete(self, outcomes: Sequence[types.Outcome]) -> list[types.TaskStatus | None]:
+        return await self._run(queries.complete(outcomes))
 
     async def release(
         self, leases: Sequence[tuple[int, int]], reason: str
-    ) -> list[TaskStatus | None]:
-        rows = await self._rows(RELEASE, ([t for t, _ in leases], [a for _, a in leases], reason))
-        return [status_or_none(r[1]) for r in rows]
+    ) -> list[types.TaskStatus | None]:
+        return await self._run(queries.release(leases, reason))
 
     async def hand_back(
         self, leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
-    ) -> list[TaskStatus | None]:
+    ) -> list[types.TaskStatus | None]:
         """Hand back tasks of a type another live worker serves (no attempt spent);
         None for a task no live worker serves."""
-        rows = await self._rows(
-            HAND_BACK, ([t for t, _ in leases], [a for _, a in leases], worker_id, delay_s)
-        )
-        return [status_or_none(r[1]) for r in rows]
+        return await self._run(queries.hand_back(leases, worker_id, delay_s))
 
     # task types known to the ledger
     async def register_worker(
-        self, worker_id: str, queues: Sequence[str], types: Sequence[JsonObject], concurrency: int
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        task_types: Sequence[types.JsonObject],
+        concurrency: int,
     ) -> int:
         """Register a worker and the task types it serves; how many types."""
-        (row,) = await self._rows(
-            WORKER_REGISTER, (worker_id, list(queues), Jsonb(list(types)), concurrency)
-        )
-        return int(row[0])
+        return await self._run(queries.register_worker(worker_id, queues, task_types, concurrency))
 
     async def worker_heartbeat(self, worker_id: str) -> bool:
         """Keep a registration alive; False if it is gone (register again)."""
-        (row,) = await self._rows(WORKER_HEARTBEAT, (worker_id,))
-        return bool(row[0])
+        return await self._run(queries.worker_heartbeat(worker_id))
 
     async def worker_stop(self, worker_id: str) -> None:
         """A graceful stop: the worker no longer counts as serving its types."""
-        await self._rows(WORKER_STOP, (worker_id,))
+        await self._run(queries.worker_stop(worker_id))
 
-    async def task_types(self) -> list[TaskTypeInfo]:
-        return [decode_task_type(r) for r in await self._rows(TASK_TYPES)]
-
-    # effects
-    async def effect_lock(self, conn: AsyncConn, effect_key: str) -> tuple[bool, JsonValue]:
-        """Lock effect_key for conn's transaction; (already recorded?, its result)."""
-        (row,) = await self._rows(EFFECT_LOCK, (effect_key,), conn)
-        return bool(row[0]), row[1]
-
-    async def record_effect(
-        self, conn: AsyncConn | None, effect_key: str, task_id: int, result: JsonValue
-    ) -> bool:
-        (row,) = await self._rows(
-            RECORD_EFFECT,
-            (effect_key, task_id, Jsonb(result) if result is not None else None),
-            conn,
-        )
-        return bool(row[0])
+    async def task_types(self) -> list[types.TaskTypeInfo]:
+        return await self._run(queries.task_types())
 
     # dispatcher
-    async def take_due(self, batch_size: int) -> list[DueTask]:
+    async def take_due(self, batch_size: int) -> list[types.DueTask]:
         """Up to batch_size due PENDING tasks, now QUEUED (one statement, committed)."""
-        rows = await self._rows(TAKE_DUE, (batch_size,))
-        return [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
+        return await self._run(queries.take_due(batch_size))
 
     async def next_run_at(self) -> datetime | None:
-        (row,) = await self._rows(NEXT_RUN_AT)
-        value: datetime | None = row[0]
-        return value
+        return await self._run(queries.next_run_at())
 
-    async def queued_stale(self, older_than_s: float, batch_size: int) -> list[DueTask]:
-        rows = await self._rows(QUEUED_STALE, (older_than_s, batch_size))
-        return [DueTask(TaskId(r[0]), r[1], r[2]) for r in rows]
+    async def queued_stale(self, older_than_s: float, batch_size: int) -> list[types.DueTask]:
+        return await self._run(queries.queued_stale(older_than_s, batch_size))
 
     async def queued_confirm(self, task_ids: Sequence[int]) -> int:
-        (row,) = await self._rows(QUEUED_CONFIRM, (list(task_ids),))
-        return int(row[0])
+        return await self._run(queries.queued_confirm(task_ids))
 
     # reaper
     async def reap(self) -> int:
-        (row,) = await self._rows(REAP)
-        return int(row[0])
+        return await self._run(queries.reap())
 
     # operators
-    async def cancel(self, task_id: int) -> TaskStatus:
-        (row,) = await self._rows(CANCEL, (task_id,))
-        return TaskStatus(row[0])
+    async def cancel(self, task_id: int) -> types.TaskStatus:
+        return await self._run(queries.cancel(task_id))
 
-    async def retry(self, task_id: int) -> TaskStatus:
-        (row,) = await self._rows(RETRY, (task_id,))
-        return TaskStatus(row[0])
+    async def retry(self, task_id: int) -> types.TaskStatus:
+        return await self._run(queries.retry(task_id))
 
-    async def get(self, task_id: int, conn: AsyncConn | None = None) -> Task:
-        """The task with its attempt history; conn sees the caller's own transaction."""
-        rows = await self._rows(GET_TASK, (task_id,), conn)
-        if not rows:
-            raise errors.TaskNotFound(f"task {task_id} does not exist")
-        history = await self._rows(GET_ATTEMPTS, (task_id,), conn)
-        return decode_task(rows[0], [decode_attempt(a) for a in history])
+    async def get(self, task_id: int) -> types.Task:
+        """The task with its attempt history."""
+        return await self._run(queries.get(task_id))
 
-    async def get_many(
-        self, task_ids: Sequence[int], conn: AsyncConn | None = None, *, history: bool = False
-    ) -> list[Task]:
+    async def get_many(self, task_ids: Sequence[int], *, history: bool = False) -> list[types.Task]:
         """Tasks by id, in no particular order; with their attempts if history."""
-        tasks = [decode_task(r) for r in await self._rows(GET_TASKS, (list(task_ids),), conn)]
-        if not history:
-            return tasks
-        attempts = await self.attempts_of(task_ids, conn)
-        return [dataclasses.replace(t, attempt_history=attempts.get(t.id, ())) for t in tasks]
+        return await self._run(queries.get_many(task_ids, history=history))
 
     async def list_tasks(
         self,
@@ -393,50 +483,42 @@ class AsyncLedger:
         status: str | None = None,
         queue: str | None = None,
         task_type: str | None = None,
-        limit: int = 50,
+        limit: int = types.LIST_LIMIT_DEFAULT,
         before_id: int | None = None,
-    ) -> list[Task]:
-        rows = await self._rows(LIST_TASKS, list_params(status, queue, task_type, limit, before_id))
-        return [decode_task(r) for r in rows]
+    ) -> types.TaskPage:
+        """A page of tasks, newest first, older than before_id if given."""
+        return await self._run(queries.list_tasks(status, queue, task_type, limit, before_id))
 
-    async def queue_stats(self) -> list[QueueStat]:
-        rows = await self._rows(QUEUE_STATS)
-        return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
-
-    async def queue_depths(self) -> list[QueueDepth]:
+    async def queue_depths(self) -> list[types.QueueDepth]:
         """Live (and DEAD) task counts per queue, from partial indexes: cheap to scrape."""
-        rows = await self._rows(QUEUE_DEPTHS)
-        return [QueueDepth(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+        return await self._run(queries.queue_depths())
 
-    async def queue_summary(self) -> list[QueueSummary]:
+    async def queue_summary(self) -> list[types.QueueSummary]:
         """Every queue's counts by status, oldest due age and last minute's finishes.
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
-        return [decode_queue_summary(r) for r in await self._rows(QUEUE_SUMMARY)]
+        return await self._run(queries.queue_summary())
 
     async def attempts_of(
-        self, task_ids: Sequence[int], conn: AsyncConn | None = None
-    ) -> dict[TaskId, tuple[Attempt, ...]]:
+        self, task_ids: Sequence[int]
+    ) -> dict[types.TaskId, tuple[types.Attempt, ...]]:
         """The attempt history of each task that has one (for a page of tasks)."""
-        history: dict[TaskId, list[Attempt]] = {}
-        for row in await self._rows(GET_ATTEMPTS_MANY, (list(task_ids),), conn):
-            history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
-        return {task_id: tuple(attempts) for task_id, attempts in history.items()}
+        return await self._run(queries.attempts_of(task_ids))
 
-    async def effects_of(self, task_ids: Sequence[int]) -> list[EffectRecord]:
+    async def effects_of(self, task_ids: Sequence[int]) -> list[types.EffectRecord]:
         """The effects these tasks recorded, by effect key."""
-        rows = await self._rows(EFFECTS_OF, (list(task_ids),))
-        return [EffectRecord(r[0], TaskId(r[1]) if r[1] is not None else None, r[2]) for r in rows]
+        return await self._run(queries.effects_of(task_ids))
 
 
 # --- the sync ledger ---------------------------------------------------------------
 
 
 class Ledger:
-    """The synchronous subset of AsyncLedger, for Client and the command line."""
+    """The synchronous twin of AsyncLedger, for Client, the command line and the
+    transactions of plain ``def`` handlers."""
 
     def __init__(self, pool: ConnectionPool[SyncConn]) -> None:
-        self.pool = pool
+        self._pool = pool
 
     @classmethod
     def connect(
@@ -457,95 +539,51 @@ class Ledger:
         return cls(pool)
 
     def close(self) -> None:
-        self.pool.close()
+        self._pool.close()
 
-    def wait_final(self, task_id: int, timeout_s: float | None = None) -> Task:
+    def wait_final(self, task_id: int, timeout_s: float | None = None) -> types.Task:
         """The task once it is final, woken by the ledger's NOTIFY; TimeoutError
         after timeout_s. Holds a connection of its own while it waits."""
         try:
             with translated():
                 return finals.wait_sync(
-                    _conninfo(self.pool.conninfo), task_id, lambda: self.get(task_id), timeout_s
+                    _conninfo(self._pool.conninfo), task_id, lambda: self.get(task_id), timeout_s
                 )
         except errors.LedgerUnavailable as exc:
             if isinstance(exc.__cause__, TimeoutError):
                 raise exc.__cause__ from None  # the wait's own timeout, not an outage
             raise
 
-    def _rows(
-        self, query: LiteralString, params: Any = None, conn: SyncConn | None = None
-    ) -> list[tuple[Any, ...]]:
-        with translated():
-            if conn is not None:
-                return conn.execute(query, params).fetchall()
-            with self.pool.connection() as pooled:
-                return pooled.execute(query, params).fetchall()
+    def _run(self, plan: queries.Plan[T], conn: SyncConn | None = None) -> T:
+        """Run plan on conn (the caller's transaction), or on a pooled connection."""
+        if conn is not None:
+            return _run(plan, conn)
+        with translated(), self._pool.connection() as pooled:
+            return _run(plan, pooled)
 
-    def ping(self) -> None:
-        self._rows("SELECT 1")
+    def transaction(self) -> Transaction:
+        """A transaction, begun at its first statement (see Transaction)."""
+        return Transaction(self._pool)
 
-    def enqueue_task(self, task: NewTask, conn: SyncConn | None = None) -> Task:
+    def enqueue_task(self, task: types.NewTask, conn: SyncConn | None = None) -> types.Task:
         """Enqueue; the task with ``created`` set (one round trip unless a key replays)."""
-        (row,) = self._rows(ENQUEUE_STAMPED, enqueue_params(task), conn)
-        replayed = {} if row[1] else {row[0]: self.get(row[0], conn)}
-        return enqueued([task], [row], replayed)[0]
+        return self._run(queries.enqueue_task(task), conn)
 
-    def enqueue_tasks(self, tasks: Sequence[NewTask], conn: SyncConn | None = None) -> list[Task]:
+    def enqueue_tasks(
+        self, tasks: Sequence[types.NewTask], conn: SyncConn | None = None
+    ) -> list[types.Task]:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
-        rows = self._rows(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),), conn)
-        old = [r[0] for r in rows if not r[1]]
-        replayed = {t.id: t for t in self.get_many(old, conn, history=True)} if old else {}
-        return enqueued(tasks, rows, replayed)
+        return self._run(queries.enqueue_tasks(tasks), conn)
 
-    def complete(
-        self, outcomes: Sequence[Outcome], conn: SyncConn | None = None
-    ) -> list[TaskStatus | None]:
-        rows = self._rows(COMPLETE, complete_params(outcomes), conn)
-        return [status_or_none(r[2]) for r in rows]
+    def cancel(self, task_id: int) -> types.TaskStatus:
+        return self._run(queries.cancel(task_id))
 
-    def effect_lock(self, conn: SyncConn, effect_key: str) -> tuple[bool, JsonValue]:
-        (row,) = self._rows(EFFECT_LOCK, (effect_key,), conn)
-        return bool(row[0]), row[1]
+    def retry(self, task_id: int) -> types.TaskStatus:
+        return self._run(queries.retry(task_id))
 
-    def record_effect(
-        self, conn: SyncConn | None, effect_key: str, task_id: int, result: JsonValue
-    ) -> bool:
-        (row,) = self._rows(
-            RECORD_EFFECT,
-            (effect_key, task_id, Jsonb(result) if result is not None else None),
-            conn,
-        )
-        return bool(row[0])
-
-    def reap(self) -> int:
-        (row,) = self._rows(REAP)
-        return int(row[0])
-
-    def cancel(self, task_id: int) -> TaskStatus:
-        (row,) = self._rows(CANCEL, (task_id,))
-        return TaskStatus(row[0])
-
-    def retry(self, task_id: int) -> TaskStatus:
-        (row,) = self._rows(RETRY, (task_id,))
-        return TaskStatus(row[0])
-
-    def get(self, task_id: int, conn: SyncConn | None = None) -> Task:
-        """The task with its attempt history; conn sees the caller's own transaction."""
-        rows = self._rows(GET_TASK, (task_id,), conn)
-        if not rows:
-            raise errors.TaskNotFound(f"task {task_id} does not exist")
-        history = self._rows(GET_ATTEMPTS, (task_id,), conn)
-        return decode_task(rows[0], [decode_attempt(a) for a in history])
-
-    def get_many(
-        self, task_ids: Sequence[int], conn: SyncConn | None = None, *, history: bool = False
-    ) -> list[Task]:
-        """Tasks by id, in no particular order; with their attempts if history."""
-        tasks = [decode_task(r) for r in self._rows(GET_TASKS, (list(task_ids),), conn)]
-        if not history:
-            return tasks
-        attempts = self.attempts_of(task_ids, conn)
-        return [dataclasses.replace(t, attempt_history=attempts.get(t.id, ())) for t in tasks]
+    def get(self, task_id: int) -> types.Task:
+        """The task with its attempt history."""
+        return self._run(queries.get(task_id))
 
     def list_tasks(
         self,
@@ -553,31 +591,18 @@ class Ledger:
         status: str | None = None,
         queue: str | None = None,
         task_type: str | None = None,
-        limit: int = 50,
+        limit: int = types.LIST_LIMIT_DEFAULT,
         before_id: int | None = None,
-    ) -> list[Task]:
-        rows = self._rows(LIST_TASKS, list_params(status, queue, task_type, limit, before_id))
-        return [decode_task(r) for r in rows]
+    ) -> types.TaskPage:
+        """A page of tasks, newest first, older than before_id if given."""
+        return self._run(queries.list_tasks(status, queue, task_type, limit, before_id))
 
-    def queue_stats(self) -> list[QueueStat]:
-        rows = self._rows(QUEUE_STATS)
-        return [QueueStat(r[0], TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
-
-    def task_types(self) -> list[TaskTypeInfo]:
+    def task_types(self) -> list[types.TaskTypeInfo]:
         """The task types workers registered, with how many live workers serve each."""
-        return [decode_task_type(r) for r in self._rows(TASK_TYPES)]
+        return self._run(queries.task_types())
 
-    def queue_summary(self) -> list[QueueSummary]:
+    def queue_summary(self) -> list[types.QueueSummary]:
         """Every queue's counts by status, oldest due age and last minute's finishes.
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
-        return [decode_queue_summary(r) for r in self._rows(QUEUE_SUMMARY)]
-
-    def attempts_of(
-        self, task_ids: Sequence[int], conn: SyncConn | None = None
-    ) -> dict[TaskId, tuple[Attempt, ...]]:
-        """The attempt history of each task that has one (for a page of tasks)."""
-        history: dict[TaskId, list[Attempt]] = {}
-        for row in self._rows(GET_ATTEMPTS_MANY, (list(task_ids),), conn):
-            history.setdefault(TaskId(row[0]), []).append(decode_attempt(row[1:]))
-        return {task_id: tuple(attempts) for task_id, attempts in history.items()}
+        return self._run(queries.queue_summary())

@@ -1,104 +1,56 @@
-"""The SQL the runtime sends and how its rows decode: query texts (one per SQL
-function call, plus read-only listings and stats), their parameters, and the
-values they return. ``ledger.py`` runs them; nothing here does I/O.
+"""The SQL the runtime sends, its parameters and how its rows decode.
+
+Each public function here is a *plan* for one ledger call: a generator that
+yields the ``Call`` (query text and parameters) it needs, is sent that
+statement's rows, and returns the decoded answer. ``ledger.py`` runs the same
+plan in both of its twins (``AsyncLedger`` awaits each statement, ``Ledger``
+blocks on it), so a call's parameters and decoding are written once, here.
+A plan that needs a second statement (an idempotency key that replayed, a
+task's attempts) yields again; nothing here does I/O.
+
+Every query text is a named ``LiteralString`` constant; a test checks that
+each one is used by a plan the runtime calls and that each passes EXPLAIN on
+a migrated database.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, LiteralString
+from typing import Any, LiteralString, TypeAlias, TypeVar
 
 from psycopg.types.json import Jsonb
 
-from ledgerq import errors
-from ledgerq.types import (
-    Attempt,
-    AttemptOutcome,
-    ClaimedTask,
-    JsonObject,
-    Outcome,
-    Task,
-    TaskId,
-    TaskStatus,
-    TaskTypeInfo,
-)
+from ledgerq import errors, types
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
 
 NOTIFY_CHANNEL = "ledgerq_tasks"
 #: Each task's id, as it becomes final (migration 0005's trigger).
 FINAL_CHANNEL = "ledgerq_final"
-LIST_LIMIT_MAX = 1000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class NewTask:
-    """The arguments of enqueue_task."""
+class Call:
+    """One statement of a plan: its text and parameters."""
 
-    task_type: str
-    payload: JsonObject = dataclasses.field(default_factory=dict)
-    queue: str = "default"
-    priority: int = 0
-    run_at: datetime | None = None
-    max_attempts: int = 5
-    idempotency_key: str | None = None
-
-    def to_json(self) -> JsonObject:
-        body: JsonObject = {
-            "task_type": self.task_type,
-            "payload": self.payload,
-            "queue": self.queue,
-            "priority": self.priority,
-            "max_attempts": self.max_attempts,
-        }
-        if self.run_at is not None:
-            body["run_at"] = self.run_at.isoformat()
-        if self.idempotency_key is not None:
-            body["idempotency_key"] = self.idempotency_key
-        return body
+    text: LiteralString
+    params: Sequence[Any] | Mapping[str, Any] | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """Tasks of one queue in one live status (or DEAD), for the metrics gauges."""
-
-    queue: str
-    status: TaskStatus
-    count: int
-    #: Seconds since the oldest due task of this status became due (PENDING, QUEUED).
-    oldest_due_age_s: float | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueSummary:
-    """One queue: tasks by status, its oldest due task's age, what finished lately."""
-
-    queue: str
-    counts: dict[TaskStatus, int]
-    oldest_due_age_s: float | None
-    finished_last_minute: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EffectRecord:
-    """One row of the effect log: which task recorded an effect key, and when."""
-
-    effect_key: str
-    task_id: TaskId | None
-    recorded_at: datetime
+#: A ledger call: yields each Call, is sent its rows, returns the answer.
+Plan: TypeAlias = Generator[Call, list[Row], T]
 
 
 # --- query texts -----------------------------------------------------------
 
-ENQUEUE: LiteralString = """
-    SELECT id, created FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
-        priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
-"""
+PING: LiteralString = "SELECT 1"
+
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
-# ENQUEUE plus the transaction's now(): the created_at (and default run_at) the
-# new row got, so the caller can answer with the task without reading it back.
+# With the transaction's now(): the created_at (and default run_at) the new row
+# got, so the caller can answer with the task without reading it back.
 ENQUEUE_STAMPED: LiteralString = """
     SELECT id, created, now() FROM ledgerq.enqueue_task(
         task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
@@ -169,10 +121,7 @@ LIST_TASKS: LiteralString = """
       AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
     ORDER BY id DESC
     LIMIT %(limit)s
-"""
-QUEUE_STATS: LiteralString = """
-    SELECT queue, status, count, oldest_run_at FROM ledgerq.queue_stats ORDER BY queue, status
-"""
+"""  # the plan asks for one row more than the page: whether another page follows
 # Live statuses only, one partial index each (tasks_dispatch_idx, tasks_queued_idx,
 # tasks_lease_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
 # count over SUCCEEDED rows would scan the whole table.
@@ -213,15 +162,191 @@ EFFECTS_OF: LiteralString = """
 """
 
 
+# --- plans: one per ledger method -------------------------------------------
+
+
+def ping() -> Plan[None]:
+    yield Call(PING)
+
+
+def enqueue_many(tasks: Sequence[types.NewTask]) -> Plan[list[tuple[types.TaskId, bool]]]:
+    rows = yield Call(ENQUEUE_MANY, (Jsonb([t.to_json() for t in tasks]),))
+    return [(types.TaskId(r[0]), bool(r[1])) for r in rows]
+
+
+def enqueue_task(task: types.NewTask) -> Plan[types.Task]:
+    rows = yield Call(ENQUEUE_STAMPED, _enqueue_params(task))
+    replayed: dict[types.TaskId, types.Task] = {}
+    if not rows[0][1]:
+        replayed[rows[0][0]] = yield from get(rows[0][0])
+    return _enqueued([task], rows, replayed)[0]
+
+
+def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
+    rows = yield Call(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),))
+    old = [r[0] for r in rows if not r[1]]
+    replayed: dict[types.TaskId, types.Task] = {}
+    if old:
+        replayed = {t.id: t for t in (yield from get_many(old, history=True))}
+    return _enqueued(tasks, rows, replayed)
+
+
+def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
+    rows = yield Call(CLAIM, (list(task_ids), worker_id, lease_s))
+    return [_decode_claimed(r) for r in rows]
+
+
+def heartbeat(
+    leases: Sequence[tuple[int, int]], lease_s: int
+) -> Plan[list[tuple[types.TaskId, int, str]]]:
+    rows = yield Call(HEARTBEAT, ([t for t, _ in leases], [a for _, a in leases], lease_s))
+    return [(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+
+
+def complete(outcomes: Sequence[types.Outcome]) -> Plan[list[types.TaskStatus | None]]:
+    rows = yield Call(COMPLETE, _complete_params(outcomes))
+    return [_status_or_none(r[2]) for r in rows]
+
+
+def release(leases: Sequence[tuple[int, int]], reason: str) -> Plan[list[types.TaskStatus | None]]:
+    rows = yield Call(RELEASE, ([t for t, _ in leases], [a for _, a in leases], reason))
+    return [_status_or_none(r[1]) for r in rows]
+
+
+def effect_lock(effect_key: str) -> Plan[tuple[bool, types.JsonValue]]:
+    ((recorded, result),) = yield Call(EFFECT_LOCK, (effect_key,))
+    return bool(recorded), result
+
+
+def record_effect(effect_key: str, task_id: int, result: types.JsonValue) -> Plan[bool]:
+    json_result = Jsonb(result) if result is not None else None
+    ((recorded,),) = yield Call(RECORD_EFFECT, (effect_key, task_id, json_result))
+    return bool(recorded)
+
+
+def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
+    rows = yield Call(TAKE_DUE, (batch_size,))
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+
+
+def next_run_at() -> Plan[datetime | None]:
+    ((value,),) = yield Call(NEXT_RUN_AT)
+    return value  # type: ignore[no-any-return]
+
+
+def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTask]]:
+    rows = yield Call(QUEUED_STALE, (older_than_s, batch_size))
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+
+
+def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:
+    ((count,),) = yield Call(QUEUED_CONFIRM, (list(task_ids),))
+    return int(count)
+
+
+def reap() -> Plan[int]:
+    ((moved,),) = yield Call(REAP)
+    return int(moved)
+
+
+def cancel(task_id: int) -> Plan[types.TaskStatus]:
+    ((status,),) = yield Call(CANCEL, (task_id,))
+    return types.TaskStatus(status)
+
+
+def retry(task_id: int) -> Plan[types.TaskStatus]:
+    ((status,),) = yield Call(RETRY, (task_id,))
+    return types.TaskStatus(status)
+
+
+def get(task_id: int) -> Plan[types.Task]:
+    rows = yield Call(GET_TASK, (task_id,))
+    if not rows:
+        raise errors.TaskNotFound(f"task {task_id} does not exist")
+    history = yield Call(GET_ATTEMPTS, (task_id,))
+    return _decode_task(rows[0], [_decode_attempt(a) for a in history])
+
+
+def get_many(task_ids: Sequence[int], *, history: bool = False) -> Plan[list[types.Task]]:
+    tasks = [_decode_task(r) for r in (yield Call(GET_TASKS, (list(task_ids),)))]
+    if not history:
+        return tasks
+    attempts = yield from attempts_of(task_ids)
+    return [dataclasses.replace(t, attempt_history=attempts.get(t.id, ())) for t in tasks]
+
+
+def list_tasks(
+    status: str | None, queue: str | None, task_type: str | None, limit: int, before_id: int | None
+) -> Plan[types.TaskPage]:
+    rows = yield Call(LIST_TASKS, _list_params(status, queue, task_type, limit, before_id))
+    tasks = [_decode_task(r) for r in rows[:limit]]
+    return types.TaskPage(tasks, tasks[-1].id if len(rows) > limit else None)
+
+
+def queue_depths() -> Plan[list[types.QueueDepth]]:
+    rows = yield Call(QUEUE_DEPTHS)
+    return [types.QueueDepth(r[0], types.TaskStatus(r[1]), int(r[2]), r[3]) for r in rows]
+
+
+def queue_summary() -> Plan[list[types.QueueSummary]]:
+    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+
+
+def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
+    history: dict[types.TaskId, list[types.Attempt]] = {}
+    for row in (yield Call(GET_ATTEMPTS_MANY, (list(task_ids),))):
+        history.setdefault(types.TaskId(row[0]), []).append(_decode_attempt(row[1:]))
+    return {task_id: tuple(attempts) for task_id, attempts in history.items()}
+
+
+def effects_of(task_ids: Sequence[int]) -> Plan[list[types.EffectRecord]]:
+    rows = yield Call(EFFECTS_OF, (list(task_ids),))
+    return [
+        types.EffectRecord(r[0], types.TaskId(r[1]) if r[1] is not None else None, r[2])
+        for r in rows
+    ]
+
+
+def hand_back(
+    leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
+) -> Plan[list[types.TaskStatus | None]]:
+    rows = yield Call(
+        HAND_BACK, ([t for t, _ in leases], [a for _, a in leases], worker_id, delay_s)
+    )
+    return [_status_or_none(r[1]) for r in rows]
+
+
+def register_worker(
+    worker_id: str, queues: Sequence[str], task_types: Sequence[types.JsonObject], concurrency: int
+) -> Plan[int]:
+    ((count,),) = yield Call(
+        WORKER_REGISTER, (worker_id, list(queues), Jsonb(list(task_types)), concurrency)
+    )
+    return int(count)
+
+
+def worker_heartbeat(worker_id: str) -> Plan[bool]:
+    ((renewed,),) = yield Call(WORKER_HEARTBEAT, (worker_id,))
+    return bool(renewed)
+
+
+def worker_stop(worker_id: str) -> Plan[None]:
+    yield Call(WORKER_STOP, (worker_id,))
+
+
+def task_types() -> Plan[list[types.TaskTypeInfo]]:
+    return [_decode_task_type(r) for r in (yield Call(TASK_TYPES))]
+
+
 # --- row decoding ------------------------------------------------------------
 
 
-def decode_task(row: Sequence[Any], history: Sequence[Attempt] = ()) -> Task:
-    return Task(
-        id=TaskId(row[0]),
+def _decode_task(row: Sequence[Any], history: Sequence[types.Attempt] = ()) -> types.Task:
+    return types.Task(
+        id=types.TaskId(row[0]),
         type=row[1],
         queue=row[2],
-        status=TaskStatus(row[3]),
+        status=types.TaskStatus(row[3]),
         priority=row[4],
         payload=row[5],
         attempts=row[6],
@@ -238,20 +363,20 @@ def decode_task(row: Sequence[Any], history: Sequence[Attempt] = ()) -> Task:
     )
 
 
-def decode_attempt(row: Sequence[Any]) -> Attempt:
-    return Attempt(
+def _decode_attempt(row: Sequence[Any]) -> types.Attempt:
+    return types.Attempt(
         attempt=row[0],
         worker_id=row[1],
         started_at=row[2],
         finished_at=row[3],
-        outcome=AttemptOutcome(row[4]) if row[4] is not None else None,
+        outcome=types.AttemptOutcome(row[4]) if row[4] is not None else None,
         error=row[5],
     )
 
 
-def decode_claimed(row: Sequence[Any]) -> ClaimedTask:
-    return ClaimedTask(
-        id=TaskId(row[0]),
+def _decode_claimed(row: Sequence[Any]) -> types.ClaimedTask:
+    return types.ClaimedTask(
+        id=types.TaskId(row[0]),
         type=row[1],
         queue=row[2],
         payload=row[3],
@@ -262,13 +387,13 @@ def decode_claimed(row: Sequence[Any]) -> ClaimedTask:
     )
 
 
-def created_task(task: NewTask, task_id: int, stamp: datetime) -> Task:
+def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.Task:
     """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
-    return Task(
-        id=TaskId(task_id),
+    return types.Task(
+        id=types.TaskId(task_id),
         type=task.task_type,
         queue=task.queue,
-        status=TaskStatus.PENDING,
+        status=types.TaskStatus.PENDING,
         priority=task.priority,
         payload=task.payload,
         attempts=0,
@@ -284,21 +409,23 @@ def created_task(task: NewTask, task_id: int, stamp: datetime) -> Task:
     )
 
 
-def enqueued(
-    tasks: Sequence[NewTask], rows: Sequence[Sequence[Any]], replayed: Mapping[TaskId, Task]
-) -> list[Task]:
+def _enqueued(
+    tasks: Sequence[types.NewTask],
+    rows: Sequence[Sequence[Any]],
+    replayed: Mapping[types.TaskId, types.Task],
+) -> list[types.Task]:
     """The answers of enqueue_task(s) as tasks, in input order: a task the call
     created is built from its arguments (no read needed); one an idempotency
     key returned is the task as read back (``replayed``, by id)."""
     return [
-        created_task(task, row[0], row[2])
+        _created_task(task, row[0], row[2])
         if row[1]
         else dataclasses.replace(replayed[row[0]], created=False)
         for task, row in zip(tasks, rows, strict=True)
     ]
 
 
-def enqueue_params(task: NewTask) -> dict[str, Any]:
+def _enqueue_params(task: types.NewTask) -> dict[str, Any]:
     return {
         "task_type": task.task_type,
         "payload": Jsonb(task.payload),
@@ -310,7 +437,7 @@ def enqueue_params(task: NewTask) -> dict[str, Any]:
     }
 
 
-def complete_params(outcomes: Sequence[Outcome]) -> tuple[Any, ...]:
+def _complete_params(outcomes: Sequence[types.Outcome]) -> tuple[Any, ...]:
     return (
         [o.task_id for o in outcomes],
         [o.attempt for o in outcomes],
@@ -321,37 +448,40 @@ def complete_params(outcomes: Sequence[Outcome]) -> tuple[Any, ...]:
     )
 
 
-def list_params(
+def _list_params(
     status: str | None, queue: str | None, task_type: str | None, limit: int, before_id: int | None
 ) -> dict[str, Any]:
-    if status is not None and status not in TaskStatus.__members__:
-        allowed = ", ".join(TaskStatus.__members__)
+    if status is not None and status not in types.TaskStatus.__members__:
+        allowed = ", ".join(types.TaskStatus.__members__)
         raise errors.InvalidInput(f"status must be one of {allowed}, got {status!r}")
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise errors.InvalidInput(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
+    if not 1 <= limit <= types.LIST_LIMIT_MAX:
+        raise errors.InvalidInput(
+            f"limit must be between 1 and {types.LIST_LIMIT_MAX}, got {limit}"
+        )
     return {
         "status": status,
         "queue": queue,
         "task_type": task_type,
-        "limit": limit,
+        "limit": limit + 1,
         "before_id": before_id,
     }
 
 
-def status_or_none(value: str | None) -> TaskStatus | None:
-    return TaskStatus(value) if value is not None else None
+def _status_or_none(value: str | None) -> types.TaskStatus | None:
+    return types.TaskStatus(value) if value is not None else None
 
 
-SUMMARY_STATUSES = (
-    TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING,
-    TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED,
+# QUEUE_SUMMARY's count columns, in order.
+_SUMMARY_STATUSES = (
+    types.TaskStatus.PENDING, types.TaskStatus.QUEUED, types.TaskStatus.RUNNING,
+    types.TaskStatus.SUCCEEDED, types.TaskStatus.DEAD, types.TaskStatus.CANCELLED,
 )  # fmt: skip
 
 
-def decode_queue_summary(row: Sequence[Any]) -> QueueSummary:
-    counts = {status: int(n) for status, n in zip(SUMMARY_STATUSES, row[1:7], strict=True)}
-    return QueueSummary(row[0], counts, row[7], int(row[8]))
+def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
+    counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
+    return types.QueueSummary(row[0], counts, row[7], int(row[8]))
 
 
-def decode_task_type(row: Sequence[Any]) -> TaskTypeInfo:
-    return TaskTypeInfo(row[0], row[1], int(row[2]), row[3], int(row[4]), row[5])
+def _decode_task_type(row: Sequence[Any]) -> types.TaskTypeInfo:
+    return types.TaskTypeInfo(row[0], row[1], int(row[2]), row[3], int(row[4]), row[5])

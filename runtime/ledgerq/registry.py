@@ -19,18 +19,29 @@ import dataclasses
 import inspect
 import logging
 import threading
-import types
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pydantic
 
-from ledgerq import errors, jsonvalue
-from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn, is_integrity_error
-from ledgerq.types import MAX_ATTEMPTS_DEFAULT, QUEUE_DEFAULT, JsonObject, JsonValue, TaskId
+from ledgerq import errors, jsonvalue, types
+from ledgerq.ledger import (
+    AsyncConn,
+    AsyncLedger,
+    AsyncTransaction,
+    SyncConn,
+    Transaction,
+    is_integrity_error,
+)
 
 TIMEOUT_DEFAULT_S = 30.0
+
+_MIXED_TRANSACTIONS = (
+    "once_in_transaction was called from the event loop and from a thread in one attempt; "
+    "an attempt has one transaction"
+)
 
 Handler = Callable[..., Any]
 ExceptionTypes = tuple[type[BaseException], ...]
@@ -42,8 +53,8 @@ class TaskDefinition:
 
     name: str
     fn: Handler
-    queue: str = QUEUE_DEFAULT
-    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    queue: str = types.QUEUE_DEFAULT
+    max_attempts: int = types.MAX_ATTEMPTS_DEFAULT
     timeout_s: float | None = TIMEOUT_DEFAULT_S
     retry_on: ExceptionTypes = ()
     dont_retry_on: ExceptionTypes = ()
@@ -53,10 +64,10 @@ class TaskDefinition:
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
 
-    def parse_payload(self, payload: JsonObject) -> Any:
+    def parse_payload(self, payload: types.JsonObject) -> Any:
         """The payload as the handler declared it; InvalidPayload if it does not fit."""
         if (
-            self.payload_type in (dict, JsonObject, Any)
+            self.payload_type in (dict, types.JsonObject, Any)
             or self.payload_type is inspect.Parameter.empty
         ):
             return payload
@@ -107,7 +118,7 @@ def _payload_type(fn: Handler) -> Any:
     # Context imported only under TYPE_CHECKING) must not hide it. A type that
     # cannot be resolved or validated is an error now, not a payload accepted
     # unchecked at run time.
-    holder = types.SimpleNamespace(__annotations__={params[1].name: raw})
+    holder = SimpleNamespace(__annotations__={params[1].name: raw})
     globalns = getattr(inspect.unwrap(fn), "__globals__", {})
     try:
         annotation = typing.get_type_hints(holder, globalns=globalns)[params[1].name]
@@ -119,7 +130,7 @@ def _payload_type(fn: Handler) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is dict or origin is dict:
         return dict
-    if annotation not in (JsonObject, Any):
+    if annotation not in (types.JsonObject, Any):
         try:
             _adapter(annotation)
         except pydantic.PydanticUserError as exc:
@@ -140,8 +151,8 @@ class Registry:
         self,
         name: str,
         *,
-        queue: str = QUEUE_DEFAULT,
-        max_attempts: int = MAX_ATTEMPTS_DEFAULT,
+        queue: str = types.QUEUE_DEFAULT,
+        max_attempts: int = types.MAX_ATTEMPTS_DEFAULT,
         timeout: float | None = TIMEOUT_DEFAULT_S,
         retry_on: Sequence[type[BaseException]] = (),
         dont_retry_on: Sequence[type[BaseException]] = (),
@@ -218,14 +229,13 @@ class Context:
     def __init__(
         self,
         *,
-        task_id: TaskId,
+        task_id: types.TaskId,
         attempt: int,
         task_type: str,
         queue: str,
         worker_id: str,
         ledger: AsyncLedger,
         loop: asyncio.AbstractEventLoop,
-        sync_ledger: Callable[[], Ledger] | None = None,
     ) -> None:
         self.task_id = task_id
         self.attempt = attempt
@@ -239,15 +249,19 @@ class Context:
         self._ledger = ledger
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._sync_ledger = sync_ledger
-        self.transaction: AsyncConn | None = None
-        self.sync_transaction: SyncConn | None = None
-        self._sync_tx_cm: Any = None
+        self._transaction: AsyncTransaction | Transaction | None = None
+
+    @property
+    def transaction(self) -> AsyncTransaction | Transaction | None:
+        """The transaction once_in_transaction began, for the worker to finish; None if none."""
+        if self._transaction is None or not self._transaction.begun:
+            return None
+        return self._transaction
 
     def _in_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
 
-    def once(self, effect_key: str, fn: Callable[..., Any], *args: Any) -> JsonValue:
+    def once(self, effect_key: str, fn: Callable[..., Any], *args: Any) -> types.JsonValue:
         """Run fn(*args) once per effect_key; return its (recorded) JSON result."""
         if self._in_loop_thread():
             return self._once(effect_key, fn, args, fn_in_thread=False)
@@ -258,9 +272,9 @@ class Context:
 
     async def _once(
         self, effect_key: str, fn: Callable[..., Any], args: tuple[Any, ...], *, fn_in_thread: bool
-    ) -> JsonValue:
-        async with self._ledger.connection() as conn, conn.transaction():
-            recorded, result = await self._ledger.effect_lock(conn, effect_key)
+    ) -> types.JsonValue:
+        async with self._ledger.transaction() as transaction:
+            recorded, result = await transaction.effect_lock(effect_key)
             if recorded:
                 return result
             if fn_in_thread:
@@ -271,58 +285,48 @@ class Context:
                 value = await value
             # As JSON now, so later attempts get back exactly what this one did.
             value = jsonvalue.plain(value)
-            await self._ledger.record_effect(conn, effect_key, self.task_id, value)
+            await transaction.record_effect(effect_key, self.task_id, value)
             return value
 
-    def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> JsonValue:
+    def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> types.JsonValue:
         """Run fn(conn) once per effect_key, inside the transaction that completes the task."""
         if self._in_loop_thread():
             return self._once_in_transaction(effect_key, fn)
         return self._sync_once_in_transaction(effect_key, fn)
 
     async def _once_in_transaction(
-        self, effect_key: str, fn: Callable[[AsyncConn], Awaitable[JsonValue] | JsonValue]
-    ) -> JsonValue:
-        if self.transaction is None:
-            conn = await self._ledger.pool.getconn()
-            try:
-                await conn.execute("BEGIN")
-            except BaseException:
-                await self._ledger.pool.putconn(conn)
-                raise
-            self.transaction = conn
-        conn = self.transaction
-        recorded, result = await self._ledger.effect_lock(conn, effect_key)
+        self,
+        effect_key: str,
+        fn: Callable[[AsyncConn], Awaitable[types.JsonValue] | types.JsonValue],
+    ) -> types.JsonValue:
+        if self._transaction is None:
+            self._transaction = self._ledger.transaction()
+        transaction = self._transaction
+        if not isinstance(transaction, AsyncTransaction):
+            raise errors.ConfigError(_MIXED_TRANSACTIONS)
+        recorded, result = await transaction.effect_lock(effect_key)
         if recorded:
             return result
-        value = fn(conn)
+        value = fn(await transaction.connection())
         if inspect.isawaitable(value):
             value = await value
         value = jsonvalue.plain(value)
-        await self._ledger.record_effect(conn, effect_key, self.task_id, value)
+        await transaction.record_effect(effect_key, self.task_id, value)
         return value
 
     def _sync_once_in_transaction(
-        self, effect_key: str, fn: Callable[[SyncConn], JsonValue]
-    ) -> JsonValue:
-        if self._sync_ledger is None:
-            raise errors.ConfigError("once_in_transaction needs a worker with a database")
-        ledger = self._sync_ledger()
-        if self.sync_transaction is None:
-            conn = ledger.pool.getconn()
-            try:
-                conn.execute("BEGIN")
-            except BaseException:
-                ledger.pool.putconn(conn)
-                raise
-            self.sync_transaction = conn
-        conn = self.sync_transaction
-        recorded, result = ledger.effect_lock(conn, effect_key)
+        self, effect_key: str, fn: Callable[[SyncConn], types.JsonValue]
+    ) -> types.JsonValue:
+        if self._transaction is None:
+            self._transaction = self._ledger.sync_transaction()
+        transaction = self._transaction
+        if not isinstance(transaction, Transaction):
+            raise errors.ConfigError(_MIXED_TRANSACTIONS)
+        recorded, result = transaction.effect_lock(effect_key)
         if recorded:
             return result
-        value = fn(conn)
-        value = jsonvalue.plain(value)
-        ledger.record_effect(conn, effect_key, self.task_id, value)
+        value = jsonvalue.plain(fn(transaction.connection()))
+        transaction.record_effect(effect_key, self.task_id, value)
         return value
 
     @property

@@ -34,7 +34,7 @@ from typing import Any
 from ledgerq import errors, jsonvalue
 from ledgerq.client import AsyncClient, Client
 from ledgerq.config import Settings
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry
 from ledgerq.types import ClaimedTask, JsonValue, Outcome, Task, TaskStatus
 
@@ -77,31 +77,22 @@ async def run_enqueued(
         return await ledger.get(task_id)
     (task,) = claimed
     definition = registry.get(task.type)
-    sync_ledger = _SyncLedger(ledger)
     ctx = Context(
         task_id=task.id, attempt=task.attempt, task_type=task.type, queue=task.queue,
         worker_id=WORKER_ID, ledger=ledger, loop=asyncio.get_running_loop(),
-        sync_ledger=sync_ledger,
     )  # fmt: skip
     failure: BaseException | None = None
     try:
-        try:
-            if definition is None:
-                raise errors.NonRetryable(
-                    f"unknown task type {task.type!r}: no handler is registered"
-                )
-            result = await _call(definition, ctx, task)
-            outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
-        except Exception as exc:
-            failure = exc
-            retryable = definition.is_retryable(exc) if definition is not None else False
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            outcome = Outcome(
-                task.id, task.attempt, succeeded=False, error=error, retryable=retryable
-            )
-        await _complete(ledger, sync_ledger, ctx, outcome)
-    finally:
-        sync_ledger.close()
+        if definition is None:
+            raise errors.NonRetryable(f"unknown task type {task.type!r}: no handler is registered")
+        result = await _call(definition, ctx, task)
+        outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
+    except Exception as exc:
+        failure = exc
+        retryable = definition.is_retryable(exc) if definition is not None else False
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        outcome = Outcome(task.id, task.attempt, succeeded=False, error=error, retryable=retryable)
+    await _complete(ledger, ctx, outcome)
     if failure is not None and raise_errors:
         raise failure
     return await ledger.get(task_id)
@@ -122,57 +113,16 @@ async def _call(definition: Any, ctx: Context, task: ClaimedTask) -> JsonValue:
     return plain
 
 
-async def _complete(
-    ledger: AsyncLedger, sync_ledger: _SyncLedger, ctx: Context, outcome: Outcome
-) -> None:
-    """Record the outcome; with the handler's transaction, inside it (as the worker does)."""
-    if ctx.transaction is not None:
-        conn, ctx.transaction = ctx.transaction, None
-        try:
-            status = (await ledger.complete([outcome], conn))[0] if outcome.succeeded else None
-            await conn.execute("COMMIT" if status is not None else "ROLLBACK")
-        finally:
-            await ledger.pool.putconn(conn)
-        if status is not None:
-            return
-    elif ctx.sync_transaction is not None:
-        sync_conn, ctx.sync_transaction = ctx.sync_transaction, None
-        sync = sync_ledger()
-
-        def finish() -> TaskStatus | None:
-            try:
-                done = sync.complete([outcome], sync_conn)[0] if outcome.succeeded else None
-                sync_conn.execute("COMMIT" if done is not None else "ROLLBACK")
-            finally:
-                sync.pool.putconn(sync_conn)
-            return done
-
-        status = await asyncio.to_thread(finish)
-        if status is not None:
-            return
+async def _complete(ledger: AsyncLedger, ctx: Context, outcome: Outcome) -> None:
+    """Record the outcome as the worker does: with the handler's transaction, a
+    success commits with its writes; a failure rolls them back and is recorded
+    on its own."""
+    transaction = ctx.transaction
+    if transaction is not None:
+        status = await transaction.finish(outcome)
+        if status is not None or outcome.succeeded:
+            return  # committed, or fenced out by another attempt
     await ledger.complete([outcome])
-
-
-class _SyncLedger:
-    """The sync twin of an AsyncLedger for one attempt, opened on first use
-    (a plain ``def`` handler's once_in_transaction)."""
-
-    def __init__(self, ledger: AsyncLedger) -> None:
-        self._ledger = ledger
-        self._opened: Ledger | None = None
-
-    def __call__(self) -> Ledger:
-        if self._opened is None:
-            conninfo = self._ledger.pool.conninfo
-            if not isinstance(conninfo, str):
-                raise errors.ConfigError("testing needs a ledger opened with a connection string")
-            self._opened = Ledger.connect(conninfo, max_size=2)
-        return self._opened
-
-    def close(self) -> None:
-        if self._opened is not None:
-            self._opened.close()
-            self._opened = None
 
 
 class EagerClient(AsyncClient):

@@ -1,4 +1,5 @@
-"""Plain values every layer shares: statuses, tasks, attempts. No I/O here."""
+"""Plain values every layer shares: statuses, tasks, attempts, queue summaries,
+and the bounds every edge checks (priority range). No I/O here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ TaskId = NewType("TaskId", int)
 
 QUEUE_DEFAULT = "default"
 MAX_ATTEMPTS_DEFAULT = 5
+#: A task's priority is a PostgreSQL smallint; higher runs first.
+PRIORITY_MIN = -32768
+PRIORITY_MAX = 32767
+#: Tasks per page of a listing (the ledger's, the API's and the command line's).
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
 
 
 class TaskDefaults(Protocol):
@@ -139,6 +146,15 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TaskPage:
+    """A page of a listing, newest first, and where the next page starts."""
+
+    tasks: list[Task]
+    #: The ``before_id`` that asks for the next page; None on the last page.
+    next_before_id: TaskId | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ClaimedTask:
     """A task this worker has just claimed: what a handler needs to run."""
 
@@ -176,13 +192,70 @@ class DueTask:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class QueueStat:
-    """One row of the queue_stats view."""
+class NewTask:
+    """The arguments of enqueue_task."""
+
+    task_type: str
+    payload: JsonObject = dataclasses.field(default_factory=dict)
+    queue: str = QUEUE_DEFAULT
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    idempotency_key: str | None = None
+
+    def to_json(self) -> JsonObject:
+        """The object enqueue_tasks takes for this task."""
+        body: JsonObject = {
+            "task_type": self.task_type,
+            "payload": self.payload,
+            "queue": self.queue,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+        }
+        if self.run_at is not None:
+            body["run_at"] = self.run_at.isoformat()
+        if self.idempotency_key is not None:
+            body["idempotency_key"] = self.idempotency_key
+        return body
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """Tasks of one queue in one live status (or DEAD), for the metrics gauges."""
 
     queue: str
     status: TaskStatus
     count: int
-    oldest_run_at: datetime | None
+    #: Seconds since the oldest due task of this status became due (PENDING, QUEUED).
+    oldest_due_age_s: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """One queue: tasks by status, its oldest due task's age, what finished lately."""
+
+    queue: str
+    counts: dict[TaskStatus, int]
+    oldest_due_age_s: float | None
+    finished_last_minute: int
+
+    def to_json(self) -> JsonObject:
+        """The queue as GET /queues and ``ledgerq stats --json`` show it."""
+        return {
+            "queue": self.queue,
+            "counts": {status.value: self.counts.get(status, 0) for status in TaskStatus},
+            "oldest_pending_age_seconds": self.oldest_due_age_s,
+            "finished_last_minute": self.finished_last_minute,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EffectRecord:
+    """One row of the effect log: which task recorded an effect key, and when."""
+
+    effect_key: str
+    task_id: TaskId | None
+    recorded_at: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

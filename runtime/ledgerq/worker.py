@@ -40,15 +40,13 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, jsonvalue, metrics
+from ledgerq import errors, jsonvalue, metrics, service, types
 from ledgerq.dispatch import POP_WAIT_MAX_S, Dispatch
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
-from ledgerq.types import ClaimedTask, JsonValue, Outcome, TaskId, TaskStatus
 
 CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
@@ -60,7 +58,6 @@ REGISTRATION_INTERVAL_S = 10.0
 # A task handed back (its type is served by another live worker, not this
 # one) is due again after this, so this worker does not spin on it.
 HAND_BACK_DELAY_S = 1.0
-RECONNECT_MAX_S = 5.0
 ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
@@ -77,10 +74,10 @@ class _Series:
         self.duration = metrics.TASK_DURATION.labels(*labels)
         self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
         self.outcomes = {
-            TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
-            TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
-            TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
-            TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
+            types.TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
+            types.TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
+            types.TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
+            types.TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
         }
 
 
@@ -103,7 +100,9 @@ class _Running:
 
     __slots__ = ("ctx", "definition", "future", "lost", "task")
 
-    def __init__(self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None) -> None:
+    def __init__(
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> None:
         self.task = task
         self.ctx = ctx
         self.definition = definition
@@ -125,7 +124,6 @@ class Worker:
         lease_s: int = LEASE_DEFAULT_S,
         grace_s: float = GRACE_DEFAULT_S,
         worker_id: str | None = None,
-        sync_ledger: Callable[[], Ledger] | None = None,
     ) -> None:
         if concurrency < 1:
             raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -144,10 +142,11 @@ class Worker:
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.worker_id = worker_id or new_worker_id()
-        self._sync_ledger = sync_ledger
-        self._running: dict[TaskId, _Running] = {}
+        # By (task, attempt): a stalled attempt may still be running when its
+        # task's next attempt is delivered to this same worker.
+        self._running: dict[tuple[types.TaskId, int], _Running] = {}
         self._slot_freed = asyncio.Event()
-        self._outcomes: list[tuple[Outcome, tuple[str, str]]] = []
+        self._outcomes: list[tuple[types.Outcome, tuple[str, str]]] = []
         self._outcomes_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -201,6 +200,24 @@ class Worker:
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker.stopped id=%s", self.worker_id)
 
+    async def run_once(self) -> int:
+        """Take the ids waiting now (up to concurrency, without blocking), claim them,
+        run their handlers (heartbeats included) and record every outcome; how
+        many attempts ran. For tests and one-shot use, not beside run()."""
+        ids = await self.dispatch.pop(self.queues, self.concurrency - len(self._running))
+        if not ids:
+            return 0
+        claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+        started = [self._start(task) for task in claimed]
+        heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        try:
+            await asyncio.gather(*(r.future for r in started if r.future is not None))
+        finally:
+            heartbeater.cancel()
+            await asyncio.gather(heartbeater, return_exceptions=True)
+        await self._complete_waiting()
+        return len(claimed)
+
     async def _drain(self) -> None:
         """Let running handlers finish within the grace period; hand back the rest.
 
@@ -230,7 +247,7 @@ class Worker:
                 await self.ledger.release(leases, f"worker {self.worker_id} shut down")
         for running in leftovers:
             if running not in cancellable:
-                self._running.pop(running.task.id, None)
+                self._running.pop((running.task.id, running.task.attempt), None)
                 self.abandoned_threads += 1
                 log.warning(
                     "task.abandoned id=%s attempt=%d: a thread cannot be stopped; "
@@ -242,15 +259,15 @@ class Worker:
 
     async def _register(self) -> None:
         """Tell the ledger which task types this worker serves, with their defaults."""
-        types = []
+        registered = []
         for name in self.registry.names():
             definition = self.registry.get(name)
             assert definition is not None
-            types.append({
+            registered.append({
                 "task_type": name, "queue": definition.queue,
                 "max_attempts": definition.max_attempts, "timeout_seconds": definition.timeout_s,
             })  # fmt: skip
-        await self.ledger.register_worker(self.worker_id, self.queues, types, self.concurrency)
+        await self.ledger.register_worker(self.worker_id, self.queues, registered, self.concurrency)
 
     async def _registration_loop(self) -> None:
         while True:
@@ -299,7 +316,7 @@ class Worker:
                 else:
                     event = "ledger.error"
                 log.warning("%s %s (retrying)", event, exc.message)
-                await self._wait_either(asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures)))
+                await self._wait_either(asyncio.sleep(service.reconnect_delay_s(failures)))
                 continue
             for task in claimed:
                 self._start(task)
@@ -321,7 +338,7 @@ class Worker:
 
     # --- running handlers ------------------------------------------------------
 
-    def _start(self, task: ClaimedTask) -> None:
+    def _start(self, task: types.ClaimedTask) -> _Running:
         ctx = Context(
             task_id=task.id,
             attempt=task.attempt,
@@ -330,16 +347,16 @@ class Worker:
             worker_id=self.worker_id,
             ledger=self.ledger,
             loop=asyncio.get_running_loop(),
-            sync_ledger=self._sync_ledger,
         )
         running = _Running(task, ctx, self.registry.get(task.type))
-        self._running[task.id] = running
+        self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
+        return running
 
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
         if definition is None and await self._handed_back(task):
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
             return
         labels = (task.type, task.queue)
@@ -348,18 +365,18 @@ class Worker:
         metrics.WORKER_INFLIGHT.inc()
         series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
         started = time.perf_counter()
-        outcome: Outcome | None
+        outcome: types.Outcome | None
         try:
             result = await self._call(task, ctx, definition)
-            outcome = Outcome(task.id, task.attempt, succeeded=True, result=result)
+            outcome = types.Outcome(task.id, task.attempt, succeeded=True, result=result)
         except asyncio.CancelledError:
             # Cancelled by a heartbeat ('cancel' or 'lost') or by shutdown.
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error="cancelled while running"
             )
         except BaseException as exc:
             retryable = definition.is_retryable(exc) if definition is not None else False
-            outcome = Outcome(
+            outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
             )
         finally:
@@ -369,34 +386,12 @@ class Worker:
         # Logged once the ledger has said what the outcome made of the task.
         outcome = dataclasses.replace(outcome, duration_s=elapsed)
         try:
-            if running.lost:
-                await self._abandon_transaction(ctx)
-            elif ctx.transaction is not None or ctx.sync_transaction is not None:
-                try:
-                    await self._complete_in_transaction(ctx, outcome, labels)
-                except Exception as exc:
-                    # The transaction's connection failed (PostgreSQL restarted):
-                    # its writes did not commit, so record the attempt as failed the
-                    # usual way, and it is retried. Had the COMMIT gone through, the
-                    # task would be final and this outcome fenced out.
-                    reason = errors.first_line(exc)
-                    log.warning("ledger.unavailable completing task %s: %s", task.id, reason)
-                    if outcome.succeeded:
-                        error = f"the task's transaction did not commit: {reason}"
-                        outcome = Outcome(
-                            task.id, task.attempt, succeeded=False, error=error,
-                            duration_s=outcome.duration_s,
-                        )  # fmt: skip
-                    self._outcomes.append((outcome, labels))
-                    self._outcomes_ready.set()
-            else:
-                self._outcomes.append((outcome, labels))
-                self._outcomes_ready.set()
+            await self._record(running, outcome, labels)
         finally:
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
 
-    async def _handed_back(self, task: ClaimedTask) -> bool:
+    async def _handed_back(self, task: types.ClaimedTask) -> bool:
         """No handler here: hand the task back if another live worker serves its
         type (a rolling deploy), without spending an attempt."""
         try:
@@ -419,9 +414,47 @@ class Worker:
         self.completed["HANDED_BACK"] = self.completed.get("HANDED_BACK", 0) + 1
         return True
 
+    async def _record(
+        self, running: _Running, outcome: types.Outcome, labels: tuple[str, str]
+    ) -> None:
+        """Queue the outcome for complete_tasks, or end the handler's transaction with it
+        (its writes, its effect records and the completion commit together, or none)."""
+        transaction = running.ctx.transaction
+        if transaction is None:
+            if not running.lost:  # a lost attempt's outcome would only be fenced
+                self._queue(outcome, labels)
+            return
+        try:
+            status = await transaction.finish(None if running.lost else outcome)
+        except Exception as exc:
+            # The transaction's connection failed (PostgreSQL restarted): its
+            # writes did not commit, so record the attempt as failed the usual
+            # way, and it is retried. Had the COMMIT gone through, the task
+            # would be final and this outcome fenced out.
+            reason = errors.first_line(exc)
+            log.warning("ledger.unavailable completing task %s: %s", outcome.task_id, reason)
+            error = f"the task's transaction did not commit: {reason}"
+            failed = types.Outcome(
+                outcome.task_id, outcome.attempt, False, error=error, duration_s=outcome.duration_s
+            )
+            self._queue(failed, labels)
+            return
+        if running.lost:
+            return
+        if status is not None:
+            self._count(status, labels, outcome)
+        elif outcome.succeeded:
+            self._count(None, labels, outcome)  # fenced: another attempt owns the task
+        else:
+            self._queue(outcome, labels)  # rolled back; recorded as a failure below
+
+    def _queue(self, outcome: types.Outcome, labels: tuple[str, str]) -> None:
+        self._outcomes.append((outcome, labels))
+        self._outcomes_ready.set()
+
     async def _call(
-        self, task: ClaimedTask, ctx: Context, definition: TaskDefinition | None
-    ) -> JsonValue:
+        self, task: types.ClaimedTask, ctx: Context, definition: TaskDefinition | None
+    ) -> types.JsonValue:
         if definition is None:
             raise _internal(
                 errors.NonRetryable(f"unknown task type {task.type!r}: no handler is registered")
@@ -445,7 +478,7 @@ class Worker:
 
     async def _call_in_thread(
         self, definition: TaskDefinition, ctx: Context, payload: Any
-    ) -> JsonValue:
+    ) -> types.JsonValue:
         """Run a plain ``def`` handler in the thread pool. A thread cannot be
         stopped: on timeout the attempt waits for it (ctx.cancelled tells the
         handler to give up), so the next attempt never overlaps this one."""
@@ -458,59 +491,6 @@ class Worker:
             raise _internal(errors.Retryable(f"timed out after {definition.timeout_s:g} s"))
         return future.result()
 
-    async def _complete_in_transaction(
-        self, ctx: Context, outcome: Outcome, labels: tuple[str, str]
-    ) -> None:
-        """Complete inside the handler's transaction: commit its writes, the effect
-        records and the completion together, or (a failed or fenced attempt) none."""
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            status: TaskStatus | None = None
-            try:
-                if outcome.succeeded:
-                    (status,) = await self.ledger.complete([outcome], conn)
-                # Fenced (status None: another attempt owns the task) or failed:
-                # none of the handler's writes may land.
-                await conn.execute("COMMIT" if status is not None else "ROLLBACK")
-            except errors.LedgerError:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-                raise
-            finally:
-                await self.ledger.pool.putconn(conn)
-        else:
-            status = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._complete_in_sync_transaction, ctx, outcome
-            )
-        if status is not None:
-            self._count(status, labels, outcome)
-        elif outcome.succeeded:
-            self._count(None, labels, outcome)  # fenced: another attempt owns the task
-        else:
-            self._outcomes.append((outcome, labels))
-            self._outcomes_ready.set()
-
-    def _complete_in_sync_transaction(self, ctx: Context, outcome: Outcome) -> TaskStatus | None:
-        """The thread-side twin of the block above, for plain ``def`` handlers."""
-        conn, ctx.sync_transaction = ctx.sync_transaction, None
-        assert conn is not None and self._sync_ledger is not None
-        ledger = self._sync_ledger()
-        status: TaskStatus | None = None
-        try:
-            if outcome.succeeded:
-                (status,) = ledger.complete([outcome], conn)
-            conn.execute("COMMIT" if status is not None else "ROLLBACK")
-        finally:
-            ledger.pool.putconn(conn)
-        return status
-
-    async def _abandon_transaction(self, ctx: Context) -> None:
-        if ctx.transaction is not None:
-            conn, ctx.transaction = ctx.transaction, None
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            await self.ledger.pool.putconn(conn)
-
     # --- completing ------------------------------------------------------------
 
     async def _complete_loop(self) -> None:
@@ -522,25 +502,37 @@ class Worker:
                 self._outcomes_ready.clear()
                 await self._outcomes_ready.wait()
                 continue
-            batch, self._outcomes = self._outcomes, []
             try:
-                statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+                await self._complete_waiting()
                 failures = 0
             except errors.LedgerError as exc:
-                # Keep the outcomes and try again: if the ledger stays away past
+                # The outcomes wait for the next try: if the ledger stays away past
                 # the lease, reap_stuck retries the task and this attempt is fenced.
-                self._outcomes = batch + self._outcomes
                 failures += 1
-                log.warning("ledger.unavailable completing %d task(s): %s", len(batch), exc.message)
+                log.warning(
+                    "ledger.unavailable completing %d task(s): %s", len(self._outcomes), exc.message
+                )
                 if self._stopping.is_set() and failures > 5:
                     return
-                await asyncio.sleep(min(RECONNECT_MAX_S, 0.1 * 2**failures))
-                continue
-            for (outcome, labels), status in zip(batch, statuses, strict=True):
-                self._count(status, labels, outcome)
+                await asyncio.sleep(service.reconnect_delay_s(failures))
+
+    async def _complete_waiting(self) -> None:
+        """Record every waiting outcome in one complete_tasks call (on LedgerError
+        they stay waiting)."""
+        batch, self._outcomes = self._outcomes, []
+        try:
+            statuses = await self.ledger.complete([outcome for outcome, _ in batch])
+        except errors.LedgerError:
+            self._outcomes = batch + self._outcomes
+            raise
+        for (outcome, labels), status in zip(batch, statuses, strict=True):
+            self._count(status, labels, outcome)
 
     def _count(
-        self, status: TaskStatus | None, labels: tuple[str, str], outcome: Outcome | None = None
+        self,
+        status: types.TaskStatus | None,
+        labels: tuple[str, str],
+        outcome: types.Outcome | None = None,
     ) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
@@ -564,8 +556,8 @@ class Worker:
             except errors.LedgerError as exc:
                 log.warning("ledger.unavailable heartbeat: %s", exc.message)
                 continue
-            for task_id, _attempt, state in states:
-                running = self._running.get(task_id)
+            for task_id, attempt, state in states:
+                running = self._running.get((task_id, attempt))
                 if running is None or state == "ok":
                     continue
                 running.ctx.request_stop()
@@ -587,11 +579,11 @@ class Worker:
 
 
 # The outcome line of each status the ledger answered: event, level.
-_OUTCOME_EVENTS: dict[TaskStatus | None, tuple[str, int]] = {
-    TaskStatus.SUCCEEDED: ("task.succeeded", logging.INFO),
-    TaskStatus.PENDING: ("task.retried", logging.WARNING),
-    TaskStatus.DEAD: ("task.dead", logging.ERROR),
-    TaskStatus.CANCELLED: ("task.cancelled", logging.INFO),
+_OUTCOME_EVENTS: dict[types.TaskStatus | None, tuple[str, int]] = {
+    types.TaskStatus.SUCCEEDED: ("task.succeeded", logging.INFO),
+    types.TaskStatus.PENDING: ("task.retried", logging.WARNING),
+    types.TaskStatus.DEAD: ("task.dead", logging.ERROR),
+    types.TaskStatus.CANCELLED: ("task.cancelled", logging.INFO),
     # Fenced: another attempt owns the task (this one's lease was lost).
     None: ("task.lost", logging.WARNING),
 }
@@ -605,7 +597,9 @@ def _fields(task_id: int, task_type: str, queue: str, attempt: int, status: str)
     }  # fmt: skip
 
 
-def _log_outcome(outcome: Outcome, labels: tuple[str, str], status: TaskStatus | None) -> None:
+def _log_outcome(
+    outcome: types.Outcome, labels: tuple[str, str], status: types.TaskStatus | None
+) -> None:
     """One line per recorded outcome: what the ledger made of the attempt."""
     event, level = _OUTCOME_EVENTS.get(status, ("task.finished", logging.INFO))
     if not log.isEnabledFor(level):
@@ -645,7 +639,7 @@ def _internal(exc: BaseException) -> BaseException:
     return exc
 
 
-def _json_result(result: Any) -> JsonValue:
+def _json_result(result: Any) -> types.JsonValue:
     """A handler's return value as JSON; a value that is not JSON fails the attempt."""
     if result is None or isinstance(result, str | int | float | bool):
         return result

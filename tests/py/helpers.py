@@ -32,7 +32,7 @@ from ledgerq import config
 from ledgerq.client import AsyncClient
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import Dispatcher
-from ledgerq.ledger import AsyncLedger, Ledger
+from ledgerq.ledger import AsyncLedger
 from ledgerq.reaper import Reaper
 from ledgerq.registry import Registry
 from ledgerq.types import Task, TaskStatus
@@ -226,13 +226,6 @@ async def running(
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
     )
-    sync_ledgers: list[Ledger] = []
-
-    def sync_ledger() -> Ledger:
-        if not sync_ledgers:
-            sync_ledgers.append(Ledger.connect(settings.database_url, max_size=concurrency))
-        return sync_ledgers[0]
-
     services = Services(ledger, dispatch, AsyncClient(settings, registry=registry, ledger=ledger))
     try:
         if dispatcher:
@@ -259,7 +252,6 @@ async def running(
                     lease_s=lease_s,
                     grace_s=grace_s,
                     worker_id="test-worker",
-                    sync_ledger=sync_ledger,
                 )
             )
         yield services
@@ -272,8 +264,6 @@ async def running(
         )
         await ledger.close()
         await dispatch.close()
-        for sync in sync_ledgers:
-            sync.close()
         leftover = [
             t.get_name()
             for t in asyncio.all_tasks()

@@ -15,7 +15,7 @@ from api_support import api_client
 from ledgerq import config, errors
 from ledgerq.api.batcher import EnqueueBatcher
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NewTask
+from ledgerq.types import NewTask
 
 Db = psycopg.Connection[tuple[Any, ...]]
 

@@ -69,7 +69,7 @@ def test_ledgerq_api_refuses_a_public_address_without_a_token(
 def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> None:
     result = run_api(settings, "--api-token", "short")
 
-    assert result.returncode == 1
+    assert result.returncode == 2  # invalid configuration, like every command's
     assert result.stderr == "ledgerq: API token must be at least 8 characters\n"
 
 

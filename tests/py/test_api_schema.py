@@ -66,7 +66,7 @@ def test_api_answers_match_its_openapi_schema(settings: config.Settings) -> None
         for result in schema.get_all_operations():
             assert isinstance(result, Ok), result.err()  # the schema itself must load
             operations.append(result.ok())
-        assert {op.label for op in operations} == {  # every route of SPEC.md's HTTP API
+        assert {op.label for op in operations} == {  # every route of the README's HTTP API
             "POST /tasks", "POST /tasks/batch", "GET /tasks", "GET /tasks/{task_id}",
             "POST /tasks/{task_id}/cancel", "POST /tasks/{task_id}/retry", "GET /queues",
             "GET /healthz", "GET /readyz", "GET /metrics",

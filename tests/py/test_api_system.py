@@ -330,4 +330,4 @@ async def test_app_opens_and_closes_its_own_connections_when_given_none(
     assert ready.status_code == 200
     assert created.status_code == 201
     assert app.state.services is None
-    assert services.ledger.pool.closed
+    assert services.ledger.closed

@@ -1,5 +1,5 @@
 """The HTTP API's task routes against real PostgreSQL and Redis: enqueue, batch,
-read, list, cancel and retry, with every status code SPEC.md names."""
+read, list, cancel and retry, with every status code the README names."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import cli_support
 import psycopg
 from click.testing import CliRunner
 
-from ledgerq import admin, config
-from ledgerq.cli import main
+from ledgerq import config
+from ledgerq.cli import main, render
 
 Conn = psycopg.Connection[Any]
 BIG = {"rows": ["x" * 100] * 9000}  # about 900 KB of JSON
@@ -61,7 +61,7 @@ def test_show_cuts_a_huge_payload_saying_so_and_json_prints_it_whole_and_readabl
     whole = cli_support.invoke(["show", str(task_id), "--json"], settings)
     assert json.loads(whole.stdout)["payload"] == {**BIG, "who": "café"}
     assert '"who": "café"' in whole.stdout  # not \\u00e9
-    assert admin.shown_json({"who": "café"}) == '{"who": "café"}'
+    assert render.shown_json({"who": "café"}) == '{"who": "café"}'
 
 
 def test_stats_reports_the_ledger_without_redis_and_says_what_it_lacks(

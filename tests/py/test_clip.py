@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ledgerq.admin import clip, first_line
+from ledgerq.cli.render import clip
 
 
 def test_clip_ends_at_a_word_boundary_with_an_ellipsis() -> None:
@@ -11,6 +11,5 @@ def test_clip_ends_at_a_word_boundary_with_an_ellipsis() -> None:
     assert clip(text, 70) == "payload does not match Charge: amount_cents: Input should be a valid…"
     assert clip("x" * 50, 10) == "x" * 9 + "…"  # one word longer than the limit is cut
     assert (
-        first_line("ValueError: bad amount for the order\nTraceback ...", 25)
-        == "ValueError: bad amount…"
+        clip("ValueError: bad amount for the order\nTraceback ...", 25) == "ValueError: bad amount…"
     )

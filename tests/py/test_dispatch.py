@@ -18,8 +18,8 @@ import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
 
 from ledgerq import errors
-from ledgerq.dispatch import PRIORITY_MAX, PRIORITY_MIN, Dispatch, task_score
-from ledgerq.types import DueTask, TaskId
+from ledgerq.dispatch import Dispatch, task_score
+from ledgerq.types import PRIORITY_MAX, PRIORITY_MIN, DueTask, TaskId
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,7 @@ from ledgerq import config, errors
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import Dispatcher
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NewTask
-from ledgerq.types import DueTask, TaskId
+from ledgerq.types import DueTask, NewTask, TaskId
 
 Conn = psycopg.Connection[Any]
 

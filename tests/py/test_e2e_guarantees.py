@@ -1,4 +1,4 @@
-"""End to end: SPEC.md's guarantees, with real ``ledgerq worker|dispatcher|reaper`` processes.
+"""End to end: the README's guarantees, with real ``ledgerq worker|dispatcher|reaper`` processes.
 
 Each test starts the processes it needs (see e2e_helpers), enqueues through plain
 SQL, acts on the processes (kill -9, SIGSTOP, SIGTERM) and waits on the ledger.

@@ -1,6 +1,6 @@
 """End to end: Redis flushed or restarted, PostgreSQL restarted, under real processes.
 
-Guarantee 1 of SPEC.md: a task whose enqueue returned runs to a final state
+Guarantee 1 of the README: a task whose enqueue returned runs to a final state
 through Redis restarts or FLUSHALL and PostgreSQL restarts. Each test owns the
 server it breaks (a private redis-server, a private PostgreSQL cluster), so
 flushing or restarting it disturbs nobody else.

@@ -314,3 +314,47 @@ async def test_once_in_transaction_of_a_fenced_attempt_writes_nothing(
     assert task.result == {"by": "other"}
     assert entries(db) == []
     assert effects(db) == []
+
+
+async def test_a_lost_sync_attempt_rolls_back_its_transaction_and_frees_its_effect_key(
+    settings: config.Settings, ledger_entries: Conn
+) -> None:
+    db = ledger_entries
+    tasks = Registry()
+    wrote = threading.Event()
+    stopped = threading.Event()
+
+    @tasks.task("book.sync", max_attempts=3)
+    def book(ctx: Context, payload: dict[str, int]) -> Any:
+        def write(conn: Conn) -> int:
+            conn.execute(
+                "INSERT INTO ledger_entries (task_id, amount) VALUES (%s, %s)",
+                (ctx.task_id, ctx.attempt),
+            )
+            return ctx.attempt
+
+        booked_on = ctx.once_in_transaction(f"book:{ctx.task_id}", write)
+        if ctx.attempt == 1:
+            wrote.set()
+            deadline = time.monotonic() + 10
+            while not ctx.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)  # a thread cannot be cancelled: it polls, as handlers should
+            if ctx.cancelled:
+                stopped.set()
+        return {"booked_on_attempt": booked_on}
+
+    async with helpers.running(settings, tasks, lease_s=3) as s:
+        task_id = await s.enqueue("book.sync")
+        assert await asyncio.to_thread(wrote.wait, 10)
+        # The lease expires under the running handler; its next heartbeat hears "lost".
+        helpers.expire_lease(db, task_id)
+        assert await s.ledger.reap() == 1
+        assert await asyncio.to_thread(stopped.wait, 10), "attempt 1 never heard lost"
+        helpers.make_due(db, task_id)
+        # Attempt 2 takes the same effect key: it would wait forever on a lock
+        # still held by attempt 1's transaction, had that not been rolled back.
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+    assert task.result == {"booked_on_attempt": 2}
+    assert entries(db) == [(task_id, 2)]
+    assert effects(db) == [(f"book:{task_id}", task_id, 2)]
+    assert [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost"), (2, "succeeded")]

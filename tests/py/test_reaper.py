@@ -14,9 +14,8 @@ import pytest
 
 from ledgerq import errors
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NewTask
 from ledgerq.reaper import Reaper
-from ledgerq.types import TaskStatus
+from ledgerq.types import NewTask, TaskStatus
 
 Conn = psycopg.Connection[Any]
 

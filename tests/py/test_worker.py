@@ -710,3 +710,37 @@ def _no_handler_thread_left_busy() -> Any:
     for thread in threads:
         thread.join(2)
     assert not [t.name for t in threads if t.is_alive()]
+
+
+async def test_a_stale_attempt_hears_lost_while_its_redelivery_runs_on_the_same_worker(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    stale_cancelled = asyncio.Event()
+
+    @tasks.task("job", max_attempts=3)
+    async def job(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+        if ctx.attempt == 1:
+            started.set()
+            try:
+                await asyncio.sleep(60)  # stalled past its lease
+            except asyncio.CancelledError:
+                stale_cancelled.set()
+                raise
+        return {"attempt": ctx.attempt}
+
+    async with helpers.running(settings, tasks, lease_s=3) as s:
+        task_id = await s.enqueue("job")
+        await asyncio.wait_for(started.wait(), 10)
+        helpers.expire_lease(db, task_id)
+        assert await s.ledger.reap() == 1
+        helpers.make_due(db, task_id)
+        # Attempt 2 runs on this same worker while attempt 1 still runs: both
+        # are tracked, so attempt 1's next heartbeat hears "lost" and stops it.
+        task = await helpers.wait_for_status(s.ledger, task_id, "SUCCEEDED")
+        await asyncio.wait_for(stale_cancelled.wait(), 10)
+        assert s.worker is not None
+        assert s.worker.completed == {"SUCCEEDED": 1}
+    assert task.result == {"attempt": 2}
+    assert [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost"), (2, "succeeded")]

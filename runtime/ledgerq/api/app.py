@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from ledgerq import __version__, config
 from ledgerq.api import auth, body, state
 from ledgerq.api import errors as api_errors
-from ledgerq.api.routes import system, tasks
+from ledgerq.api.routes import queues, system, tasks
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -96,6 +96,7 @@ def create_app(
     app.router.route_class = body.LimitedRoute
     tasks.register(app.router)
     system.register(app.router)
+    queues.register(app.router)
     api_errors.install(app)
     # The last added middleware runs first: the catch-all wraps auth.
     if settings.api_token is not None:

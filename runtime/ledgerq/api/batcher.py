@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import asyncio
 
-from ledgerq import errors
+from ledgerq import errors, types
 from ledgerq.ledger import AsyncLedger
-from ledgerq.queries import NewTask
-from ledgerq.types import Task
 
 MAX_BATCH_DEFAULT = 500
 MAX_IN_FLIGHT_DEFAULT = 4
 
-_Pending = tuple[NewTask, "asyncio.Future[Task]"]
+_Pending = tuple[types.NewTask, "asyncio.Future[types.Task]"]
 
 
 class EnqueueBatcher:
@@ -48,7 +46,7 @@ class EnqueueBatcher:
         self._in_flight = 0
         self._running: set[asyncio.Task[None]] = set()  # referenced until done
 
-    async def enqueue(self, task: NewTask) -> Task:
+    async def enqueue(self, task: types.NewTask) -> types.Task:
         """Enqueue task; returns once it is committed (``created`` set, as enqueue_task)."""
         if not self._waiting and self._in_flight < self.max_in_flight:
             # Nothing to share a transaction with: send it from this coroutine,
@@ -59,7 +57,7 @@ class EnqueueBatcher:
             finally:
                 self._in_flight -= 1
                 self._send()
-        future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[types.Task] = asyncio.get_running_loop().create_future()
         self._waiting.append((task, future))
         self._send()
         return await future
@@ -99,7 +97,7 @@ class EnqueueBatcher:
                 if not future.done():
                     future.set_exception(exc)
 
-    async def _one(self, task: NewTask, future: asyncio.Future[Task]) -> None:
+    async def _one(self, task: types.NewTask, future: asyncio.Future[types.Task]) -> None:
         try:
             result = await self.ledger.enqueue_task(task)
         except Exception as exc:

@@ -23,12 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from ledgerq import dispatch
-from ledgerq.types import AttemptOutcome, TaskStatus
+from ledgerq import types
 
 BATCH_MAX = 1000
-LIST_LIMIT_DEFAULT = 50
-LIST_LIMIT_MAX = 500
 #: The longest delay_seconds accepted: ten years.
 DELAY_MAX_S = 10 * 365 * 24 * 3600
 INT32_MAX = 2**31 - 1
@@ -67,8 +64,8 @@ class TaskCreate(BaseModel):
     queue: Name = "default"
     priority: int = Field(
         0,
-        ge=dispatch.PRIORITY_MIN,
-        le=dispatch.PRIORITY_MAX,
+        ge=types.PRIORITY_MIN,
+        le=types.PRIORITY_MAX,
         description="Higher runs first.",
     )
     run_at: RunAt | None = Field(None, description="When the task is due; not with delay_seconds.")
@@ -107,7 +104,7 @@ class AttemptOut(BaseModel):
     worker_id: str
     started_at: datetime
     finished_at: datetime | None
-    outcome: AttemptOutcome | None
+    outcome: types.AttemptOutcome | None
     error: str | None
 
 
@@ -117,7 +114,7 @@ class TaskOut(BaseModel):
     id: int
     type: str
     queue: str
-    status: TaskStatus
+    status: types.TaskStatus
     priority: int
     payload: dict[str, Any]
     attempts: int = Field(description="How many attempts have started.")
@@ -149,7 +146,7 @@ class BatchItemOut(BaseModel):
     """The result for one item of a batch, in input order."""
 
     id: int
-    status: TaskStatus
+    status: types.TaskStatus
     created: bool
 
 
@@ -163,14 +160,14 @@ class StatusOut(BaseModel):
     """A task's status after cancel or retry."""
 
     id: int
-    status: TaskStatus
+    status: types.TaskStatus
 
 
 class QueueOut(BaseModel):
     """One queue's state."""
 
     queue: str
-    counts: dict[TaskStatus, int] = Field(description="Tasks by status.")
+    counts: dict[types.TaskStatus, int] = Field(description="Tasks by status.")
     oldest_pending_age_seconds: float | None = Field(
         description="How long the oldest due, not yet started task has waited; null if none."
     )

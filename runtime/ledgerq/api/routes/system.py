@@ -1,11 +1,8 @@
-"""Operations routes: health, readiness, queue state and Prometheus metrics.
+"""Operations routes: health, readiness and Prometheus metrics.
 
 - ``GET /healthz``: the process answers; touches nothing else.
 - ``GET /readyz``: PostgreSQL and Redis each answer a ping within
   ``READY_TIMEOUT_S``; otherwise 503 naming which is down.
-- ``GET /queues``: counts by status per queue, the oldest due task's age and
-  last minute's finishes; one full pass over the tasks table, so for people
-  and ``ledgerq stats``, not for a poll loop.
 - ``GET /metrics``: every metric in ``ledgerq.metrics.REGISTRY``; the queue
   depth gauges are read from the ledger at each scrape through partial
   indexes (live statuses and DEAD only: counting SUCCEEDED rows would scan the
@@ -107,33 +104,6 @@ def register(api: APIRouter) -> None:
         if pg is None and redis is None:
             return JSONResponse({"status": "ok"})
         return api_errors.not_ready_response({"PostgreSQL": pg, "Redis": redis})
-
-    @api.get(
-        "/queues",
-        tags=_TAGS,
-        response_model=None,
-        summary="Per queue: counts by status, oldest pending age, throughput",
-        responses={
-            200: {"model": schemas.QueuesOut, "description": "Every queue with tasks."},
-            **schemas.error_responses(500, 503),
-        },
-    )
-    async def queues(request: Request) -> Response:
-        """Every queue that has tasks, in name order."""
-        summary = await services(request).ledger.queue_summary()
-        return JSONResponse(
-            {
-                "queues": [
-                    {
-                        "queue": q.queue,
-                        "counts": {status.value: n for status, n in q.counts.items()},
-                        "oldest_pending_age_seconds": q.oldest_due_age_s,
-                        "finished_last_minute": q.finished_last_minute,
-                    }
-                    for q in summary
-                ]
-            }
-        )
 
     @api.get(
         "/metrics",

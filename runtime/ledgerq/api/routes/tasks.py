@@ -23,12 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from ledgerq import metrics
+from ledgerq import metrics, types
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import services
-from ledgerq.queries import NewTask
-from ledgerq.types import TaskId, TaskStatus
 
 _CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
 
@@ -38,12 +36,12 @@ WAIT_MAX_S = 60.0
 TaskIdPath = Annotated[int, Path(ge=1, le=schemas.BIGINT_MAX, description="The task's id.")]
 
 
-def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> NewTask:
+def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> types.NewTask:
     run_at = item.run_at
     if item.delay_seconds:
         # The API host's clock: a delay of seconds tolerates the usual NTP skew.
         run_at = datetime.now(UTC) + timedelta(seconds=item.delay_seconds)
-    return NewTask(
+    return types.NewTask(
         task_type=item.type,
         payload=item.payload,
         queue=item.queue,
@@ -165,7 +163,7 @@ def register(api: APIRouter) -> None:
         results = [
             {
                 "id": task_id,
-                "status": (TaskStatus.PENDING if created else current[task_id]).value,
+                "status": (types.TaskStatus.PENDING if created else current[task_id]).value,
                 "created": created,
             }
             for task_id, created in rows
@@ -218,30 +216,29 @@ def register(api: APIRouter) -> None:
     )
     async def list_tasks(
         request: Request,
-        status: TaskStatus | None = None,
+        status: types.TaskStatus | None = None,
         queue: Annotated[schemas.Name | None, Query()] = None,
         task_type: Annotated[schemas.Name | None, Query(alias="type")] = None,
-        limit: Annotated[int, Query(ge=1, le=schemas.LIST_LIMIT_MAX)] = schemas.LIST_LIMIT_DEFAULT,
+        limit: Annotated[int, Query(ge=1, le=types.LIST_LIMIT_MAX)] = types.LIST_LIMIT_DEFAULT,
         cursor: Annotated[str | None, Query(max_length=64)] = None,
     ) -> Response:
         """A page of tasks matching every filter given; pass next_cursor for the next."""
         ledger = services(request).ledger
         before_id = decode_cursor(cursor) if cursor is not None else None
-        # One more than asked says whether another page exists.
-        found = await ledger.list_tasks(
+        page = await ledger.list_tasks(
             status=status.value if status is not None else None,
             queue=queue,
             task_type=task_type,
-            limit=limit + 1,
+            limit=limit,
             before_id=before_id,
         )
-        page = found[:limit]
-        history = await ledger.attempts_of([t.id for t in page]) if page else {}
+        history = await ledger.attempts_of([t.id for t in page.tasks]) if page.tasks else {}
         tasks = [
-            dataclasses.replace(t, attempt_history=history.get(TaskId(t.id), ())).to_json()
-            for t in page
+            dataclasses.replace(t, attempt_history=history.get(t.id, ())).to_json()
+            for t in page.tasks
         ]
-        next_cursor = encode_cursor(page[-1].id) if len(found) > limit else None
+        after = page.next_before_id
+        next_cursor = encode_cursor(after) if after is not None else None
         return JSONResponse({"tasks": tasks, "next_cursor": next_cursor})
 
     @api.post(

@@ -1,7 +1,8 @@
 """Child processes for ``ledgerq run`` and ``ledgerq demo``: one process group, stopped as one.
 
 Each child is a real ``ledgerq`` command (``api``, ``dispatcher``, ``reaper``,
-``worker``) started with this Python. The children share one process group of
+``worker``) started with this Python as ``python -m ledgerq.cli ARGS...``
+(``cli/__main__.py``). The children share one process group of
 their own, apart from the terminal's: a Ctrl-C reaches only the supervising
 process, which then sends every child exactly one SIGTERM (each service's
 graceful stop; a second signal would make it exit at once). ``stop()`` waits
@@ -33,9 +34,9 @@ STOP_TIMEOUT_DEFAULT_S = 45.0
 STOP_MARGIN_S = 10.0
 # While stopping, how often to say who is still running.
 REPORT_INTERVAL_S = 3.0
+#: Set in every child's environment: the process it must die with.
+SUPERVISOR_PID_ENV = "LEDGERQ_SUPERVISOR_PID"
 
-# A child runs `python -c _BOOTSTRAP ARGS...`: child_main() below, then `ledgerq ARGS...`.
-_BOOTSTRAP = "from ledgerq.supervise import child_main; child_main()"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -47,14 +48,6 @@ def die_with_parent(expected_parent: int | None = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if expected_parent is not None and os.getppid() != expected_parent:
             sys.exit(1)  # the parent died before prctl took effect
-
-
-def child_main() -> None:
-    """A supervised child's entry point: die with the supervisor, then run the command."""
-    die_with_parent(int(os.environ.get("LEDGERQ_SUPERVISOR_PID", os.getppid())))
-    from ledgerq.cli import main
-
-    main(prog_name="ledgerq")
 
 
 def settings_env(settings: config.Settings) -> dict[str, str]:
@@ -99,14 +92,14 @@ class ProcessGroup:
         output: IO[bytes] | None = None,
     ) -> None:
         self.env = {**os.environ, **settings_env(settings), **(extra_env or {})}
-        self.env["LEDGERQ_SUPERVISOR_PID"] = str(os.getpid())
+        self.env[SUPERVISOR_PID_ENV] = str(os.getpid())
         self.output = output
         self.children: list[Child] = []
         self._pgid = 0  # 0: the next child starts a new group
 
     def start(self, name: str, args: Sequence[str]) -> Child:
         """Start ``ledgerq ARGS...`` as the child called name."""
-        command = [sys.executable, "-c", _BOOTSTRAP, *args]
+        command = [sys.executable, "-m", "ledgerq.cli", *args]
         process = None
         if self._pgid and any(c.returncode is None for c in self.children):
             with contextlib.suppress(PermissionError):

@@ -1,7 +1,7 @@
 """What ``ledgerq demo`` submitted, and each guarantee checked against the ledger.
 
-The demo (``ledgerq.demo``) records what it sent in a ``Run``; ``verify``
-reads back every task, attempt and effect and turns each guarantee (README, Guarantees)
+The demo (``run`` and ``workload``) records what it sent in a ``Run``;
+``verify`` reads back every task, attempt and effect and turns each guarantee
 into a ``Check`` with its evidence. Nothing is assumed: a guarantee is upheld
 only if the ledger's own records show it.
 """
@@ -16,10 +16,11 @@ from typing import Any
 import click
 import psycopg
 
-from ledgerq import config, demo_app
-from ledgerq.admin import age, clip, table
+from ledgerq import config
+from ledgerq.cli.demo import app as demo_app
+from ledgerq.cli.render import age, clip, table
 from ledgerq.ledger import AsyncLedger
-from ledgerq.types import AttemptOutcome, Task, TaskStatus
+from ledgerq.types import LIST_LIMIT_MAX, AttemptOutcome, Task, TaskStatus
 
 # The demo's settings that its checks quote as evidence.
 LEASE_S = 3
@@ -60,7 +61,14 @@ class Run:
 async def verify(
     ledger: AsyncLedger, settings: config.Settings, run: Run
 ) -> tuple[list[Check], str]:
-    tasks = await ledger.list_tasks(limit=1000)
+    tasks: list[Task] = []
+    before: int | None = None
+    while True:  # every task, a page at a time
+        page = await ledger.list_tasks(limit=LIST_LIMIT_MAX, before_id=before)
+        tasks += page.tasks
+        if page.next_before_id is None:
+            break
+        before = page.next_before_id
     history = await ledger.attempts_of([t.id for t in tasks])
     tasks = [dataclasses.replace(t, attempt_history=history.get(t.id, ())) for t in tasks]
     by_id: dict[int, Task] = {t.id: t for t in tasks}
@@ -272,7 +280,7 @@ def render_logs(effects: list[Any], logs: dict[str, dict[str, int]]) -> str:
 
 
 def render_checks(checks: list[Check]) -> str:
-    lines = [click.style("guarantee (README, Guarantees), checked against the ledger", bold=True)]
+    lines = [click.style("guarantee (README), checked against the ledger", bold=True)]
     width = max(len(c.guarantee) for c in checks)
     for check in checks:
         mark = (

@@ -41,7 +41,7 @@ SUITES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 #: Where the scripts are: the source tree's bench/ (absent from an installed wheel).
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
 
 _NAME_COLUMNS = {"benchmark", "metric", "measure", "name"}
 _RESULT_COLUMNS = {"value", "result", "unit"}

@@ -1,28 +1,22 @@
-"""The command line: enqueue, show, stats, dead, cancel, run and bench.
+"""The operator commands: enqueue, show, stats, dead, cancel (cli/operators.py).
 
-The read and write commands run in-process through click's runner against a
-fresh database and Redis prefix; ``run`` and the unreachable-server cases run
-the real ``ledgerq`` script, because what they promise (exit codes, one line
-of stderr, no orphan processes) is about processes.
+They run in-process through click's runner against a fresh database and Redis
+prefix, and are checked against what the ledger then holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-from pathlib import Path
 from typing import Any
 
 import cli_support
-import httpx
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from ledgerq import admin, benchrun, config
+from ledgerq import config
+from ledgerq.cli import operators
 from ledgerq.dispatch import Dispatch
 from ledgerq.types import DueTask, TaskId
 
@@ -318,7 +312,7 @@ def test_dead_retry_moves_one_task_back_to_pending(settings: config.Settings, db
 def test_dead_retry_all_retries_every_dead_task_of_the_queue_page_by_page(
     settings: config.Settings, db: Conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(admin, "RETRY_BATCH", 3)  # several pages from a few tasks
+    monkeypatch.setattr(operators, "PAGE_SIZE", 3)  # several pages from a few tasks
     in_default = [make_dead(db) for _ in range(7)]
     in_reports = [make_dead(db, queue="reports") for _ in range(2)]
 
@@ -370,204 +364,6 @@ def test_cancel_pending_running_and_finished_tasks(settings: config.Settings, db
     )
 
 
-# --- unreachable servers: the real script, one line, no traceback ---------------------------
-
-
-def _run_all(commands: list[list[str]], env: dict[str, str]) -> list[tuple[int, str, str]]:
-    """Run the commands at once (each ~0.4 s of start-up); their exit codes and output."""
-    processes = [
-        cli_support.ledgerq_process(args, env, cwd=cli_support.REPO / "examples")
-        for args in commands
-    ]
-    try:
-        return [(p.wait(timeout=30), *p.communicate()) for p in processes]
-    finally:
-        for p in processes:
-            cli_support.stop_process(p)
-
-
-def test_unreachable_postgresql_is_one_line_and_exit_1(settings: config.Settings) -> None:
-    down = f"postgresql://postgres@127.0.0.1:{cli_support.closed_port()}/postgres"
-    commands = [
-        ["enqueue", "t"], ["show", "1"], ["stats"], ["dead"], ["dead", "--retry-all"],
-        ["cancel", "1"], ["run", "--app", "quickstart:tasks"], ["demo"], ["bench"],
-    ]  # fmt: skip
-    env = {**cli_support.env_for(settings), "LEDGERQ_DATABASE_URL": down}
-    for args, (code, out, err) in zip(commands, _run_all(commands, env), strict=True):
-        assert code == 1, (args, code, out, err)
-        assert out == "", (args, out)
-        line = cli_support.one_line(err)
-        assert line.startswith("ledgerq: PostgreSQL is unavailable: "), (args, line)
-        assert "Connection refused" in line, (args, line)
-
-
-def test_unreachable_redis_is_one_line_and_exit_1(settings: config.Settings) -> None:
-    env = {
-        **cli_support.env_for(settings),
-        "LEDGERQ_REDIS_URL": f"redis://127.0.0.1:{cli_support.closed_port()}/0",
-    }
-    commands = [["run", "--app", "quickstart:tasks"], ["demo"]]
-    for args, (code, out, err) in zip(commands, _run_all(commands, env), strict=True):
-        assert code == 1, (args, code, out, err)
-        line = cli_support.one_line(err)
-        assert line.startswith("ledgerq: Redis is unavailable: "), (args, line)
-
-
 def test_missing_schema_says_to_migrate(settings: config.Settings, empty_db_url: str) -> None:
     result = cli_support.invoke(["stats", "--database-url", empty_db_url], settings)
     cli_support.assert_one_line_failure(result, 1, "run `ledgerq migrate`")
-
-
-# --- run ---------------------------------------------------------------------------------------
-
-
-def test_run_serves_every_component_and_one_sigint_stops_them_all_with_exit_0(
-    settings: config.Settings, db: Conn
-) -> None:
-    port = cli_support.free_port()
-    run = cli_support.ledgerq_process(
-        ["run", "--app", "quickstart:tasks", "--processes", "2", "--port", str(port),
-         "--reaper-interval", "0.2", "--log-level", "WARNING"],
-        cli_support.env_for(settings), cwd=cli_support.REPO / "examples",
-    )  # fmt: skip
-    try:
-        # api, dispatcher, reaper and two workers: five children, all in one group
-        children = cli_support.poll(
-            lambda: (d := cli_support.descendants(run.pid)) and len(d) >= 5 and d, what="5 children"
-        )
-        assert len(children) == 5, children
-        assert len({os.getpgid(pid) for pid in children}) == 1
-        assert os.getpgid(children[0]) != os.getpgid(run.pid)
-        cli_support.poll(lambda: _ready(port), what="the API")
-
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/tasks",
-            json={"type": "email.send", "payload": {"to": "a@b.c"}},
-        )
-        assert reply.status_code == 201, reply.text
-        task_id = reply.json()["id"]
-        cli_support.poll(lambda: status_of(db, task_id) == "SUCCEEDED", what="the task to succeed")
-
-        os.kill(run.pid, signal.SIGINT)
-        assert run.wait(timeout=30) == 0, run.communicate()
-        _, err = run.communicate()
-        assert "Traceback" not in err
-        assert [pid for pid in children if cli_support.alive(pid)] == []
-    finally:
-        cli_support.stop_process(run)
-
-
-def test_run_stops_everything_and_exits_1_when_a_component_fails(
-    settings: config.Settings,
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        run = cli_support.ledgerq_process(
-            ["run", "--app", "quickstart:tasks", "--port", str(port), "--log-level", "WARNING"],
-            cli_support.env_for(settings), cwd=cli_support.REPO / "examples",
-        )  # fmt: skip
-        try:
-            children = cli_support.poll(
-                lambda: (d := cli_support.descendants(run.pid)) and len(d) >= 4 and d,
-                what="children",
-            )
-            assert run.wait(timeout=40) == 1
-            _, err = run.communicate()
-            # uvicorn exits 3 when it cannot bind
-            assert "ledgerq run: api exited with status 3; stopping the rest" in err
-            assert [pid for pid in children if cli_support.alive(pid)] == []
-        finally:
-            cli_support.stop_process(run)
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-# --- bench -------------------------------------------------------------------------------------
-
-
-def test_bench_without_a_bench_folder_is_one_line(
-    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(benchrun, "BENCH_DIR", tmp_path / "bench")
-    cli_support.assert_one_line_failure(
-        cli_support.invoke(["bench"], settings), 2, "no benchmarks at", "source checkout"
-    )
-
-
-SQL_OUTPUT = """\
-running hot_query ...
-benchmark       metric                                   value  unit     target
---------------  ----------------------------------  ----------  -------  ----------  ----
-hot_query       SELECT execution, median of 300          0.045  ms       < 0.2       ok
-enqueue_batch   enqueue_tasks x1000                     53,300  tasks/s  >= 100,000  MISS
-"""
-RUNTIME_OUTPUT = """\
-('drain 2000 no-op tasks, 1 process(es)', '9,000 tasks/s (0.22 s)')
-
-benchmark                              result
--------------------------------------  ----------------------------------------
-drain 2000 no-op tasks, 1 process(es)  9,000 tasks/s (0.22 s)
-pickup latency at 200 tasks/s          p50 1.10 ms, p99 2.00 ms
-"""
-API_OUTPUT = """\
-ledgerq API ingress @ abc123 (2 cores shared by client, API and PostgreSQL)
-measure                                                    result       target  ok
-POST /tasks latency @ 200/s, mean                         1.20 ms
-POST /tasks/batch, 1,000 per batch                 61,000 tasks/s   >= 50,000  yes
-"""
-
-
-def test_bench_parses_the_table_each_script_prints_last() -> None:
-    assert benchrun.parse_table("sql", SQL_OUTPUT) == [
-        benchrun.Row(
-            "sql", "hot_query / SELECT execution, median of 300", "0.045 ms", "< 0.2", "ok"
-        ),
-        benchrun.Row(
-            "sql", "enqueue_batch / enqueue_tasks x1000", "53,300 tasks/s", ">= 100,000", "MISS"
-        ),
-    ]
-    assert benchrun.parse_table("runtime", RUNTIME_OUTPUT) == [
-        benchrun.Row("runtime", "drain 2000 no-op tasks, 1 process(es)", "9,000 tasks/s (0.22 s)"),
-        benchrun.Row("runtime", "pickup latency at 200 tasks/s", "p50 1.10 ms, p99 2.00 ms"),
-    ]
-    assert benchrun.parse_table("api", API_OUTPUT) == [
-        benchrun.Row("api", "POST /tasks latency @ 200/s, mean", "1.20 ms"),
-        benchrun.Row(
-            "api", "POST /tasks/batch, 1,000 per batch", "61,000 tasks/s", ">= 50,000", "yes"
-        ),
-    ]
-    assert benchrun.parse_table("api", "no table at all\n") == []
-
-
-def test_bench_runs_the_scripts_that_exist_and_prints_one_table(
-    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    folder = tmp_path / "bench"
-    folder.mkdir()
-    for name, output, code in (("sql_bench.py", SQL_OUTPUT, 0), ("api_bench.py", API_OUTPUT, 3)):
-        script = f"import sys\nprint(sys.argv[1:])\nprint({output!r})\nsys.exit({code})\n"
-        (folder / name).write_text(script)
-    monkeypatch.setattr(benchrun, "BENCH_DIR", folder)
-
-    result = cli_support.invoke(["bench"], settings)
-    assert result.exit_code == 1, result.output  # api_bench.py failed
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == ["suite", "measure", "result", "target", "ok"]
-    assert lines[1].split()[:2] == ["sql", "hot_query"]
-    assert any(line.startswith("api ") and "61,000 tasks/s" in line for line in lines)
-    assert any("api_bench.py FAILED (exit 3)" in line for line in lines)
-    assert "running bench/sql_bench.py (quick) ..." in result.stderr
-    assert "running bench/runtime_bench.py" not in result.stderr  # it does not exist here
-    first_output = (Path(lines[-1].split(": ", 1)[1].split(", ")[0])).read_text()
-    assert first_output.splitlines()[0] == str(list(benchrun.SUITES["sql"][1]))
-
-    cli_support.assert_one_line_failure(
-        cli_support.invoke(["bench", "gpu"], settings), 2, "unknown benchmark suite(s) gpu"
-    )

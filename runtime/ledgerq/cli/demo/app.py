@@ -1,4 +1,4 @@
-"""The task app ``ledgerq demo`` runs: ``ledgerq worker --app ledgerq.demo_app:tasks``.
+"""The task app ``ledgerq demo`` runs: ``ledgerq worker --app ledgerq.cli.demo.app:tasks``.
 
 Three task types from the seed design, each leaving its side effect in an
 execution log the demo later counts (tables in the demo database's ``demo``
