@@ -49,9 +49,9 @@ class CountingLedger(AsyncLedger):
 
     reads = 0
 
-    async def get(self, task_id: int, conn: Any = None) -> Any:
+    async def get(self, task_id: int) -> Any:
         type(self).reads += 1
-        return await super().get(task_id, conn)
+        return await super().get(task_id)
 
 
 async def test_many_concurrent_waiters_each_return_their_final_task_woken_by_the_ledger(
