@@ -15,8 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import errors, jsonvalue, metrics, types
-from ledgerq.config import Settings
+from ledgerq import config, errors, jsonvalue, metrics, types
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -97,12 +96,12 @@ class Client:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: config.Settings | None = None,
         *,
         registry: types.TaskTypes | None = None,
         ledger: Ledger | None = None,
     ) -> None:
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
 
@@ -174,12 +173,12 @@ class AsyncClient:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: config.Settings | None = None,
         *,
         registry: types.TaskTypes | None = None,
         ledger: AsyncLedger | None = None,
     ) -> None:
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
 

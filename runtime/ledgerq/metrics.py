@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ledgerq import types
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _TASK_LABELS = ("type", "queue")
@@ -75,3 +77,33 @@ QUEUE_OLDEST_PENDING = Gauge(
     ("queue",),
     registry=REGISTRY,
 )
+
+
+class TaskSeries:
+    """The labelled children of the task metrics for one (type, queue), looked up
+    once: prometheus-client's labels() takes a lock and builds a key on every call."""
+
+    __slots__ = ("duration", "outcomes", "pickup", "started")
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.started = TASKS_STARTED.labels(*labels)
+        self.duration = TASK_DURATION.labels(*labels)
+        self.pickup = PICKUP_LATENCY.labels(labels[1])
+        #: The counter an attempt's resulting status adds to.
+        self.outcomes = {
+            types.TaskStatus.SUCCEEDED: TASKS_SUCCEEDED.labels(*labels),
+            types.TaskStatus.PENDING: TASKS_RETRIED.labels(*labels),
+            types.TaskStatus.DEAD: TASKS_DEAD.labels(*labels),
+            types.TaskStatus.CANCELLED: TASKS_CANCELLED.labels(*labels),
+        }
+
+
+_TASK_SERIES: dict[tuple[str, str], TaskSeries] = {}
+
+
+def task_series(labels: tuple[str, str]) -> TaskSeries:
+    """The TaskSeries of (task type, queue)."""
+    series = _TASK_SERIES.get(labels)
+    if series is None:
+        series = _TASK_SERIES[labels] = TaskSeries(labels)
+    return series

@@ -6,7 +6,9 @@ a thread pool of the same size. Round trips per task are the cost, so
 everything is batched: one Redis call pops as many ids as there are free slots,
 one ``claim_tasks`` claims them, one ``complete_tasks`` records every outcome
 that finished while the previous one was in flight, and one ``heartbeat_tasks``
-renews every lease this worker holds.
+renews every lease this worker holds. ``run()`` serves until ``stop()``;
+``run_once()`` runs what is waiting now and says how many attempts ran (the
+service shape of ``service.py``).
 
 Options and defaults: ``concurrency`` (CONCURRENCY_DEFAULT), ``lease_s``
 (LEASE_DEFAULT_S; heartbeats every third of it), ``grace_s``
@@ -61,34 +63,6 @@ HAND_BACK_DELAY_S = 1.0
 ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
-
-
-class _Series:
-    """The labelled metric children of one (type, queue), looked up once:
-    prometheus-client's labels() takes a lock and builds a key on every call."""
-
-    __slots__ = ("duration", "outcomes", "pickup", "started")
-
-    def __init__(self, labels: tuple[str, str]) -> None:
-        self.started = metrics.TASKS_STARTED.labels(*labels)
-        self.duration = metrics.TASK_DURATION.labels(*labels)
-        self.pickup = metrics.PICKUP_LATENCY.labels(labels[1])
-        self.outcomes = {
-            types.TaskStatus.SUCCEEDED: metrics.TASKS_SUCCEEDED.labels(*labels),
-            types.TaskStatus.PENDING: metrics.TASKS_RETRIED.labels(*labels),
-            types.TaskStatus.DEAD: metrics.TASKS_DEAD.labels(*labels),
-            types.TaskStatus.CANCELLED: metrics.TASKS_CANCELLED.labels(*labels),
-        }
-
-
-_SERIES: dict[tuple[str, str], _Series] = {}
-
-
-def _series(labels: tuple[str, str]) -> _Series:
-    series = _SERIES.get(labels)
-    if series is None:
-        series = _SERIES[labels] = _Series(labels)
-    return series
 
 
 def new_worker_id() -> str:
@@ -360,7 +334,7 @@ class Worker:
             self._slot_freed.set()
             return
         labels = (task.type, task.queue)
-        series = _series(labels)
+        series = metrics.task_series(labels)
         series.started.inc()
         metrics.WORKER_INFLIGHT.inc()
         series.pickup.observe(max(0.0, (datetime.now(UTC) - task.run_at).total_seconds()))
@@ -536,7 +510,7 @@ class Worker:
     ) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
-        counter = _series(labels).outcomes.get(status) if status is not None else None
+        counter = metrics.task_series(labels).outcomes.get(status) if status is not None else None
         if counter is not None:
             counter.inc()
         if outcome is not None:

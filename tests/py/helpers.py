@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -272,6 +273,20 @@ async def running(
         assert not leftover, f"asyncio tasks left running: {leftover}"
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, f"a service crashed: {failures!r}"
+
+
+def worker(tasks: Registry, s: Services, **options: Any) -> Worker:
+    """A Worker on the services' ledger and Redis, called test-worker unless told."""
+    return Worker(tasks, s.ledger, s.dispatch, **({"worker_id": "test-worker"} | options))
+
+
+def assert_no_handler_thread_left_busy() -> None:
+    """After a test: idle handler threads exit once their worker shuts its executor
+    down; a busy one (a sync handler nobody released) would leak into the next test."""
+    threads = [t for t in threading.enumerate() if t.name.startswith("ledgerq-handler")]
+    for thread in threads:
+        thread.join(2)
+    assert not [t.name for t in threads if t.is_alive()]
 
 
 # --- a private Redis Cluster -------------------------------------------------------

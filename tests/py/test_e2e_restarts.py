@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import e2e_helpers as e2e
+import e2e_servers
 import pytest
 
 from ledgerq import dispatch, types
@@ -21,12 +22,12 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[e2e.PrivateRedis]:
-    with e2e.PrivateRedis(tmp_path / "redis") as server:
+def private_redis(tmp_path: Path) -> Iterator[e2e_servers.PrivateRedis]:
+    with e2e_servers.PrivateRedis(tmp_path / "redis") as server:
         yield server
 
 
-def queued_in_redis(server: e2e.PrivateRedis) -> int:
+def queued_in_redis(server: e2e_servers.PrivateRedis) -> int:
     """Task ids waiting in the server's queues (whatever the key layout)."""
     client = server.client()
     try:
@@ -61,7 +62,7 @@ def assert_each_ran_once(d: e2e.Deployment, ids: list[int]) -> None:
 
 
 def test_flushdb_with_500_tasks_queued_loses_none_and_runs_none_twice(
-    tmp_path: Path, db_url: str, private_redis: e2e.PrivateRedis
+    tmp_path: Path, db_url: str, private_redis: e2e_servers.PrivateRedis
 ) -> None:
     with e2e.Deployment(tmp_path, db_url, private_redis.url, "e2e") as d:
         d.extra_diagnostics.append(private_redis.describe)
@@ -94,7 +95,7 @@ def test_flushdb_with_500_tasks_queued_loses_none_and_runs_none_twice(
 
 
 def test_redis_restarted_empty_under_load_loses_nothing_and_runs_nothing_twice(
-    tmp_path: Path, db_url: str, private_redis: e2e.PrivateRedis
+    tmp_path: Path, db_url: str, private_redis: e2e_servers.PrivateRedis
 ) -> None:
     with e2e.Deployment(tmp_path, db_url, private_redis.url, "e2e") as d:
         d.extra_diagnostics.append(private_redis.describe)
@@ -122,7 +123,7 @@ def test_postgres_restarted_under_load_every_task_succeeds_exactly_once(
     tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> None:
     with (
-        e2e.PrivatePostgres() as pg,
+        e2e_servers.PrivatePostgres() as pg,
         e2e.Deployment(tmp_path, pg.url, redis_url, redis_prefix) as d,
     ):
         d.extra_diagnostics.append(pg.describe)

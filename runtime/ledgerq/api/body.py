@@ -27,8 +27,8 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ledgerq import types
 from ledgerq.api import errors as api_errors
-from ledgerq.types import JsonValue
 
 MAX_BODY_BYTES_DEFAULT = 1 << 20
 MAX_DEPTH = 64
@@ -64,7 +64,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _bad_string(value: JsonValue, path: str) -> str | None:
+def _bad_string(value: types.JsonValue, path: str) -> str | None:
     """The path of the first string (or key) that PostgreSQL cannot store."""
     if isinstance(value, str):
         if "\x00" in value:
@@ -87,7 +87,7 @@ def _bad_string(value: JsonValue, path: str) -> str | None:
     return None
 
 
-def parse_json(raw: bytes) -> JsonValue:
+def parse_json(raw: bytes) -> types.JsonValue:
     """Parse a request body, refusing what PostgreSQL or the parser cannot take."""
     try:
         text = raw.decode("utf-8")

@@ -20,16 +20,15 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ledgerq import errors, metrics
+from ledgerq import errors, metrics, types
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import Services, services
-from ledgerq.types import TaskStatus
 
 log = logging.getLogger("ledgerq.api")
 
 READY_TIMEOUT_S = 2.0
-_AGE_STATUSES = (TaskStatus.PENDING, TaskStatus.QUEUED)
+_AGE_STATUSES = (types.TaskStatus.PENDING, types.TaskStatus.QUEUED)
 
 
 async def _problem(check: Awaitable[None]) -> str | None:

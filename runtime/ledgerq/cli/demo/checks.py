@@ -16,11 +16,10 @@ from typing import Any
 import click
 import psycopg
 
-from ledgerq import config
+from ledgerq import config, types
+from ledgerq.cli import render
 from ledgerq.cli.demo import app as demo_app
-from ledgerq.cli.render import age, clip, table
 from ledgerq.ledger import AsyncLedger
-from ledgerq.types import LIST_LIMIT_MAX, AttemptOutcome, Task, TaskStatus
 
 # The demo's settings that its checks quote as evidence.
 LEASE_S = 3
@@ -41,7 +40,7 @@ class Check:
 class Run:
     """What the demo submitted and saw."""
 
-    expected: dict[int, tuple[str, TaskStatus]] = dataclasses.field(default_factory=dict)
+    expected: dict[int, tuple[str, types.TaskStatus]] = dataclasses.field(default_factory=dict)
     accepted_ids: set[int] = dataclasses.field(default_factory=set)
     notes: list[str] = dataclasses.field(default_factory=list)
     duplicate_codes: list[int] = dataclasses.field(default_factory=list)
@@ -61,17 +60,17 @@ class Run:
 async def verify(
     ledger: AsyncLedger, settings: config.Settings, run: Run
 ) -> tuple[list[Check], str]:
-    tasks: list[Task] = []
+    tasks: list[types.Task] = []
     before: int | None = None
     while True:  # every task, a page at a time
-        page = await ledger.list_tasks(limit=LIST_LIMIT_MAX, before_id=before)
+        page = await ledger.list_tasks(limit=types.LIST_LIMIT_MAX, before_id=before)
         tasks += page.tasks
         if page.next_before_id is None:
             break
         before = page.next_before_id
     history = await ledger.attempts_of([t.id for t in tasks])
     tasks = [dataclasses.replace(t, attempt_history=history.get(t.id, ())) for t in tasks]
-    by_id: dict[int, Task] = {t.id: t for t in tasks}
+    by_id: dict[int, types.Task] = {t.id: t for t in tasks}
     effects = await ledger.effects_of(list(by_id))
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         logs = demo_app.log_rows(conn)
@@ -86,7 +85,7 @@ async def verify(
     return checks, render_logs(effects, logs)
 
 
-def check_final(run: Run, by_id: dict[int, Task]) -> Check:
+def check_final(run: Run, by_id: dict[int, types.Task]) -> Check:
     missing = sorted(run.accepted_ids - by_id.keys())
     unknown = sorted(by_id.keys() - run.accepted_ids)
     open_ = sorted(t.id for t in by_id.values() if not t.status.is_final)
@@ -110,7 +109,7 @@ def check_final(run: Run, by_id: dict[int, Task]) -> Check:
     )
 
 
-def check_attempts(tasks: list[Task]) -> Check:
+def check_attempts(tasks: list[types.Task]) -> Check:
     problems = []
     count = 0
     for task in tasks:
@@ -135,19 +134,19 @@ def check_attempts(tasks: list[Task]) -> Check:
     return Check("2. At most one attempt of a task runs at a time", evidence, not problems)
 
 
-def check_recovery(run: Run, by_id: dict[int, Task]) -> Check:
+def check_recovery(run: Run, by_id: dict[int, types.Task]) -> Check:
     task = by_id.get(run.killed_task or 0)
     name = "1. A task survives its worker's kill -9: reaped, then finished by another worker"
     if task is None:
         return Check(name, ["the killed worker's task is missing"], False)
     attempts = task.attempt_history
-    lost = [a for a in attempts if a.outcome is AttemptOutcome.LOST]
+    lost = [a for a in attempts if a.outcome is types.AttemptOutcome.LOST]
     ok = (
-        task.status is TaskStatus.SUCCEEDED
+        task.status is types.TaskStatus.SUCCEEDED
         and len(attempts) == 2
-        and attempts[0].outcome is AttemptOutcome.LOST
+        and attempts[0].outcome is types.AttemptOutcome.LOST
         and attempts[0].worker_id == run.killed_worker
-        and attempts[1].outcome is AttemptOutcome.SUCCEEDED
+        and attempts[1].outcome is types.AttemptOutcome.SUCCEEDED
         and attempts[1].worker_id != run.killed_worker
     )
     evidence = [
@@ -162,15 +161,15 @@ def check_recovery(run: Run, by_id: dict[int, Task]) -> Check:
         again = attempts[1].started_at
         if reaped is not None:
             evidence.append(
-                f"SIGKILL -> reaped after {age((reaped - run.killed_at).total_seconds())}, running "
-                f"again after {age((again - run.killed_at).total_seconds())} (lease {LEASE_S} s + "
+                f"SIGKILL -> reaped after {render.age((reaped - run.killed_at).total_seconds())}, running "
+                f"again after {render.age((again - run.killed_at).total_seconds())} (lease {LEASE_S} s + "
                 f"reaper {REAPER_INTERVAL_S:g} s + backoff)"
             )
     return Check(name, evidence, ok)
 
 
 def check_effects(
-    by_id: dict[int, Task], effects: list[Any], logs: dict[str, dict[str, int]], run: Run
+    by_id: dict[int, types.Task], effects: list[Any], logs: dict[str, dict[str, int]], run: Run
 ) -> Check:
     problems = []
     recorded = Counter(e.effect_key for e in effects)
@@ -183,7 +182,7 @@ def check_effects(
             problems.append(f"{table_name}: rows {len(rows)} != effects recorded {len(keys)}")
     effect_tasks = Counter(e.task_id for e in effects)
     for task in by_id.values():
-        if task.status is TaskStatus.SUCCEEDED and effect_tasks[task.id] != 1:
+        if task.status is types.TaskStatus.SUCCEEDED and effect_tasks[task.id] != 1:
             problems.append(f"task {task.id} SUCCEEDED with {effect_tasks[task.id]} effects")
     flaky = by_id.get(run.flaky_task or 0)
     flaky_emails = logs["email_logs"].get(f"email:{run.flaky_task}", 0)
@@ -202,7 +201,7 @@ def check_effects(
     return Check("3. An effect happens once per effect key", evidence, not problems)
 
 
-def check_idempotency(run: Run, tasks: list[Task]) -> Check:
+def check_idempotency(run: Run, tasks: list[types.Task]) -> Check:
     keys = Counter(t.idempotency_key for t in tasks if t.idempotency_key is not None)
     reused = [k for k, n in keys.items() if n > 1]
     codes = Counter(run.duplicate_codes)
@@ -224,7 +223,7 @@ def check_idempotency(run: Run, tasks: list[Task]) -> Check:
     return Check("4. The same idempotency key never creates two tasks", evidence, ok)
 
 
-def check_bad_input(run: Run, by_id: dict[int, Task]) -> Check:
+def check_bad_input(run: Run, by_id: dict[int, types.Task]) -> Check:
     problems = []
     dead_lines = []
     for task_id, (kind, expected) in sorted(run.expected.items()):
@@ -234,20 +233,20 @@ def check_bad_input(run: Run, by_id: dict[int, Task]) -> Check:
                 f"task {task_id} ({kind}): {task.status if task else 'missing'}, expected {expected}"
             )
             continue
-        if expected is TaskStatus.DEAD:
+        if expected is types.TaskStatus.DEAD:
             want = 3 if kind == "exhausts retries" else 1
             reason = (task.last_error or "").splitlines()[0] if task.last_error else ""
             if task.attempts != want or not reason:
                 problems.append(
                     f"task {task_id} ({kind}): DEAD after {task.attempts} attempts, reason {reason!r}"
                 )
-            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {clip(reason, 90)}")
-    succeeded = sum(1 for _, e in run.expected.values() if e is TaskStatus.SUCCEEDED)
+            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {render.clip(reason, 90)}")
+    succeeded = sum(1 for _, e in run.expected.values() if e is types.TaskStatus.SUCCEEDED)
     refused_ok = run.refused_code == 422 and "payload" in run.refused_message
     if not refused_ok:
         problems.append(f"bad request answered {run.refused_code}: {run.refused_message}")
     evidence = [
-        f"refused at the door: {run.refused_code} ({clip(run.refused_message, 60)})",
+        f"refused at the door: {run.refused_code} ({render.clip(run.refused_message, 60)})",
         *dead_lines,
         f"the other {succeeded} tasks SUCCEEDED",
         *problems[:5],
@@ -272,7 +271,7 @@ def render_logs(effects: list[Any], logs: dict[str, dict[str, int]]) -> str:
                 str(sum(1 for n in counts.values() if n > 1)),
             ]
         )
-    return table(
+    return render.table(
         ["execution log", "effects recorded", "rows written", "keys written twice"],
         rows,
         right=(1, 2, 3),

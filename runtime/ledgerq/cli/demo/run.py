@@ -42,11 +42,9 @@ import psycopg
 from psycopg import sql
 
 from ledgerq import config, errors, migrations
-from ledgerq.cli import common
+from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
 from ledgerq.cli.demo import checks, workload
-from ledgerq.cli.render import Screen
-from ledgerq.cli.supervise import ProcessGroup
 from ledgerq.ledger import AsyncLedger, probe
 
 DATABASE_NAME_DEFAULT = "ledgerq_demo"
@@ -129,7 +127,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def run_demo(options: Options, out: TextIO | None = None) -> int:
     """Run the demo; 0 if every guarantee held, 1 if not (or it could not run), 130 on Ctrl-C."""
-    screen = Screen(out or sys.stdout)
+    screen = render.Screen(out or sys.stdout)
     try:
         import httpx  # noqa: F401  (the demo's HTTP client, from the dev extras)
     except ImportError:
@@ -153,7 +151,7 @@ def run_demo(options: Options, out: TextIO | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     code = 1
     with log_path.open("ab") as log_file:
-        group = ProcessGroup(settings, output=log_file)
+        group = supervise.ProcessGroup(settings, output=log_file)
         try:
             code = asyncio.run(_demo(settings, group, screen, options, log_path))
         except KeyboardInterrupt:
@@ -185,8 +183,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 async def _demo(
     settings: config.Settings,
-    group: ProcessGroup,
-    screen: Screen,
+    group: supervise.ProcessGroup,
+    screen: render.Screen,
     options: Options,
     log_path: Path,
 ) -> int:

@@ -18,9 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ledgerq import errors, types
+from ledgerq.cli import render, supervise
 from ledgerq.cli.demo import checks
-from ledgerq.cli.render import Screen, styled_status
-from ledgerq.cli.supervise import Child, ProcessGroup
 
 APP = "ledgerq.cli.demo.app:tasks"
 WORKER_CONCURRENCY = 8
@@ -40,7 +39,7 @@ def worker_args() -> list[str]:
     ]  # fmt: skip
 
 
-async def wait_ready(http: Any, group: ProcessGroup, deadline: float) -> None:
+async def wait_ready(http: Any, group: supervise.ProcessGroup, deadline: float) -> None:
     while True:
         no_crash(group, set())
         with contextlib.suppress(Exception):
@@ -51,7 +50,7 @@ async def wait_ready(http: Any, group: ProcessGroup, deadline: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def no_crash(group: ProcessGroup, killed: set[int]) -> None:
+def no_crash(group: supervise.ProcessGroup, killed: set[int]) -> None:
     for child in group.exited():
         if child.pid not in killed:
             raise DemoFailed(f"{child.name} exited unexpectedly with status {child.returncode}")
@@ -74,9 +73,9 @@ async def post(
 
 async def kill_a_worker(
     http: Any,
-    group: ProcessGroup,
-    workers: list[Child],
-    screen: Screen,
+    group: supervise.ProcessGroup,
+    workers: list[supervise.Child],
+    screen: render.Screen,
     run: checks.Run,
     deadline: float,
 ) -> None:
@@ -108,7 +107,7 @@ async def kill_a_worker(
     )
 
 
-async def submit_workload(http: Any, screen: Screen, run: checks.Run) -> None:
+async def submit_workload(http: Any, screen: render.Screen, run: checks.Run) -> None:
     batch = []
     kinds = []
     for n in range(EMAILS):
@@ -206,7 +205,11 @@ def _error_message(reply: Any) -> str:
 
 
 async def watch(
-    http: Any, group: ProcessGroup, screen: Screen, run: checks.Run, deadline: float
+    http: Any,
+    group: supervise.ProcessGroup,
+    screen: render.Screen,
+    run: checks.Run,
+    deadline: float,
 ) -> None:
     """Progress by status until every accepted task is final."""
     killed = {c.pid for c in group.exited()}
@@ -218,7 +221,9 @@ async def watch(
         for q in queues:
             counts.update(q["counts"])
         final = sum(counts[s.value] for s in types.TaskStatus if s.is_final)
-        parts = "  ".join(f"{styled_status(s)} {counts[s.value]:>3}" for s in types.TaskStatus)
+        parts = "  ".join(
+            f"{render.styled_status(s)} {counts[s.value]:>3}" for s in types.TaskStatus
+        )
         done = final >= total and sum(counts.values()) == total
         waiting = (
             ""
