@@ -9,6 +9,7 @@ Mounted inside another app, its lifespan runs only through ``lifespan(app)``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -89,6 +90,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.max_body_bytes = max_body_bytes
+    #: Set when the server begins a graceful shutdown: long waits answer at once.
+    app.state.stopping = asyncio.Event()
     app.state.services = (
         state.Services(ledger, dispatch) if ledger is not None and dispatch is not None else None
     )

@@ -9,9 +9,11 @@ many are enqueued in between.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import enum
 import re
@@ -50,6 +52,26 @@ def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> types.Ne
         max_attempts=item.max_attempts,
         idempotency_key=idempotency_key,
     )
+
+
+async def _wait_final(request: Request, task_id: int, wait_s: float) -> types.Task | None:
+    """The task once final (woken by the ledger's NOTIFY); None after wait_s, or
+    as soon as the server begins to stop (it waits for open requests)."""
+    waiting = asyncio.ensure_future(services(request).ledger.wait_final(task_id, wait_s))
+    stopping = asyncio.ensure_future(request.app.state.stopping.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await waiting
+        return None
+    try:
+        return waiting.result()
+    except TimeoutError:
+        return None
 
 
 def encode_cursor(before_id: int) -> str:
@@ -196,11 +218,9 @@ def register(api: APIRouter) -> None:
         """The task, its attempt history, result and last error."""
         ledger = services(request).ledger
         if wait:
-            try:
-                # Woken by the ledger's NOTIFY when the task becomes final.
-                return JSONResponse((await ledger.wait_final(task_id, wait)).to_json())
-            except TimeoutError:
-                pass
+            final = await _wait_final(request, task_id, wait)
+            if final is not None:
+                return JSONResponse(final.to_json())
         task = await ledger.get(task_id)
         return JSONResponse(task.to_json())
 
