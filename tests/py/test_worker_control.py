@@ -331,8 +331,14 @@ async def test_stale_attempt_cannot_overwrite_the_newer_attempts_outcome(
         await helpers.wait_for_status(s.ledger, task_id, "QUEUED")
         assert helpers.claim_by_sql(db, task_id, "ghost", lease_s=30) == 1
         helpers.expire_lease(db, task_id)
+
         # The reaper records attempt 1 as lost; the real worker runs attempt 2.
-        await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+        # (Waiting on the attempt, not on PENDING: with a backoff of a few
+        # milliseconds the dispatcher may have queued the task again already.)
+        async def reaped() -> bool:
+            return [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost")]
+
+        await helpers.eventually(reaped, what="the reaper to record attempt 1 as lost")
         helpers.make_due(db, task_id)
         s.start_worker(helpers.worker(tasks, s))
         await asyncio.wait_for(started.wait(), 10)
