@@ -75,6 +75,22 @@ def _database_url() -> str:
     return os.environ.get("LEDGERQ_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+_schema_ready = False
+
+
+async def _ensure_schema() -> None:
+    """Create the execution logs on first use, so the app also serves a database the
+    demo did not prepare (compose.yaml's worker). Under an advisory lock: concurrent
+    CREATE ... IF NOT EXISTS from several workers can still collide in the catalog."""
+    global _schema_ready
+    if _schema_ready:
+        return
+    async with await psycopg.AsyncConnection.connect(_database_url()) as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('ledgerq.demo.schema'))")
+        await conn.execute(SCHEMA_SQL)
+    _schema_ready = True
+
+
 @dataclasses.dataclass
 class Email:
     """An email to send."""
@@ -116,6 +132,7 @@ async def _mail_provider_send(effect_key: str, task_id: int, email: Email) -> st
 @tasks.task("email.send", max_attempts=5, timeout=10)
 async def send_email(ctx: Context, payload: Email) -> dict[str, Any]:
     """Send once, whatever happens after the send."""
+    await _ensure_schema()
     key = f"email:{ctx.task_id}"
     message_id = await ctx.once(key, _mail_provider_send, key, ctx.task_id, payload)
     if ctx.attempt <= payload.flaky_failures:
@@ -126,6 +143,7 @@ async def send_email(ctx: Context, payload: Email) -> dict[str, Any]:
 @tasks.task("payment.charge", max_attempts=5, timeout=10)
 async def charge(ctx: Context, payload: Charge) -> dict[str, Any]:
     """Record the charge exactly once, in the transaction that completes the task."""
+    await _ensure_schema()
     key = f"payment:{ctx.task_id}"
 
     async def write(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
@@ -143,6 +161,7 @@ async def charge(ctx: Context, payload: Charge) -> dict[str, Any]:
 @tasks.task("operation.run", max_attempts=5, timeout=20)
 async def run_operation(ctx: Context, payload: Operation) -> dict[str, Any]:
     """A long job that applies its operation exactly once."""
+    await _ensure_schema()
     if payload.seconds > 0:
         await asyncio.sleep(payload.seconds)
     if payload.fail:
