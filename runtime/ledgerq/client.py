@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import config, errors, jsonvalue, metrics, types
+from ledgerq import config, errors, jsonvalue, metrics, storable, types
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -50,7 +50,12 @@ class _Defaults:
         if run_at is not None and delay:
             raise errors.InvalidInput("give run_at or delay, not both")
         if delay:
-            run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            try:
+                run_at = datetime.now().astimezone() + timedelta(seconds=delay)
+            except OverflowError:
+                raise errors.InvalidInput(f"delay of {delay} s is past year 9999") from None
+        if run_at is not None:
+            run_at = storable.run_at(run_at)
         # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
         # to refuse (LQ422), not a request for the default.
         if queue is None:
@@ -88,7 +93,7 @@ def _seconds(timeout: float | timedelta | None) -> float | None:
 def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
     for new, task in zip(news, tasks, strict=True):
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
 
 
 class Client:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from ledgerq import errors
+from ledgerq import display, errors
 
 DATABASE_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
@@ -47,13 +47,13 @@ class Settings:
         db_scheme = urlsplit(self.database_url).scheme
         if db_scheme not in ("postgres", "postgresql"):
             raise errors.ConfigError(
-                f"database URL must start with postgresql://, got {self.database_url!r}"
+                f"database URL must start with postgresql://, got {display.redact(self.database_url)!r}"
             )
         redis_scheme = urlsplit(self.redis_url).scheme
         if redis_scheme not in ("redis", "rediss", "redis+cluster", "unix"):
             raise errors.ConfigError(
                 f"Redis URL must start with redis://, rediss:// or redis+cluster://, "
-                f"got {self.redis_url!r}"
+                f"got {display.redact(self.redis_url)!r}"
             )
         if redis_scheme == "redis+cluster":
             object.__setattr__(self, "redis_cluster", True)
@@ -90,12 +90,4 @@ class Settings:
 
     def redacted_database_url(self) -> str:
         """The database URL without its password, for messages and logs."""
-        return _redact(self.database_url)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+        return display.redact(self.database_url)

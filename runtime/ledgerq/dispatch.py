@@ -12,6 +12,9 @@ Lua scripts work unchanged on a cluster):
 - ``{P}:queue:NAME``  sorted set of task ids; the score orders by priority
   (higher first) and then by task id (older first)
 - ``{P}:epoch``       random token; a new one means Redis lost its data
+- ``{P}:quarantine:NAME:TOKEN``  a key found under a queue's (or the epoch's)
+  name holding another type of value, moved aside so it cannot stop dispatch
+  (``dispatch.quarantined`` in the log says where it went)
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import importlib.resources
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -33,6 +36,7 @@ from ledgerq import errors, types
 # Priorities take 16 bits above 37 bits of task id: 2^53, the exact range of
 # the double Redis stores scores in.
 _ID_BITS = 37
+TASK_ID_MAX = 2**63 - 1
 
 # The longest a blocking pop waits in Redis. Every read on a connection may
 # take this long plus a margin before it counts as a timeout: a socket timeout
@@ -42,6 +46,7 @@ POP_WAIT_MAX_S = 5.0
 SOCKET_TIMEOUT_S = POP_WAIT_MAX_S + 10.0
 
 log = logging.getLogger("ledgerq.dispatch")
+T = TypeVar("T")
 
 
 def task_score(priority: int, task_id: int) -> int:
@@ -56,8 +61,14 @@ def _task_ids(members: Any) -> list[types.TaskId]:
     ids: list[types.TaskId] = []
     for member in members:
         try:
-            ids.append(types.TaskId(int(member)))
+            task_id = int(member)
         except (TypeError, ValueError):
+            task_id = 0
+        if 1 <= task_id <= TASK_ID_MAX:
+            ids.append(types.TaskId(task_id))
+        else:
+            # Past bigint, an id would reach claim_tasks as numeric[] and fail
+            # the whole claim: drop it here, with the member in the log.
             log.warning("dispatch.ignored a queue member that is not a task id: %r", member)
     return ids
 
@@ -81,6 +92,10 @@ def _translated() -> Any:
         if "CLUSTERDOWN" in str(exc) or "MOVED" in str(exc) or "TRYAGAIN" in str(exc):
             raise errors.DispatchUnavailable(f"Redis is unavailable: {exc}") from exc
         raise errors.DispatchError(f"Redis refused the call: {exc}") from exc
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and "WRONGTYPE" in str(exc)
 
 
 class Dispatch:
@@ -129,19 +144,54 @@ class Dispatch:
         text = key.decode() if isinstance(key, bytes) else key
         return text[len(self.queue_key("")) :]
 
+    async def _call(
+        self, keys: Sequence[str], expected: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """call(), translated; if one of keys holds another type than expected
+        (WRONGTYPE: something else wrote under our prefix), move it aside and try
+        once more, so one junk key cannot stop dispatch for every queue."""
+        with _translated():
+            try:
+                return await call()
+            except redis.exceptions.ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+                await self._quarantine(keys, expected)
+                return await call()
+
+    async def _quarantine(self, keys: Sequence[str], expected: str) -> None:
+        for key in keys:
+            kind = await self.client.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind in (expected, "none"):
+                continue
+            name = key[len(f"{{{self.prefix}}}:") :]
+            aside = f"{{{self.prefix}}}:quarantine:{name}:{uuid.uuid4().hex[:8]}"
+            await self.client.rename(key, aside)
+            log.warning(
+                "dispatch.quarantined %s holds a %s, not a %s: moved to %s",
+                key,
+                kind,
+                expected,
+                aside,
+            )
+
     # operations
     async def ping(self) -> None:
         with _translated():
             await self.client.ping()
 
     async def push(self, tasks: Sequence[types.DueTask]) -> int:
-        """Add task ids to their queues; an id already waiting is not added twice."""
+        """Add task ids to their queues; an id already waiting is not added twice.
+
+        Returns how many were new (after a quarantine's retry, those of the second try)."""
         if not tasks:
             return 0
         by_queue: dict[str, dict[str, int]] = defaultdict(dict)
         for task in tasks:
             by_queue[task.queue][str(task.id)] = task_score(task.priority, task.id)
-        with _translated():
+
+        async def add() -> int:
             if len(by_queue) == 1:
                 ((queue, members),) = by_queue.items()
                 added_one = await self.client.zadd(self.queue_key(queue), members, nx=True)
@@ -150,25 +200,33 @@ class Dispatch:
                 for queue, members in by_queue.items():
                     pipe.zadd(self.queue_key(queue), members, nx=True)
                 added = await pipe.execute()
-        return sum(int(n) for n in added)
+            return sum(int(n) for n in added)
+
+        return await self._call([self.queue_key(q) for q in by_queue], "zset", add)
 
     async def pop(self, queues: Sequence[str], count: int) -> list[types.TaskId]:
         """Take up to count ids at once without waiting, best first across queues."""
         if count < 1:
             return []
-        with _translated():
-            if len(queues) == 1:
-                items: list[Any] = await self.client.zpopmin(self.queue_key(queues[0]), count)
-                return _task_ids(item[0] for item in items)
-            keys = [self.queue_key(q) for q in queues]
-            taken = await self._pop_script(keys=keys, args=[count])
-        return _task_ids(taken)
+        keys = [self.queue_key(q) for q in queues]
+
+        async def take() -> list[Any]:
+            if len(keys) == 1:
+                items: list[Any] = await self.client.zpopmin(keys[0], count)
+                return [item[0] for item in items]
+            taken: list[Any] = await self._pop_script(keys=keys, args=[count])
+            return taken
+
+        return _task_ids(await self._call(keys, "zset", take))
 
     async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> types.TaskId | None:
         """Block until one id is available (None after timeout_s, at most POP_WAIT_MAX_S)."""
         keys = [self.queue_key(q) for q in queues]
-        with _translated():
-            item = await self.client.bzpopmin(keys, timeout=min(timeout_s, POP_WAIT_MAX_S))
+
+        async def wait() -> Any:
+            return await self.client.bzpopmin(keys, timeout=min(timeout_s, POP_WAIT_MAX_S))
+
+        item = await self._call(keys, "zset", wait)
         if not item:
             return None
         ids = _task_ids([item[1]])
@@ -182,32 +240,43 @@ class Dispatch:
         for index, task in enumerate(tasks):
             by_queue[task.queue].append(index)
         present = [False] * len(tasks)
-        with _translated():
+        order = list(by_queue.items())
+
+        async def scores() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                order = list(by_queue.items())
                 for queue, indexes in order:
                     pipe.zmscore(self.queue_key(queue), [str(tasks[i].id) for i in indexes])
-                replies = await pipe.execute()
-        for (_queue, indexes), scores in zip(order, replies, strict=True):
-            for index, score in zip(indexes, scores, strict=True):
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = await self._call([self.queue_key(q) for q, _ in order], "zset", scores)
+        for (_queue, indexes), scores_ in zip(order, replies, strict=True):
+            for index, score in zip(indexes, scores_, strict=True):
                 present[index] = score is not None
         return present
 
     async def epoch(self) -> str:
         """This Redis's dispatch epoch (created if missing)."""
-        with _translated():
-            value = await self._epoch_script(keys=[self.epoch_key()], args=[uuid.uuid4().hex])
+
+        async def get() -> Any:
+            return await self._epoch_script(keys=[self.epoch_key()], args=[uuid.uuid4().hex])
+
+        value = await self._call([self.epoch_key()], "string", get)
         return value.decode() if isinstance(value, bytes) else str(value)
 
     async def queue_lengths(self, queues: Sequence[str]) -> dict[str, int]:
         """How many ids wait in each queue."""
         if not queues:
             return {}
-        with _translated():
+
+        async def count() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for queue in queues:
                     pipe.zcard(self.queue_key(queue))
-                counts = await pipe.execute()
+                counts: list[Any] = await pipe.execute()
+            return counts
+
+        counts = await self._call([self.queue_key(q) for q in queues], "zset", count)
         return {q: int(n) for q, n in zip(queues, counts, strict=True)}
 
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
+from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -38,8 +39,17 @@ from ledgerq import errors, finals, queries, types
 AsyncConn = psycopg.AsyncConnection[TupleRow]
 SyncConn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
+_NOT_STARTED = types.EffectStart(False, None, None, None, None)
 
 # --- error translation -----------------------------------------------------------
+
+
+# SQLSTATE classes of errors psycopg raises as OperationalError that are about
+# the call, not the connection: 54 program limit exceeded (an index row over
+# the btree limit, too many columns or arguments).
+REFUSAL_CLASSES = frozenset({"54"})
+# 55P03 lock_not_available: lock_timeout ran out; the server is fine.
+LOCK_TIMEOUT = "55P03"
 
 
 def translate(exc: psycopg.Error) -> errors.LedgerError:
@@ -59,6 +69,14 @@ def translate(exc: psycopg.Error) -> errors.LedgerError:
         return errors.LedgerError(
             f"{message}: the ledgerq schema is missing or out of date; run `ledgerq migrate`"
         )
+    if state == LOCK_TIMEOUT:
+        return errors.LedgerError(
+            f"{message} (SQLSTATE {state}: another transaction holds the lock)"
+        )
+    if state is not None and state[:2] in REFUSAL_CLASSES:
+        # psycopg files these under OperationalError, but the server answered:
+        # the same call would fail the same way again.
+        return errors.LedgerError(f"{message} (SQLSTATE {state})")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or (
         state is not None and state[:2] in ("08", "57")
     ):
@@ -87,6 +105,16 @@ def is_integrity_error(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, psycopg.errors.IntegrityError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether exc (or what it wraps) is PostgreSQL giving up on a lock (lock_timeout)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, psycopg.errors.LockNotAvailable):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -155,6 +183,21 @@ def _run(plan: queries.Plan[T], conn: SyncConn) -> T:
 # --- transactions ----------------------------------------------------------------------
 
 
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, round(seconds * 1000))
+
+
+def _begin(lock_wait_s: float | None, idle_s: float | None) -> sql.SQL | sql.Composed:
+    """BEGIN with the transaction's bounds, in one round trip: how long a statement
+    waits for a lock (lock_timeout), how long the session may sit idle inside it
+    before the server ends it (idle_in_transaction_session_timeout)."""
+    if lock_wait_s is None and idle_s is None:
+        return sql.SQL("BEGIN")
+    return sql.SQL(
+        "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}"
+    ).format(sql.Literal(_ms(lock_wait_s) or 0), sql.Literal(_ms(idle_s) or 0))
+
+
 class AsyncTransaction:
     """A transaction on a pooled connection, begun at its first statement.
 
@@ -163,9 +206,16 @@ class AsyncTransaction:
     by ``finish(outcome)``. Either way the connection goes back to the pool.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConn]) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConn],
+        *,
+        lock_wait_s: float | None = None,
+        idle_s: float | None = None,
+    ) -> None:
         self._pool = pool
         self._conn: AsyncConn | None = None
+        self._begin = _begin(lock_wait_s, idle_s)
 
     @property
     def begun(self) -> bool:
@@ -177,7 +227,7 @@ class AsyncTransaction:
             with translated():
                 conn = await self._pool.getconn()
                 try:
-                    await conn.execute("BEGIN")
+                    await conn.execute(self._begin)
                 except BaseException:
                     await self._pool.putconn(conn)
                     raise
@@ -247,9 +297,16 @@ class AsyncTransaction:
 class Transaction:
     """AsyncTransaction's twin for a plain ``def`` handler, used from its thread."""
 
-    def __init__(self, pool: ConnectionPool[SyncConn]) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool[SyncConn],
+        *,
+        lock_wait_s: float | None = None,
+        idle_s: float | None = None,
+    ) -> None:
         self._pool = pool
         self._conn: SyncConn | None = None
+        self._begin = _begin(lock_wait_s, idle_s)
 
     @property
     def begun(self) -> bool:
@@ -261,7 +318,7 @@ class Transaction:
             with translated():
                 conn = self._pool.getconn()
                 try:
-                    conn.execute("BEGIN")
+                    conn.execute(self._begin)
                 except BaseException:
                     self._pool.putconn(conn)
                     raise
@@ -299,6 +356,54 @@ class Transaction:
             raise
         finally:
             self._pool.putconn(conn)
+
+
+# --- effect holds ---------------------------------------------------------------------
+
+
+class EffectHold:
+    """ctx.once's hold on one effect key: a pooled connection in autocommit
+    mode holding the key's session-level lock (effect_start) while the effect
+    runs. Every statement commits at once, so the start mark is durable before
+    the effect runs, and the lock is released (effect_unlock) only after the
+    record has committed. If the worker dies, the lock goes with its session.
+    ``close()`` must follow, whatever happens."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConn],
+        conn: AsyncConn,
+        effect_key: str,
+        start: types.EffectStart,
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self.effect_key = effect_key
+        self.start = start
+        #: Clear the start mark on close: the effect's function came back.
+        self.forget_start = False
+
+    async def finish(self, task_id: int, result: types.JsonValue) -> bool:
+        """Record the effect and clear its start mark (effect_finish)."""
+        return await _run_async(queries.effect_finish(self.effect_key, task_id, result), self._conn)
+
+    async def close(self) -> None:
+        """Let go of the key (unless effect_start already did: it was recorded)
+        and of the connection. Shielded: a cancelled attempt must still let go."""
+        await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        try:
+            if not self.start.recorded:
+                if self.forget_start:
+                    await _run_async(queries.effect_forget(self.effect_key), self._conn)
+                await _run_async(queries.effect_unlock(self.effect_key), self._conn)
+        except errors.LedgerError:
+            # Ending the session lets go of the key too.
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        finally:
+            await self._pool.putconn(self._conn)
 
 
 # --- the async ledger ------------------------------------------------------------
@@ -362,11 +467,16 @@ class AsyncLedger:
             async with self._pool.connection() as pooled:
                 return await _run_async(plan, pooled)
 
-    def transaction(self) -> AsyncTransaction:
-        """A transaction, begun at its first statement (see AsyncTransaction)."""
-        return AsyncTransaction(self._pool)
+    def transaction(
+        self, *, lock_wait_s: float | None = None, idle_s: float | None = None
+    ) -> AsyncTransaction:
+        """A transaction, begun at its first statement (see AsyncTransaction);
+        lock_wait_s and idle_s bound its lock waits and its idle time."""
+        return AsyncTransaction(self._pool, lock_wait_s=lock_wait_s, idle_s=idle_s)
 
-    def sync_transaction(self) -> Transaction:
+    def sync_transaction(
+        self, *, lock_wait_s: float | None = None, idle_s: float | None = None
+    ) -> Transaction:
         """A transaction for a plain ``def`` handler's thread, on a synchronous pool
         of this ledger's size, opened on first use (so a worker whose handlers
         are all ``async def`` never opens it)."""
@@ -376,7 +486,32 @@ class AsyncLedger:
                 if not isinstance(conninfo, str):
                     raise errors.ConfigError("plain def handlers need a pool with a fixed conninfo")
                 self._sync_twin = Ledger.connect(conninfo, max_size=self._pool.max_size)
-        return self._sync_twin.transaction()
+        return self._sync_twin.transaction(lock_wait_s=lock_wait_s, idle_s=idle_s)
+
+    async def effect_hold(
+        self,
+        effect_key: str,
+        task_id: int,
+        attempt: int,
+        *,
+        wait_s: float | None = None,
+        hold_s: float | None = None,
+    ) -> EffectHold:
+        """Hold effect_key for ctx.once (see EffectHold, and effect_start in
+        effects.sql): wait_s bounds the wait for the key, hold_s how long the
+        session may then idle holding it. The hold's ``start`` says whether the
+        effect is recorded (the key is then already free) or a lost attempt left
+        a start mark. The caller must ``close()`` it."""
+        with translated():
+            conn = await self._pool.getconn()
+        plan = queries.effect_start(effect_key, task_id, attempt, _ms(wait_s), _ms(hold_s))
+        try:
+            start = await _run_async(plan, conn)
+        except BaseException:
+            # The statement may have failed after taking the lock.
+            await EffectHold(self._pool, conn, effect_key, _NOT_STARTED).close()
+            raise
+        return EffectHold(self._pool, conn, effect_key, start)
 
     async def ping(self) -> None:
         await self._run(queries.ping())
@@ -561,9 +696,11 @@ class Ledger:
         with translated(), self._pool.connection() as pooled:
             return _run(plan, pooled)
 
-    def transaction(self) -> Transaction:
+    def transaction(
+        self, *, lock_wait_s: float | None = None, idle_s: float | None = None
+    ) -> Transaction:
         """A transaction, begun at its first statement (see Transaction)."""
-        return Transaction(self._pool)
+        return Transaction(self._pool, lock_wait_s=lock_wait_s, idle_s=idle_s)
 
     def enqueue_task(self, task: types.NewTask, conn: SyncConn | None = None) -> types.Task:
         """Enqueue; the task with ``created`` set (one round trip unless a key replays)."""

@@ -84,6 +84,13 @@ CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
 RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
 RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
 EFFECT_LOCK: LiteralString = "SELECT recorded, result FROM ledgerq.effect_lock(%s)"
+EFFECT_START: LiteralString = """
+    SELECT recorded, result, unknown_task_id, unknown_attempt, unknown_started_at
+    FROM ledgerq.effect_start(%s, %s, %s, %s, %s)
+"""
+EFFECT_FINISH: LiteralString = "SELECT ledgerq.effect_finish(%s, %s, %s)"
+EFFECT_FORGET: LiteralString = "SELECT ledgerq.effect_forget(%s)"
+EFFECT_UNLOCK: LiteralString = "SELECT ledgerq.effect_unlock(%s)"
 WORKER_REGISTER: LiteralString = "SELECT ledgerq.worker_register(%s, %s, %s, %s)"
 WORKER_HEARTBEAT: LiteralString = "SELECT ledgerq.worker_heartbeat(%s)"
 WORKER_STOP: LiteralString = "SELECT ledgerq.worker_stop(%s)"
@@ -222,6 +229,36 @@ def record_effect(effect_key: str, task_id: int, result: types.JsonValue) -> Pla
     json_result = Jsonb(result) if result is not None else None
     ((recorded,),) = yield Call(RECORD_EFFECT, (effect_key, task_id, json_result))
     return bool(recorded)
+
+
+def effect_start(
+    effect_key: str, task_id: int, attempt: int, wait_ms: int | None, hold_ms: int | None
+) -> Plan[types.EffectStart]:
+    params = (effect_key, task_id, attempt, wait_ms, hold_ms)
+    ((recorded, result, unknown_task, unknown_attempt, unknown_at),) = yield Call(
+        EFFECT_START, params
+    )
+    return types.EffectStart(
+        bool(recorded),
+        result,
+        types.TaskId(unknown_task) if unknown_task is not None else None,
+        unknown_attempt,
+        unknown_at,
+    )
+
+
+def effect_finish(effect_key: str, task_id: int, result: types.JsonValue) -> Plan[bool]:
+    json_result = Jsonb(result) if result is not None else None
+    ((recorded,),) = yield Call(EFFECT_FINISH, (effect_key, task_id, json_result))
+    return bool(recorded)
+
+
+def effect_forget(effect_key: str) -> Plan[None]:
+    yield Call(EFFECT_FORGET, (effect_key,))
+
+
+def effect_unlock(effect_key: str) -> Plan[None]:
+    yield Call(EFFECT_UNLOCK, (effect_key,))
 
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:

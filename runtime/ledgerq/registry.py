@@ -26,7 +26,7 @@ from typing import Any
 
 import pydantic
 
-from ledgerq import errors, jsonvalue, types
+from ledgerq import errors, jsonvalue, storable, types
 from ledgerq.ledger import (
     AsyncConn,
     AsyncLedger,
@@ -34,9 +34,17 @@ from ledgerq.ledger import (
     SyncConn,
     Transaction,
     is_integrity_error,
+    is_lock_timeout,
 )
 
 TIMEOUT_DEFAULT_S = 30.0
+#: How long ctx.once and once_in_transaction wait for an effect key another
+#: attempt holds, when the handler has no timeout to derive it from.
+EFFECT_LOCK_WAIT_DEFAULT_S = 60.0
+
+OnUnknown = typing.Literal["run", "skip", "fail"]
+ON_UNKNOWN: tuple[OnUnknown, ...] = ("run", "skip", "fail")
+_effects_log = logging.getLogger("ledgerq.effects")
 
 _MIXED_TRANSACTIONS = (
     "once_in_transaction was called from the event loop and from a thread in one attempt; "
@@ -210,13 +218,14 @@ class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
 class Context:
     """What a handler knows about the attempt it runs, and its effect helpers.
 
-    ``ctx.once(key, fn, *args)`` runs ``fn`` only if the effect ``key`` was
-    never recorded, records it with fn's JSON result, and returns the recorded
-    result on later attempts. Attempts racing on one key take turns (an
-    advisory lock), so fn never runs twice at once; if the worker dies while fn
-    runs, the record is not written and a later attempt runs fn again
-    (at-least-once in that one window: give the side effect's provider the same
-    key as its own idempotency key where it has one).
+    ``ctx.once(key, fn, *args, on_unknown="run")`` runs ``fn`` only if the
+    effect ``key`` was never recorded, records it with fn's JSON result, and
+    returns the recorded result on later attempts. Attempts racing on one key
+    take turns (an advisory lock), so fn never runs twice at once. A start mark
+    is committed before fn runs: if the worker dies while fn runs, the record is
+    not written and a later attempt finds the mark and applies ``on_unknown``
+    ("run" fn again, "skip" it, or "fail"; give the side effect's provider the
+    same key as its own idempotency key where it has one).
 
     ``ctx.once_in_transaction(key, fn)`` hands ``fn`` a database connection
     whose writes commit atomically with the effect record and the task's
@@ -250,6 +259,12 @@ class Context:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._transaction: AsyncTransaction | Transaction | None = None
+        #: Bounds an effect's hold (ctx.once, once_in_transaction): how long its
+        #: session may sit idle holding the key before the server ends it, and how
+        #: long an attempt waits for a key another one holds. The worker sets it
+        #: from the handler's timeout plus the lease: a frozen attempt cannot block
+        #: its retry for ever.
+        self.transaction_timeout_s: float | None = None
 
     @property
     def transaction(self) -> AsyncTransaction | Transaction | None:
@@ -261,32 +276,113 @@ class Context:
     def _in_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
 
-    def once(self, effect_key: str, fn: Callable[..., Any], *args: Any) -> types.JsonValue:
-        """Run fn(*args) once per effect_key; return its (recorded) JSON result."""
+    def once(
+        self,
+        effect_key: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        on_unknown: OnUnknown = "run",
+    ) -> types.JsonValue:
+        """Run fn(*args) once per effect_key; return its (recorded) JSON result.
+
+        on_unknown says what to do when an earlier attempt started this effect
+        and was lost before recording it (it may or may not have happened):
+        "run" it again (the default), "skip" it (return None, run nothing), or
+        "fail" the attempt for good naming that attempt. Each is logged as
+        ``effect.unknown``.
+        """
+        if on_unknown not in ON_UNKNOWN:
+            raise errors.ConfigError(
+                f"on_unknown must be one of {', '.join(ON_UNKNOWN)}, got {on_unknown!r}"
+            )
         if self._in_loop_thread():
-            return self._once(effect_key, fn, args, fn_in_thread=False)
+            return self._once(effect_key, fn, args, on_unknown, fn_in_thread=False)
         future = asyncio.run_coroutine_threadsafe(
-            self._once(effect_key, fn, args, fn_in_thread=True), self._loop
+            self._once(effect_key, fn, args, on_unknown, fn_in_thread=True), self._loop
         )
         return future.result()
 
     async def _once(
-        self, effect_key: str, fn: Callable[..., Any], args: tuple[Any, ...], *, fn_in_thread: bool
+        self,
+        effect_key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        on_unknown: OnUnknown,
+        *,
+        fn_in_thread: bool,
     ) -> types.JsonValue:
-        async with self._ledger.transaction() as transaction:
-            recorded, result = await transaction.effect_lock(effect_key)
-            if recorded:
-                return result
-            if fn_in_thread:
-                value = await asyncio.to_thread(fn, *args)
-            else:
-                value = fn(*args)
-            if inspect.isawaitable(value):
-                value = await value
-            # As JSON now, so later attempts get back exactly what this one did.
-            value = jsonvalue.plain(value)
-            await transaction.record_effect(effect_key, self.task_id, value)
+        try:
+            hold = await self._ledger.effect_hold(
+                effect_key, self.task_id, self.attempt,
+                wait_s=self._lock_wait_s(), hold_s=self.transaction_timeout_s,
+            )  # fmt: skip
+        except errors.InvalidInput as exc:
+            # A key the ledger cannot hold fails every attempt the same way.
+            raise errors.NonRetryable(f"ctx.once: {exc.message}") from None
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc, "ctx.once") from None
+        try:
+            if hold.start.recorded:
+                return hold.start.result
+            if hold.start.unknown_attempt is not None and not self._may_run_unknown(
+                effect_key, hold.start, on_unknown
+            ):
+                return None
+            try:
+                value = await asyncio.to_thread(fn, *args) if fn_in_thread else fn(*args)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception:
+                hold.forget_start = True  # fn came back with an error: nothing is unknown
+                raise
+            try:
+                value = storable.result(jsonvalue.plain(value))
+                await hold.finish(self.task_id, value)
+            except (errors.NonRetryable, errors.InvalidInput) as exc:
+                raise errors.NonRetryable(
+                    f"ctx.once({effect_key[:80]!r}): the effect ran but its result cannot "
+                    f"be recorded ({exc}); failing for good rather than running it again"
+                ) from None
+            except errors.LedgerUnavailable:
+                raise  # the start mark stays: the next attempt knows
+            except errors.LedgerError as exc:
+                raise errors.NonRetryable(
+                    f"ctx.once({effect_key[:80]!r}): the effect ran but the ledger refused "
+                    f"its record ({exc.message}); failing for good rather than running it again"
+                ) from None
             return value
+        finally:
+            await hold.close()
+
+    def _may_run_unknown(
+        self, effect_key: str, start: types.EffectStart, on_unknown: OnUnknown
+    ) -> bool:
+        """Apply on_unknown to an effect a lost attempt started; True: run fn."""
+        when = start.unknown_started_at.isoformat() if start.unknown_started_at else "?"
+        who = f"attempt {start.unknown_attempt} of task {start.unknown_task_id} at {when}"
+        _effects_log.warning(
+            "effect.unknown key=%r task_id=%s attempt=%d: started by %s, never recorded (on_unknown=%s)",
+            effect_key[:200], self.task_id, self.attempt, who, on_unknown,
+        )  # fmt: skip
+        if on_unknown == "fail":
+            raise errors.NonRetryable(
+                f"ctx.once({effect_key[:80]!r}): {who} started this effect and was lost before "
+                "recording it, so it may or may not have happened (on_unknown='fail')"
+            )
+        return on_unknown == "run"
+
+    def _lock_wait_s(self) -> float:
+        return self.transaction_timeout_s or EFFECT_LOCK_WAIT_DEFAULT_S
+
+    def _lock_refusal(
+        self, effect_key: str, exc: errors.LedgerError, helper: str = "once_in_transaction"
+    ) -> Exception:
+        if is_lock_timeout(exc):
+            return errors.Retryable(
+                f"{helper}({effect_key[:80]!r}): another attempt held the effect's lock "
+                f"for over {self._lock_wait_s():g} s (stalled?); retrying later"
+            )
+        return exc
 
     def once_in_transaction(self, effect_key: str, fn: Callable[[Any], Any]) -> types.JsonValue:
         """Run fn(conn) once per effect_key, inside the transaction that completes the task."""
@@ -300,11 +396,16 @@ class Context:
         fn: Callable[[AsyncConn], Awaitable[types.JsonValue] | types.JsonValue],
     ) -> types.JsonValue:
         if self._transaction is None:
-            self._transaction = self._ledger.transaction()
+            self._transaction = self._ledger.transaction(
+                lock_wait_s=self._lock_wait_s(), idle_s=self.transaction_timeout_s
+            )
         transaction = self._transaction
         if not isinstance(transaction, AsyncTransaction):
             raise errors.ConfigError(_MIXED_TRANSACTIONS)
-        recorded, result = await transaction.effect_lock(effect_key)
+        try:
+            recorded, result = await transaction.effect_lock(effect_key)
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
         value = fn(await transaction.connection())
@@ -318,11 +419,16 @@ class Context:
         self, effect_key: str, fn: Callable[[SyncConn], types.JsonValue]
     ) -> types.JsonValue:
         if self._transaction is None:
-            self._transaction = self._ledger.sync_transaction()
+            self._transaction = self._ledger.sync_transaction(
+                lock_wait_s=self._lock_wait_s(), idle_s=self.transaction_timeout_s
+            )
         transaction = self._transaction
         if not isinstance(transaction, Transaction):
             raise errors.ConfigError(_MIXED_TRANSACTIONS)
-        recorded, result = transaction.effect_lock(effect_key)
+        try:
+            recorded, result = transaction.effect_lock(effect_key)
+        except errors.LedgerError as exc:
+            raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
         value = jsonvalue.plain(fn(transaction.connection()))

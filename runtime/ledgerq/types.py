@@ -259,6 +259,17 @@ class EffectRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class EffectStart:
+    """What effect_start found: a recorded result, or the start mark a lost attempt left."""
+
+    recorded: bool
+    result: Any
+    unknown_task_id: TaskId | None
+    unknown_attempt: int | None
+    unknown_started_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskTypeInfo:
     """A task type registered by workers: its defaults, and who serves it now."""
 

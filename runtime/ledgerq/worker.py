@@ -25,8 +25,8 @@ Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
 ``worker.stopped``; one line per recorded outcome, with the task's id, type,
 queue, attempt and duration: ``task.succeeded``, ``task.cancelled`` (INFO),
 ``task.retried``, ``task.lost`` (WARNING), ``task.dead`` (ERROR); also
-``task.handed_back``, ``task.abandoned``, ``ledger.unavailable``,
-``dispatch.unavailable``.
+``task.handed_back``, ``task.abandoned``, ``task.unstorable``, ``task.unrecordable``,
+``ledger.unavailable``, ``ledger.error``, ``dispatch.unavailable``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -45,7 +44,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, jsonvalue, metrics, service, types
+from ledgerq import errors, jsonvalue, metrics, service, storable, types
 from ledgerq.dispatch import POP_WAIT_MAX_S, Dispatch
 from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
@@ -60,7 +59,6 @@ REGISTRATION_INTERVAL_S = 10.0
 # A task handed back (its type is served by another live worker, not this
 # one) is due again after this, so this worker does not spin on it.
 HAND_BACK_DELAY_S = 1.0
-ERROR_TEXT_MAX = 8000
 
 log = logging.getLogger("ledgerq.worker")
 
@@ -323,6 +321,8 @@ class Worker:
             loop=asyncio.get_running_loop(),
         )
         running = _Running(task, ctx, self.registry.get(task.type))
+        if running.definition is not None and running.definition.timeout_s is not None:
+            ctx.transaction_timeout_s = running.definition.timeout_s + self.lease_s
         self._running[task.id, task.attempt] = running
         running.future = asyncio.create_task(self._run(running), name=f"ledgerq-task-{task.id}")
         return running
@@ -491,15 +491,53 @@ class Worker:
                 await asyncio.sleep(service.reconnect_delay_s(failures))
 
     async def _complete_waiting(self) -> None:
-        """Record every waiting outcome in one complete_tasks call (on LedgerError
-        they stay waiting)."""
+        """Record every waiting outcome in one complete_tasks call. If the ledger
+        is unreachable they stay waiting (LedgerUnavailable); any other refusal
+        is not transient, and retrying the batch would fail the same way for
+        ever: the outcomes are recorded one by one instead, so one the ledger
+        cannot store fails its own task and no other."""
         batch, self._outcomes = self._outcomes, []
         try:
             statuses = await self.ledger.complete([outcome for outcome, _ in batch])
-        except errors.LedgerError:
+        except errors.LedgerUnavailable:
             self._outcomes = batch + self._outcomes
             raise
+        except errors.LedgerError as exc:
+            log.warning("ledger.error completing %d task(s): %s", len(batch), exc.message)
+            await self._complete_one_by_one(batch)
+            return
         for (outcome, labels), status in zip(batch, statuses, strict=True):
+            self._count(status, labels, outcome)
+
+    async def _complete_one_by_one(
+        self, batch: list[tuple[types.Outcome, tuple[str, str]]]
+    ) -> None:
+        """Record each outcome alone; one the ledger refuses becomes a non-retryable
+        failure naming why. If the ledger becomes unreachable, the outcomes not yet
+        recorded wait again (LedgerUnavailable)."""
+        for index, (outcome, labels) in enumerate(batch):
+            try:
+                try:
+                    (status,) = await self.ledger.complete([outcome])
+                except errors.LedgerUnavailable:
+                    raise
+                except errors.LedgerError as exc:
+                    log.warning(
+                        "task.unstorable id=%s attempt=%d: %s",
+                        outcome.task_id, outcome.attempt, exc.message,
+                    )  # fmt: skip
+                    (status,) = await self.ledger.complete([_refused(outcome, exc.message)])
+            except errors.LedgerUnavailable:
+                self._outcomes = batch[index:] + self._outcomes
+                raise
+            except errors.LedgerError as exc:
+                # Even the plain failure was refused: leave the task to its
+                # lease (reap_stuck retries it) rather than stop completing.
+                log.error(
+                    "task.unrecordable id=%s attempt=%d: %s",
+                    outcome.task_id, outcome.attempt, exc.message,
+                )  # fmt: skip
+                continue
             self._count(status, labels, outcome)
 
     def _count(
@@ -596,15 +634,21 @@ def _log_outcome(
 def _describe(exc: BaseException) -> str:
     """The error the ledger keeps: a first line a person can read at a glance
     ("ValueError: bad amount"), then, for a handler's own exception, where it
-    came from."""
+    came from. Bounded, and cleaned of what PostgreSQL cannot store (NUL)."""
     summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if getattr(exc, "_ledgerq_internal", False):
-        return summary
+        return storable.error_text(summary)
     trace = "".join(traceback.format_exception(exc, limit=-8)).strip()
-    text = f"{summary}\n{trace}"
-    if len(text) > ERROR_TEXT_MAX:
-        text = text[: ERROR_TEXT_MAX // 2] + "\n...\n" + text[-ERROR_TEXT_MAX // 2 :]
-    return text
+    return storable.error_text(f"{summary}\n{trace}")
+
+
+def _refused(outcome: types.Outcome, reason: str) -> types.Outcome:
+    """The failure to record instead of an outcome the ledger refused to store."""
+    what = "result" if outcome.succeeded else "outcome"
+    error = storable.error_text(f"the ledger cannot store this attempt's {what}: {reason}")
+    return types.Outcome(
+        outcome.task_id, outcome.attempt, succeeded=False, error=error, retryable=False
+    )
 
 
 def _internal(exc: BaseException) -> BaseException:
@@ -614,12 +658,9 @@ def _internal(exc: BaseException) -> BaseException:
 
 
 def _json_result(result: Any) -> types.JsonValue:
-    """A handler's return value as JSON; a value that is not JSON fails the attempt."""
-    if result is None or isinstance(result, str | int | float | bool):
-        return result
+    """A handler's return value as JSON the ledger can store; anything else fails
+    the attempt for good (the same value would fail every retry)."""
     try:
-        return json.loads(json.dumps(result))
-    except (TypeError, ValueError) as exc:
-        raise _internal(
-            errors.NonRetryable(f"handler returned a value that is not JSON: {exc}")
-        ) from None
+        return storable.result(result)
+    except errors.NonRetryable as exc:
+        raise _internal(exc) from None

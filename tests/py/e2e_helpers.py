@@ -169,6 +169,53 @@ async def non_retryable(ctx: Context, payload: dict[str, Any]) -> None:
 async def non_json(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     await record_run(ctx)
     return {"tags": {"a", "b"}}
+
+
+@tasks.task("e2e.effect_tx_hold", timeout=3)
+async def effect_tx_hold(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """once_in_transaction, then attempt 1 holds the transaction open (the test freezes it)."""
+    await record_run(ctx)
+
+    async def write(conn: Any) -> dict[str, int]:
+        await conn.execute(EFFECT_SQL, (ctx.task_id, ctx.attempt, os.getpid()))
+        return {"by_attempt": ctx.attempt}
+
+    effect = await ctx.once_in_transaction(f"hold-{ctx.task_id}", write)
+    while ctx.attempt == 1 and not released(ctx):
+        await asyncio.sleep(0.02)
+    return {"attempt": ctx.attempt, "effect": effect}
+
+
+@tasks.task("e2e.once_unknown", timeout=None)
+async def once_unknown(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """ctx.once whose effect blocks attempt 1 after it happened (the test kills it there)."""
+    await record_run(ctx)
+
+    async def effect() -> dict[str, int]:
+        async with (await _connections()).connection() as conn:
+            await conn.execute(EFFECT_SQL, (ctx.task_id, ctx.attempt, os.getpid()))
+        while ctx.attempt == 1 and not released(ctx):
+            await asyncio.sleep(0.02)
+        return {"by_attempt": ctx.attempt}
+
+    value = await ctx.once(f"unknown-{ctx.task_id}", effect, on_unknown=payload["policy"])
+    return {"attempt": ctx.attempt, "effect": value}
+
+
+@tasks.task("e2e.poison")
+async def poison(ctx: Context, payload: dict[str, Any]) -> Any:
+    """Returns or raises a value PostgreSQL cannot store, picked by payload["kind"]."""
+    await record_run(ctx)
+    kind = payload["kind"]
+    if kind == "nan":
+        return {"x": float("nan")}
+    if kind == "nul":
+        return "a\\x00b"
+    if kind == "raise_nul":
+        raise ValueError("bad\\x00byte")
+    if kind == "huge":
+        return {"blob": "x" * 2_000_000}
+    raise AssertionError(kind)
 '''
 
 TABLES_SQL = """

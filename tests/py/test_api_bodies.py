@@ -62,6 +62,32 @@ BAD_BODIES: list[tuple[str, bytes, str, str]] = [
         "run_at:",
     ),
     ("run_at a number", b'{"type": "a", "run_at": 1700000000}', "invalid_input", "run_at:"),
+    (
+        "run_at past year 9999 in UTC",
+        b'{"type": "a", "run_at": "9999-12-31T23:59:59-14:00"}',
+        "invalid_input",
+        "run_at: must fall within years 1 to 9999 in UTC",
+    ),
+    (
+        "run_at before year 1 in UTC",
+        b'{"type": "a", "run_at": "0001-01-01T00:00:00+14:00"}',
+        "invalid_input",
+        "run_at: must fall within years 1 to 9999 in UTC",
+    ),
+    ("run_at infinity", b'{"type": "a", "run_at": "infinity"}', "invalid_input", "run_at:"),
+    (
+        "run_at year 10000",
+        b'{"type": "a", "run_at": "+10000-01-01T00:00:00Z"}',
+        "invalid_input",
+        "run_at:",
+    ),
+    (
+        "max_attempts over int32",
+        b'{"type": "a", "max_attempts": 2147483648}',
+        "invalid_input",
+        "max_attempts:",
+    ),
+    ("max_attempts 2.5", b'{"type": "a", "max_attempts": 2.5}', "invalid_input", "max_attempts:"),
     ("run_at not a date", b'{"type": "a", "run_at": "tomorrow"}', "invalid_input", "run_at:"),
     (
         "empty idempotency_key",
@@ -215,3 +241,70 @@ async def test_batch_item_errors_name_the_item_and_field(client: httpx.AsyncClie
         response = await client.post("/tasks/batch", content=body, headers=JSON)
         assert response.status_code == 422, body
         assert response.json()["error"]["message"].startswith(message), response.json()
+
+
+@pytest.mark.parametrize("path", ["/tasks", "/tasks/batch"])
+async def test_run_at_at_the_edges_of_time_is_refused_before_anything_commits(
+    client: httpx.AsyncClient, db: Db, path: str
+) -> None:
+    for run_at in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):
+        task = {"type": "a", "run_at": run_at}
+        body = {"tasks": [task]} if path.endswith("batch") else task
+        response = await client.post(path, json=body)
+        assert response.status_code == 422, response.text
+        assert "run_at" in response.json()["error"]["message"]
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (0,)
+
+
+async def test_run_at_at_the_last_and_first_utc_second_is_stored_and_read_back(
+    client: httpx.AsyncClient,
+) -> None:
+    for run_at, utc in (
+        ("9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59+00:00"),
+        ("9999-12-31T23:59:59+14:00", "9999-12-31T09:59:59+00:00"),
+        ("0001-01-01T00:00:00-14:00", "0001-01-01T14:00:00+00:00"),
+    ):
+        created = await client.post("/tasks", json={"type": "a", "run_at": run_at})
+        assert created.status_code == 201, created.text
+        fetched = await client.get(f"/tasks/{created.json()['id']}")
+        assert fetched.status_code == 200
+        assert fetched.json()["run_at"] == utc
+    listed = await client.get("/tasks")
+    assert listed.status_code == 200 and len(listed.json()["tasks"]) == 3
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tasks",
+        pytest.param(
+            "/tasks/batch",
+            marks=pytest.mark.xfail(
+                reason="enqueue_tasks (SQL) caps max_attempts at 999,999,999 until the SQL "
+                "bounds agree with enqueue_task's",
+                strict=False,
+            ),
+        ),
+    ],
+)
+async def test_integral_floats_are_integers_and_max_attempts_bounds_agree(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    task = {"type": "a", "priority": 5.0, "max_attempts": 2147483647}
+    response = await client.post(path, json={"tasks": [task]} if path.endswith("batch") else task)
+    assert response.status_code in (200, 201), response.text
+    task_id = (
+        response.json()["results"][0]["id"] if path.endswith("batch") else response.json()["id"]
+    )
+    stored = (await client.get(f"/tasks/{task_id}")).json()
+    assert (stored["priority"], stored["max_attempts"]) == (5, 2147483647)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
+async def test_tasks_batch_answers_405_to_any_method_but_post(
+    client: httpx.AsyncClient, method: str
+) -> None:
+    response = await client.request(method, "/tasks/batch")
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 from typing import Any
 
 import cli_support
@@ -367,3 +369,55 @@ def test_cancel_pending_running_and_finished_tasks(settings: config.Settings, db
 def test_missing_schema_says_to_migrate(settings: config.Settings, empty_db_url: str) -> None:
     result = cli_support.invoke(["stats", "--database-url", empty_db_url], settings)
     cli_support.assert_one_line_failure(result, 1, "run `ledgerq migrate`")
+
+
+# --- text from the ledger is escaped -------------------------------------------------------
+
+EVIL_TYPE = "\x1b]0;TITLE\x07report"
+EVIL_QUEUE = "q\x1b[2J\u202e"
+EVIL_ERROR = "\x1b]52;c;ZXZpbA==\x07boom\rFORGED"
+EVIL_WORKER = "w\x1b[1A"
+
+
+def test_show_dead_stats_and_enqueue_escape_control_characters_even_when_piped(
+    settings: config.Settings, db: Conn
+) -> None:
+    task_id = enqueue(db, EVIL_TYPE, queue=EVIL_QUEUE)
+    assert (
+        complete(db, task_id, claim(db, task_id, EVIL_WORKER), error=EVIL_ERROR, retryable=False)
+        == "DEAD"
+    )
+    env = {**os.environ, **cli_support.env_for(settings)}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [cli_support.LEDGERQ, *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    outputs = {
+        "show": run("show", str(task_id)),
+        "dead": run("dead"),
+        "stats": run("stats"),
+        "enqueue": run(
+            "enqueue", EVIL_TYPE, "--queue", EVIL_QUEUE, "--idempotency-key", "k\x1b[31m"
+        ),
+    }
+    for command, text in outputs.items():
+        for char in ("\x1b", "\x07", "\r", "\u202e"):
+            assert char not in text, (command, text)
+    assert "\\x1b]0;TITLE\\x07report" in outputs["show"]
+    assert "\\x1b]52;c;ZXZpbA==\\x07boom\\rFORGED" in outputs["show"]
+    assert "w\\x1b[1A" in outputs["show"]
+    assert "\\x1b]52;c;ZXZpbA==\\x07boom\\rFORGED" in outputs["dead"]
+    assert "q\\x1b[2J\\u202e" in outputs["stats"]
+    assert "\\x1b]0;TITLE\\x07report on queue q\\x1b[2J\\u202e" in outputs["enqueue"]
+
+
+def test_an_error_line_escapes_control_characters(settings: config.Settings) -> None:
+    key = "k\x1b]0;TITLE\x07"
+    assert cli_support.invoke(["enqueue", "t", "--idempotency-key", key], settings).exit_code == 0
+    result = cli_support.invoke(["enqueue", "t", '{"a": 1}', "--idempotency-key", key], settings)
+    line = cli_support.assert_one_line_failure(result, 1, "k\\x1b]0;TITLE\\x07", "already used")
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr, line

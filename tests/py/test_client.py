@@ -4,7 +4,7 @@ caller's transaction, batches, defaults), get, cancel, retry, and bad input."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -237,3 +237,25 @@ async def test_async_enqueue_many_get_cancel_retry(aclient: AsyncClient, db: Con
         await aclient.enqueue("x", delay=-0.5)
     with pytest.raises(errors.TaskNotFound):
         await aclient.cancel(424242)
+
+
+@pytest.mark.parametrize(
+    "run_at",
+    [
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14))),
+        datetime(1, 1, 1, 0, 0, 0, tzinfo=timezone(timedelta(hours=14))),
+    ],
+    ids=["year 10000 in UTC", "year 0 in UTC"],
+)
+async def test_run_at_outside_years_1_to_9999_utc_is_refused_before_sending(
+    client: Client, aclient: AsyncClient, db: Conn, run_at: datetime
+) -> None:
+    with pytest.raises(errors.InvalidInput, match="run_at must fall within years 1 to 9999 in UTC"):
+        client.enqueue("report.build", run_at=run_at)
+    with pytest.raises(errors.InvalidInput, match="run_at must fall within"):
+        await aclient.enqueue("report.build", run_at=run_at)
+    with pytest.raises(errors.InvalidInput, match="run_at must fall within"):
+        client.enqueue_many([{"task_type": "report.build", "run_at": run_at}])
+    with pytest.raises(errors.InvalidInput, match="past year 9999"):
+        client.enqueue("report.build", delay=timedelta(days=3_000_000))
+    assert count_tasks(db) == 0

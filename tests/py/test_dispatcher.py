@@ -247,9 +247,16 @@ async def test_redis_losing_its_data_rechecks_every_queued_task_at_once(
 
         await helpers.eventually(all_queued, what="5 tasks QUEUED")
         assert dispatcher.redelivered == 0
+
         # FLUSHALL, as far as this test's namespace is concerned.
-        keys = [k async for k in dispatch.client.scan_iter(match=f"{{{settings.redis_prefix}}}*")]
-        assert len(keys) == 2  # the queue and the epoch
+        # The dispatcher commits the QUEUED mark, then pushes: wait for the push.
+        async def pushed() -> list[Any] | None:
+            found = [
+                k async for k in dispatch.client.scan_iter(match=f"{{{settings.redis_prefix}}}*")
+            ]
+            return found if len(found) == 2 else None  # the queue and the epoch
+
+        keys = await helpers.eventually(pushed, what="the queue and the epoch in Redis")
         await dispatch.client.delete(*keys)
 
         async def all_back() -> bool:

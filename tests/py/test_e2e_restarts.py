@@ -130,11 +130,13 @@ def test_postgres_restarted_under_load_every_task_succeeds_exactly_once(
         d.migrate()
         d.dispatcher()
         d.reaper()
-        d.worker(concurrency=2)
-        d.worker(concurrency=2)
+        workers = [d.worker(concurrency=2), d.worker(concurrency=2)]
         batch = [
             {"task_type": "e2e.effect_tx", "payload": {"n": n, "sleep_s": 0.05}} for n in range(160)
         ]
+        # A worker still starting when PostgreSQL goes down exits at once, by design.
+        for worker in workers:
+            worker.wait_log("worker.started")
         ids = d.enqueue_many(batch[:120])
         d.wait_for(lambda: d.status_counts().get("SUCCEEDED", 0) >= 20, "20 tasks to succeed")
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import helpers
 import psycopg
 import pytest
 
-from ledgerq import Context, Registry, config
+from ledgerq import Context, Registry, config, errors, ledger
 from ledgerq.types import TaskStatus
 
 Conn = psycopg.Connection[Any]
@@ -358,3 +359,84 @@ async def test_a_lost_sync_attempt_rolls_back_its_transaction_and_frees_its_effe
     assert entries(db) == [(task_id, 2)]
     assert effects(db) == [(f"book:{task_id}", task_id, 2)]
     assert [(a, o) for a, o, _ in helpers.attempts(db, task_id)] == [(1, "lost"), (2, "succeeded")]
+
+
+# --- ctx.once: what cannot be recorded ------------------------------------------------
+
+
+async def test_once_refuses_an_effect_key_over_the_bound_before_running_the_effect(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    ran: list[int] = []
+
+    @tasks.task("long.key", max_attempts=3)
+    async def handler(ctx: Context, payload: dict[str, Any]) -> Any:
+        return await ctx.once("k" * 6400, lambda: ran.append(ctx.attempt))
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("long.key")
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert ran == []
+    assert task.attempts == 1
+    assert (task.last_error or "").splitlines()[0] == (
+        "NonRetryable: ctx.once: effect_key must be at most 2000 bytes "
+        "(an index entry holds about 2700), got 6400"
+    )
+
+
+async def test_once_whose_result_cannot_be_recorded_fails_for_good_after_one_run(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    ran: list[int] = []
+
+    def charge(attempt: int) -> dict[str, Any]:
+        ran.append(attempt)
+        return {"when": datetime.now(UTC)}  # not JSON
+
+    @tasks.task("charge", max_attempts=3)
+    async def handler(ctx: Context, payload: dict[str, Any]) -> Any:
+        return await ctx.once(f"charge:{ctx.task_id}", charge, ctx.attempt)
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("charge")
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert ran == [1]
+    assert task.attempts == 1
+    assert (task.last_error or "").startswith(
+        f"NonRetryable: ctx.once('charge:{task_id}'): the effect ran but its result cannot be "
+        "recorded (handler returned a value that is not JSON: "
+    )
+    assert effects(db) == []
+    # The start mark stays: if an operator retries the task, the next attempt knows.
+    marks = db.execute("SELECT task_id, attempt FROM ledgerq.effect_starts").fetchall()
+    assert marks == [(task_id, 1)]
+
+
+async def test_once_with_an_unknown_on_unknown_policy_is_a_config_error(
+    settings: config.Settings,
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("bad.policy", max_attempts=1)
+    async def handler(ctx: Context, payload: dict[str, Any]) -> Any:
+        return await ctx.once("k", lambda: 1, on_unknown="maybe")  # type: ignore[arg-type]
+
+    async with helpers.running(settings, tasks) as s:
+        task_id = await s.enqueue("bad.policy")
+        task = await helpers.wait_for_status(s.ledger, task_id, "DEAD")
+    assert "on_unknown must be one of run, skip, fail, got 'maybe'" in (task.last_error or "")
+
+
+def test_program_limit_exceeded_is_a_refusal_not_an_outage(db: Conn) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        db.execute(
+            "INSERT INTO ledgerq.effects (effect_key) "
+            "SELECT string_agg(md5(i::text), '') FROM generate_series(1, 200) AS i"
+        )
+    assert info.value.sqlstate == "54000"
+    translated = ledger.translate(info.value)
+    assert type(translated) is errors.LedgerError
+    assert "unavailable" not in translated.message
+    assert "index row size" in translated.message and "54000" in translated.message

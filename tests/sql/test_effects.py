@@ -141,3 +141,81 @@ def test_effect_lock_on_other_keys_does_not_block(db_url: str) -> None:
 def test_effect_lock_rejects_empty_key_with_lq422(db: Conn, effect_key: str | None) -> None:
     with raises_sqlstate("LQ422", "effect_key"):
         call_rows(db, "effect_lock", effect_key=effect_key)
+
+
+@pytest.mark.parametrize("function", ["record_effect", "effect_lock", "effect_start"])
+def test_an_effect_key_over_2000_bytes_is_refused_before_anything_runs(
+    db: Conn, function: str
+) -> None:
+    task_id = enqueue(db)
+    key = "é" * 1001  # 2002 bytes of UTF-8
+    arguments: dict[str, Any] = {"effect_key": key}
+    if function != "effect_lock":
+        arguments["task_id"] = task_id
+    if function == "effect_start":
+        arguments["attempt"] = 1
+    with raises_sqlstate("LQ422", "effect_key must be at most 2000 bytes"):
+        call_rows(db, function, **arguments)
+    assert count(db, "SELECT count(*) FROM ledgerq.effects") == 0
+    assert count(db, "SELECT count(*) FROM ledgerq.effect_starts") == 0
+    assert record(db, "é" * 1000, task_id) is True  # 2000 bytes: the bound itself fits
+
+
+def test_effect_start_marks_the_start_and_reports_a_mark_left_by_a_lost_attempt(
+    db: Conn, db_url: str
+) -> None:
+    task_id = enqueue(db)
+    with psycopg.connect(db_url, autocommit=True) as lost:
+        first = call_rows(lost, "effect_start", effect_key="k", task_id=task_id, attempt=1)
+        assert [(r["recorded"], r["unknown_attempt"]) for r in first] == [(False, None)]
+    # That session ended without finishing: its lock is gone, its mark is not.
+    again = call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=2)
+    assert [(r["recorded"], r["unknown_task_id"], r["unknown_attempt"]) for r in again] == [
+        (False, task_id, 1)
+    ]
+    assert call_value(db, "effect_finish", effect_key="k", task_id=task_id, result=None) is True
+    assert call_value(db, "effect_unlock", effect_key="k") is True
+    assert count(db, "SELECT count(*) FROM ledgerq.effect_starts") == 0
+    done = call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=3)
+    assert [(r["recorded"], r["unknown_attempt"]) for r in done] == [(True, None)]
+    assert count(db, LOCKS_HERE) == 0
+
+
+LOCKS_HERE = """
+    SELECT count(*) FROM pg_locks
+    WHERE locktype = 'advisory' AND database = (
+        SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+def test_effect_start_waits_at_most_wait_ms_for_a_key_another_session_holds(
+    db: Conn, db_url: str
+) -> None:
+    task_id = enqueue(db)
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        call_rows(holder, "effect_start", effect_key="k", task_id=task_id, attempt=1)
+        with raises_sqlstate("55P03", "lock timeout"):
+            call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=2, wait_ms=100)
+    # The holder's session ended: the key is free, its mark says attempt 1 started it.
+    rows = call_rows(db, "effect_start", effect_key="k", task_id=task_id, attempt=3, wait_ms=100)
+    assert [(r["recorded"], r["unknown_attempt"]) for r in rows] == [(False, 1)]
+
+
+def test_a_session_holding_a_key_idle_past_hold_ms_is_ended_by_the_server(
+    db: Conn, db_url: str
+) -> None:
+    task_id = enqueue(db)
+    holder = psycopg.connect(db_url, autocommit=True)
+    try:
+        call_rows(holder, "effect_start", effect_key="k", task_id=task_id, attempt=1, hold_ms=200)
+        rows = call_rows(
+            db, "effect_start", effect_key="k", task_id=task_id, attempt=2, wait_ms=10_000
+        )
+        assert [(r["recorded"], r["unknown_attempt"]) for r in rows] == [(False, 1)]
+        with pytest.raises(psycopg.OperationalError):
+            holder.execute("SELECT 1")
+    finally:
+        holder.close()
+    # effect_unlock resets the bound, so a pooled connection is not ended later.
+    assert call_value(db, "effect_unlock", effect_key="k") is True
+    assert db.execute("SHOW idle_session_timeout").fetchone() == ("0",)

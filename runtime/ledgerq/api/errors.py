@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ledgerq import errors
+from ledgerq import display, errors
 
 log = logging.getLogger("ledgerq.api")
 
@@ -109,14 +109,14 @@ def unauthorized_response() -> JSONResponse:
     )
 
 
-def not_ready_response(problems: dict[str, str | None]) -> JSONResponse:
-    """503 naming each dependency that is down (problems: name -> why, or None if up).
+def not_ready_response(down: Sequence[str], checked: Sequence[str]) -> JSONResponse:
+    """503 naming each dependency in down ("PostgreSQL unavailable"), nothing more:
+    the driver's message (hosts, ports, users) is for the log, not a public route.
 
-    ``checks`` in the body maps each lower-cased name to "ok" or why it is down.
+    ``checks`` in the body maps each lower-cased checked name to "ok" or "unavailable".
     """
-    down = "; ".join(f"{name} is down ({why})" for name, why in problems.items() if why)
-    body = error_body("not_ready", down)
-    body["checks"] = {name.lower(): why or "ok" for name, why in problems.items()}
+    body = error_body("not_ready", "; ".join(f"{name} unavailable" for name in down))
+    body["checks"] = {name.lower(): "unavailable" if name in down else "ok" for name in checked}
     return JSONResponse(body, status_code=503)
 
 
@@ -183,7 +183,9 @@ async def _on_ledgerq_error(_request: Request, exc: Exception) -> Response:
         log.error("request failed: %s", exc.message, exc_info=exc)
         return error_response(500, code, INTERNAL_MESSAGE)
     if status_code == 503:
-        log.warning("request failed: %s", exc.message)
+        log.warning("request failed: %s", display.redact(exc.message))
+        which = "PostgreSQL" if isinstance(exc, errors.LedgerError) else "Redis"
+        return error_response(503, code, f"{which} unavailable")
     return error_response(status_code, code, exc.message)
 
 

@@ -1,7 +1,8 @@
 """The HTTP API's request and response shapes (pydantic), apart from ledger rows.
 
-Requests are validated strictly: ``"5"`` is not an integer and ``5.0`` is not
-a priority; unknown fields are refused, so a misspelt ``delay_second`` is an
+Requests are validated strictly: ``"5"`` is not an integer (``5.0`` is, as in
+JSON Schema; ``5.5`` is not); ``run_at`` must name a UTC instant in years 1 to
+9999, what the ledger can store and read back; unknown fields are refused, so a misspelt ``delay_second`` is an
 error rather than a task that runs at once. Responses are built from
 ``Task.to_json()`` and friends without a second validation pass (it would cost
 more than the rest of the request); these models document them in OpenAPI, and
@@ -23,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from ledgerq import types
+from ledgerq import errors, storable, types
 
 BATCH_MAX = 1000
 #: The longest delay_seconds accepted: ten years.
@@ -48,9 +49,32 @@ def _iso_string(value: Any) -> Any:
     return value
 
 
+def _within_years_1_to_9999_utc(value: datetime) -> datetime:
+    # 9999-12-31T23:59:59-14:00 is year 10000 in UTC: PostgreSQL would store it
+    # and psycopg could not read it back. The clients refuse it the same way.
+    try:
+        return storable.run_at(value)
+    except errors.InvalidInput:
+        raise ValueError(f"must fall within {storable.RUN_AT_RANGE}") from None
+
+
+def _integral(value: Any) -> Any:
+    # JSON does not tell 5 from 5.0, and JSON Schema's "integer" admits both:
+    # an integral float is taken as the integer it is; 5.5 is still refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
-RunAt = Annotated[AwareDatetime, BeforeValidator(_iso_string), Field(strict=False)]
+RunAt = Annotated[
+    AwareDatetime,
+    BeforeValidator(_iso_string),
+    Field(strict=False),
+    AfterValidator(_within_years_1_to_9999_utc),
+]
+Integer = Annotated[int, BeforeValidator(_integral)]
 TaskIdParam = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 
 
@@ -62,7 +86,7 @@ class TaskCreate(BaseModel):
     type: Name = Field(description="The task type a handler is registered for.")
     payload: dict[str, Any] = Field(default_factory=dict, description="A JSON object.")
     queue: Name = "default"
-    priority: int = Field(
+    priority: Integer = Field(
         0,
         ge=types.PRIORITY_MIN,
         le=types.PRIORITY_MAX,
@@ -76,7 +100,7 @@ class TaskCreate(BaseModel):
         allow_inf_nan=False,
         description="Due this many seconds from now; not with run_at.",
     )
-    max_attempts: int = Field(5, ge=1, le=INT32_MAX)
+    max_attempts: Integer = Field(5, ge=1, le=INT32_MAX)
     idempotency_key: IdempotencyKey | None = Field(
         None,
         description="Replaying a key returns the task it created (an Idempotency-Key header works too).",
@@ -202,7 +226,7 @@ class ErrorOut(BaseModel):
 
 
 class NotReadyOut(ErrorOut):
-    """GET /readyz when a dependency is down: which one, and why."""
+    """GET /readyz when a dependency is unavailable: which one."""
 
     checks: dict[str, str]
 

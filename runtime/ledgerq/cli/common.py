@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ledgerq import config, errors, logs
+from ledgerq import config, display, errors, logs
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger, probe
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S
@@ -55,7 +55,7 @@ def exit_code(exc: BaseException) -> int:
 
 def report(exc: errors.LedgerqError) -> int:
     """Print exc as one line on stderr; the exit status it calls for."""
-    click.echo(f"ledgerq: {errors.first_line(exc)}", err=True)
+    click.echo(f"ledgerq: {display.line(errors.first_line(exc))}", err=True)
     return exit_code(exc)
 
 
@@ -77,10 +77,11 @@ class Group(click.Group):
             result = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
             path = exc.ctx.command_path if exc.ctx is not None else (prog_name or "ledgerq")
-            click.echo(f"{path}: {exc.format_message()} (see {path} --help)", err=True)
+            message = display.line(exc.format_message())
+            click.echo(f"{path}: {message} (see {path} --help)", err=True)
             sys.exit(exit_code(exc))
         except click.ClickException as exc:
-            click.echo(f"ledgerq: {exc.format_message()}", err=True)
+            click.echo(f"ledgerq: {display.line(exc.format_message())}", err=True)
             sys.exit(exit_code(exc))
         except click.Abort:
             click.echo("Aborted!", err=True)

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from ledgerq import types
+from ledgerq import display, types
 
 STATUS_COLOURS = {
     types.TaskStatus.PENDING: "blue",
@@ -54,6 +54,7 @@ def table(
 ) -> str:
     """A plain-text table; columns in ``right`` are right-aligned. ``styles(row,
     column, padded_text)`` may colour a cell after it was padded."""
+    rows = [[display.printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -96,7 +97,8 @@ def clip(text: str | None, limit: int = 100) -> str:
     """The first line of text within limit characters (an error in a table cell):
     cut at a word with an ellipsis, never mid-word (a word longer than the limit
     is cut)."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    line = (text or "").strip().split("\n", 1)[0] if (text or "").strip() else ""
+    line = display.printable(line)
     if len(line) <= limit:
         return line
     cut = line[: limit - 1]
@@ -128,9 +130,11 @@ def enqueued(task: types.Task) -> str:
     if task.created:
         head = f"task {task.id} created"
     else:
-        head = f"task {task.id} already exists for idempotency key {task.idempotency_key!r}"
+        key = display.printable(repr(task.idempotency_key))
+        head = f"task {task.id} already exists for idempotency key {key}"
+    task_type, queue = display.printable(task.type), display.printable(task.queue)
     return (
-        f"{head}: {task.type} on queue {task.queue}, {styled_status(task.status)}, "
+        f"{head}: {task_type} on queue {queue}, {styled_status(task.status)}, "
         f"created {when(task.created_at)}, due {when(task.run_at)}"
     )
 
@@ -138,8 +142,8 @@ def enqueued(task: types.Task) -> str:
 def task_detail(task: types.Task) -> str:
     """The task and its attempt history."""
     fields = [
-        ("type", task.type),
-        ("queue", task.queue),
+        ("type", display.printable(task.type)),
+        ("queue", display.printable(task.queue)),
         (
             "status",
             styled_status(task.status) + (" (cancel requested)" if task.cancel_requested else ""),
@@ -147,7 +151,7 @@ def task_detail(task: types.Task) -> str:
         ("priority", str(task.priority)),
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
         ("payload", shown_json(task.payload)),
-        ("idempotency key", task.idempotency_key or "-"),
+        ("idempotency key", display.printable(task.idempotency_key or "-")),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
         ("started", when(task.started_at)),

@@ -2,7 +2,8 @@
 
 - ``GET /healthz``: the process answers; touches nothing else.
 - ``GET /readyz``: PostgreSQL and Redis each answer a ping within
-  ``READY_TIMEOUT_S``; otherwise 503 naming which is down.
+  ``READY_TIMEOUT_S``; otherwise 503 naming which is unavailable (the driver's
+  reason goes to the log: it names hosts and ports).
 - ``GET /metrics``: every metric in ``ledgerq.metrics.REGISTRY``; the queue
   depth gauges are read from the ledger at each scrape through partial
   indexes (live statuses and DEAD only: counting SUCCEEDED rows would scan the
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ledgerq import errors, metrics, types
+from ledgerq import display, errors, metrics, types
 from ledgerq.api import errors as api_errors
 from ledgerq.api import schemas
 from ledgerq.api.state import Services, services
@@ -54,18 +55,23 @@ async def refresh_queue_gauges(found: Services) -> None:
         found.depth_series.clear()
         found.age_series.clear()
         return
-    counts = {(d.queue, d.status.value): d.count for d in depths}
+    # Queues past the label limit are summed (ages: the oldest) under "other".
+    counts: dict[tuple[str, str], int] = {}
     ages: dict[str, float] = {}
+    queues: set[str] = set()
     for d in depths:
+        queue = metrics.QUEUE_LABEL(d.queue)
+        queues.add(queue)
+        counts[queue, d.status.value] = counts.get((queue, d.status.value), 0) + d.count
         if d.status in _AGE_STATUSES and d.oldest_due_age_s is not None:
-            ages[d.queue] = max(ages.get(d.queue, 0.0), d.oldest_due_age_s)
+            ages[queue] = max(ages.get(queue, 0.0), d.oldest_due_age_s)
     # Series seen before and absent now read 0, so a drained queue shows as drained.
     for series in found.depth_series - counts.keys():
         metrics.QUEUE_DEPTH.labels(*series).set(0)
     for series, count in counts.items():
         metrics.QUEUE_DEPTH.labels(*series).set(count)
     found.depth_series |= counts.keys()
-    found.age_series |= {d.queue for d in depths}
+    found.age_series |= queues
     for queue in found.age_series:
         metrics.QUEUE_OLDEST_PENDING.labels(queue).set(ages.get(queue, 0.0))
 
@@ -102,7 +108,12 @@ def register(api: APIRouter) -> None:
         )
         if pg is None and redis is None:
             return JSONResponse({"status": "ok"})
-        return api_errors.not_ready_response({"PostgreSQL": pg, "Redis": redis})
+        problems = {"PostgreSQL": pg, "Redis": redis}
+        for name, why in problems.items():
+            if why is not None:
+                log.warning("not ready: %s unavailable: %s", name, display.redact(why))
+        down = [name for name, why in problems.items() if why is not None]
+        return api_errors.not_ready_response(down, list(problems))
 
     @api.get(
         "/metrics",

@@ -20,7 +20,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
@@ -155,7 +155,7 @@ def register(api: APIRouter) -> None:
         # Concurrent requests share transactions; each answer waits for its commit.
         task = await services(request).enqueuer.enqueue(new)
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(new.task_type, new.queue).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
         return JSONResponse(task.to_json(), status_code=201 if task.created else 200)
 
     @api.post(
@@ -177,9 +177,10 @@ def register(api: APIRouter) -> None:
         # A replayed key's task may have moved on since: report its status now.
         current = {t.id: t.status for t in await ledger.get_many(replayed)} if replayed else {}
         made = collections.Counter(
-            (new.task_type, new.queue) for new, (_, created) in zip(new_tasks, rows, strict=True)
+            metrics.task_labels(new.task_type, new.queue)
+            for new, (_, created) in zip(new_tasks, rows, strict=True)
             if created
-        )  # fmt: skip
+        )
         for (task_type, queue), count in made.items():
             metrics.TASKS_ENQUEUED.labels(task_type, queue).inc(count)
         results = [
@@ -191,6 +192,14 @@ def register(api: APIRouter) -> None:
             for task_id, created in rows
         ]
         return JSONResponse({"results": results})
+
+    @api.api_route(
+        "/tasks/batch", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    async def batch_wrong_method() -> Response:
+        # Without this, GET /tasks/batch would match GET /tasks/{task_id}: a 422 about
+        # task_id where the truth is that only POST serves this path.
+        raise HTTPException(405, headers={"Allow": "POST"})
 
     @api.get(
         "/tasks/{task_id}",

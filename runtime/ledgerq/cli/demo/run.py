@@ -41,7 +41,7 @@ import click
 import psycopg
 from psycopg import sql
 
-from ledgerq import config, errors, migrations
+from ledgerq import config, display, errors, migrations
 from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
 from ledgerq.cli.demo import checks, workload
@@ -140,7 +140,7 @@ def run_demo(options: Options, out: TextIO | None = None) -> int:
     screen.block(
         click.style("ledgerq demo", bold=True)
         + f": PostgreSQL {options.settings.redacted_database_url()} (database "
-        f"{options.database_name}), Redis {options.settings.redis_url} (prefix "
+        f"{options.database_name}), Redis {display.redact(options.settings.redis_url)} (prefix "
         f"{options.settings.redis_prefix})"
     )
     url = recreate_database(server, options.database_name)
