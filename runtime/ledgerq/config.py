@@ -10,6 +10,7 @@ LEDGERQ_REDIS_URL        redis://127.0.0.1:6379/0                        the dis
 LEDGERQ_REDIS_CLUSTER    unset                                           1/true: Redis Cluster
 LEDGERQ_REDIS_PREFIX     ledgerq                                         prefix of every Redis key
 LEDGERQ_API_TOKEN        unset                                           bearer token for the API
+LEDGERQ_API_READONLY_TOKEN unset                                         read-only bearer token
 =======================  ==============================================  =========================
 
 ``redis+cluster://host:port`` is the same as a plain URL with the cluster flag.
@@ -42,6 +43,8 @@ class Settings:
     redis_prefix: str = REDIS_PREFIX_DEFAULT
     redis_cluster: bool = False
     api_token: str | None = None
+    #: Reads everything the admin token reads; every changing route answers 403.
+    api_readonly_token: str | None = None
 
     def __post_init__(self) -> None:
         db_scheme = urlsplit(self.database_url).scheme
@@ -65,6 +68,17 @@ class Settings:
             )
         if self.api_token is not None and len(self.api_token) < 8:
             raise errors.ConfigError("API token must be at least 8 characters")
+        if self.api_readonly_token is not None:
+            if self.api_token is None:
+                # Without an admin token the API is open to everyone, so a
+                # read-only token would restrict nobody: refuse the illusion.
+                raise errors.ConfigError(
+                    "a read-only API token needs an admin API token (LEDGERQ_API_TOKEN) too"
+                )
+            if len(self.api_readonly_token) < 8:
+                raise errors.ConfigError("read-only API token must be at least 8 characters")
+            if self.api_readonly_token == self.api_token:
+                raise errors.ConfigError("the read-only API token must differ from the admin token")
 
     @classmethod
     def from_env(
@@ -76,6 +90,7 @@ class Settings:
         redis_prefix: str | None = None,
         redis_cluster: bool | None = None,
         api_token: str | None = None,
+        api_readonly_token: str | None = None,
     ) -> Settings:
         """Settings from the environment; explicit arguments (command options) win."""
         env = os.environ if env is None else env
@@ -86,6 +101,7 @@ class Settings:
             redis_prefix=redis_prefix or env.get("LEDGERQ_REDIS_PREFIX") or REDIS_PREFIX_DEFAULT,
             redis_cluster=cluster_env if redis_cluster is None else redis_cluster,
             api_token=api_token or env.get("LEDGERQ_API_TOKEN") or None,
+            api_readonly_token=api_readonly_token or env.get("LEDGERQ_API_READONLY_TOKEN") or None,
         )
 
     def redacted_database_url(self) -> str:

@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ledgerq import errors, finals, queries, types
+from ledgerq import errors, finals, queries, reads, types
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
 SyncConn = psycopg.Connection[TupleRow]
@@ -643,6 +643,57 @@ class AsyncLedger:
     async def effects_of(self, task_ids: Sequence[int]) -> list[types.EffectRecord]:
         """The effects these tasks recorded, by effect key."""
         return await self._run(queries.effects_of(task_ids))
+
+    # the operators' dashboard (reads.py; its changes call the SQL functions)
+    async def dashboard_features(self) -> reads.Features:
+        """Which optional SQL objects (queue controls, schedules) this ledger has."""
+        return await self._run(reads.features())
+
+    async def finished_per_minute(
+        self, minutes: int = reads.THROUGHPUT_MINUTES
+    ) -> list[reads.FinishedBucket]:
+        """Tasks that reached a final status, per queue, status and minute, lately."""
+        return await self._run(reads.finished_per_minute(minutes))
+
+    async def queue_settings(self) -> list[reads.QueueSettings]:
+        """Every configured queue's pause flag and settings (needs the flow-control view)."""
+        return await self._run(reads.queue_settings())
+
+    async def schedules(self) -> list[reads.Schedule]:
+        """Every schedule (needs the schedules view)."""
+        return await self._run(reads.schedules())
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        """How many tasks are DEAD (in queue, if given)."""
+        return await self._run(reads.dead_count(queue))
+
+    async def task_id_by_key(self, idempotency_key: str) -> types.TaskId | None:
+        """The id of the task holding idempotency_key, if any."""
+        return await self._run(reads.task_id_by_key(idempotency_key))
+
+    async def workers_seen(
+        self, window_s: float = reads.WORKERS_WINDOW_S
+    ) -> list[reads.WorkerSeen]:
+        """Workers that registered, heartbeat or finished an attempt within window_s."""
+        return await self._run(reads.workers_seen(window_s))
+
+    async def pause_queue(self, queue: str) -> bool:
+        return await self._run(reads.pause_queue(queue))
+
+    async def resume_queue(self, queue: str) -> bool:
+        return await self._run(reads.resume_queue(queue))
+
+    async def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now."""
+        return await self._run(reads.configure_queue(queue, settings))
+
+    async def pause_schedule(self, name: str) -> bool:
+        """False for an unknown schedule."""
+        return await self._run(reads.pause_schedule(name))
+
+    async def resume_schedule(self, name: str) -> bool:
+        """False for an unknown schedule."""
+        return await self._run(reads.resume_schedule(name))
 
 
 # --- the sync ledger ---------------------------------------------------------------

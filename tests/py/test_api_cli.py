@@ -70,6 +70,58 @@ def test_ledgerq_api_refuses_a_public_address_without_a_token(
     assert result.stdout == ""
 
 
+def test_ledgerq_api_refuses_a_read_only_token_without_an_admin_token(
+    settings: config.Settings,
+) -> None:
+    result = run_api(settings, "--api-readonly-token", "reader-0123456789")
+
+    assert result.returncode == 2  # invalid configuration, like every command's
+    assert result.stderr == (
+        "ledgerq: a read-only API token needs an admin API token (LEDGERQ_API_TOKEN) too\n"
+    )
+    assert "reader-0123456789" not in result.stderr
+
+
+def test_ledgerq_api_read_only_token_from_the_environment_reads_and_is_refused_changes(
+    settings: config.Settings,
+) -> None:
+    reader = "reader-0123456789"
+    port = free_port()
+    env = {
+        **command_env(settings),
+        "LEDGERQ_API_TOKEN": TOKEN,
+        "LEDGERQ_API_READONLY_TOKEN": reader,
+    }
+    proc = subprocess.Popen(
+        [LEDGERQ, "api", "--port", str(port), "--log-level", "WARNING"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "ledgerq api did not start"
+                    time.sleep(0.05)
+            auth = {"authorization": f"Bearer {reader}"}
+            listed = http.get("/tasks", headers=auth)
+            refused = http.post("/tasks", json={"type": "a"}, headers=auth)
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+
+    assert listed.status_code == 200
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "forbidden"
+    assert reader not in output and TOKEN not in output
+
+
 def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> None:
     result = run_api(settings, "--api-token", "short")
 

@@ -27,6 +27,16 @@ from ledgerq import config
 pytestmark = pytest.mark.e2e
 
 EXAMPLES_PER_OPERATION = 30
+# The dashboard's pages and forms (HTML); a form posted without its CSRF token
+# is refused with 403, which is what generated requests get.
+DASHBOARD_OPERATIONS = {
+    "GET /ui/", "GET /ui/tasks", "GET /ui/tasks/{task_id}", "GET /ui/dead", "GET /ui/schedules",
+    "GET /ui/workers", "GET /ui/login", "POST /ui/login", "POST /ui/logout",
+    "POST /ui/tasks/{task_id}/retry", "POST /ui/tasks/{task_id}/cancel", "POST /ui/dead/retry",
+    "POST /ui/dead/retry-all", "POST /ui/queues/{queue}/pause", "POST /ui/queues/{queue}/resume",
+    "POST /ui/queues/{queue}/settings", "POST /ui/schedules/{name}/pause",
+    "POST /ui/schedules/{name}/resume",
+}  # fmt: skip
 CHECKS: list[Callable[..., Any]] = [
     not_a_server_error,
     status_code_conformance,
@@ -70,7 +80,7 @@ def test_api_answers_match_its_openapi_schema(settings: config.Settings) -> None
             "POST /tasks", "POST /tasks/batch", "GET /tasks", "GET /tasks/{task_id}",
             "POST /tasks/{task_id}/cancel", "POST /tasks/{task_id}/retry", "GET /queues",
             "GET /healthz", "GET /readyz", "GET /metrics",
-        }  # fmt: skip
+        } | DASHBOARD_OPERATIONS  # fmt: skip
 
         for operation in operations:
             exercise(operation, GenerationMode.POSITIVE, CHECKS, api.base_url, session)

@@ -20,6 +20,8 @@ from ledgerq import __version__, config
 from ledgerq.api import auth, body, state
 from ledgerq.api import errors as api_errors
 from ledgerq.api.routes import queues, system, tasks
+from ledgerq.api.ui import routes as ui_routes
+from ledgerq.api.ui import sessions
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger
 
@@ -57,8 +59,12 @@ def create_app(
     ledger: AsyncLedger | None = None,
     dispatch: Dispatch | None = None,
     max_body_bytes: int = body.MAX_BODY_BYTES_DEFAULT,
+    trust_forwarded_proto: bool = False,
 ) -> FastAPI:
-    """The ledgerq HTTP API, with the README's routes, errors and auth."""
+    """The ledgerq HTTP API and its dashboard (/ui/), with the README's routes,
+    errors, auth and roles. trust_forwarded_proto: believe X-Forwarded-Proto
+    (only behind a proxy every request goes through) when marking the
+    dashboard's cookie Secure."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,10 +106,22 @@ def create_app(
     tasks.register(app.router)
     system.register(app.router)
     queues.register(app.router)
+    ui_routes.register(
+        app,
+        sessions.Keys.from_tokens(
+            settings.api_token,
+            settings.api_readonly_token,
+            trust_forwarded_proto=trust_forwarded_proto,
+        ),
+    )
     api_errors.install(app)
     # The last added middleware runs first: the catch-all wraps auth.
     if settings.api_token is not None:
-        app.add_middleware(auth.BearerAuthMiddleware, token=settings.api_token)
+        app.add_middleware(
+            auth.BearerAuthMiddleware,
+            token=settings.api_token,
+            readonly_token=settings.api_readonly_token,
+        )
         plain_openapi = app.openapi
 
         def openapi() -> dict[str, Any]:

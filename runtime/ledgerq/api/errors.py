@@ -9,6 +9,7 @@ ledgerq ``InvalidInput``, a bad field           422     ``invalid_input``
 body not JSON / not UTF-8 / too deep            422     ``invalid_json``
 body over the size limit                        413     ``body_too_large``
 missing or wrong bearer token                   401     ``unauthorized``
+a change asked for with the read-only token     403     ``forbidden``
 ``TaskNotFound``, unknown route                 404     ``not_found``
 ``IdempotencyConflict``                         409     ``idempotency_conflict``
 ``InvalidTransition``                           409     ``invalid_transition``
@@ -53,6 +54,7 @@ _LEDGERQ_STATUSES: tuple[tuple[type[errors.LedgerqError], int, str], ...] = (
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
@@ -107,6 +109,11 @@ def unauthorized_response() -> JSONResponse:
         "missing or invalid bearer token",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+def forbidden_response() -> JSONResponse:
+    """403 for a change asked for with the read-only token."""
+    return error_response(403, "forbidden", "the read-only token may not change anything")
 
 
 def not_ready_response(down: Sequence[str], checked: Sequence[str]) -> JSONResponse:

@@ -181,13 +181,18 @@ def reaper_interval_option(name: str, help_text: str) -> Callable[[F], F]:
 # --- settings, logging, the task app -----------------------------------------------------
 
 
-def settings_from(options: dict[str, Any]) -> config.Settings:
-    """Settings from the environment, overridden by the connection options given."""
+def settings_from(
+    options: dict[str, Any], *, api_token: str | None = None, api_readonly_token: str | None = None
+) -> config.Settings:
+    """Settings from the environment, overridden by the connection options (and the
+    API tokens) given."""
     return config.Settings.from_env(
         database_url=options.pop("database_url", None),
         redis_url=options.pop("redis_url", None),
         redis_prefix=options.pop("redis_prefix", None),
         redis_cluster=options.pop("redis_cluster", None),
+        api_token=api_token,
+        api_readonly_token=api_readonly_token,
     )
 
 

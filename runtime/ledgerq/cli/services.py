@@ -10,7 +10,6 @@ first signal stops it gracefully and it exits 0, a second exits at once.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -231,6 +230,12 @@ def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
               help="Port to listen on.")  # fmt: skip
 @click.option("--api-token", metavar="TOKEN", help="Require `Authorization: Bearer TOKEN` "
               "on every route but /healthz and /readyz [env LEDGERQ_API_TOKEN].")  # fmt: skip
+@click.option("--api-readonly-token", metavar="TOKEN", help="A second token that reads "
+              "everything and changes nothing: changing routes answer 403, in the API and the "
+              "dashboard [env LEDGERQ_API_READONLY_TOKEN].")  # fmt: skip
+@click.option("--trust-forwarded-proto", is_flag=True, help="Behind a TLS-terminating proxy: "
+              "believe its X-Forwarded-Proto header, so the dashboard's session cookie is "
+              "marked Secure. Only when every request comes through that proxy.")  # fmt: skip
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
 @click.option("--access-log", is_flag=True, help="Log every request (off by default: it is slow).")
 @common.log_level_option
@@ -239,19 +244,22 @@ def api(
     host: str,
     port: int,
     api_token: str | None,
+    api_readonly_token: str | None,
+    trust_forwarded_proto: bool,
     insecure: bool,
     access_log: bool,
     log_level: str,
     **options: Any,
 ) -> None:
-    """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM/SIGINT."""
+    """Serve the HTTP API (OpenAPI at /openapi.json) and the operators' dashboard
+    (/ui/) until SIGTERM/SIGINT."""
     # Imported here so the other commands do not pay for loading FastAPI.
     from ledgerq.api import app as api_app
     from ledgerq.api import server as api_server
 
-    settings = common.settings_from(options)
-    if api_token:
-        settings = dataclasses.replace(settings, api_token=api_token)
+    settings = common.settings_from(
+        options, api_token=api_token, api_readonly_token=api_readonly_token
+    )
     if settings.api_token is None and not insecure and not api_server.is_loopback(host):
         raise errors.ConfigError(
             f"refusing to serve on {host} without an API token: set --api-token "
@@ -275,7 +283,12 @@ def api(
                     "dispatch.unavailable %s; serving anyway (/readyz answers 503 until it "
                     "answers)", exc.message,
                 )  # fmt: skip
-            app = api_app.create_app(settings, ledger=ledger, dispatch=dispatch)
+            app = api_app.create_app(
+                settings,
+                ledger=ledger,
+                dispatch=dispatch,
+                trust_forwarded_proto=trust_forwarded_proto,
+            )
             # uvicorn handles SIGTERM/SIGINT itself: a graceful shutdown, then return.
             await api_server.serve(app, host=host, port=port, access_log=access_log)
         finally:
