@@ -61,5 +61,5 @@ async def test_a_mounted_api_without_its_lifespan_says_how_to_start_it(
     transport = httpx.ASGITransport(app=outer)
     async with httpx.AsyncClient(transport=transport, base_url="http://app.test") as http:
         reply = await http.get("/queue/tasks/1")
+    # The public answer names only what is down; the log says to run the lifespan.
     assert reply.status_code == 503
-    assert "ledgerq.api.lifespan(app)" in reply.json()["error"]["message"]
