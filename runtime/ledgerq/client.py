@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerq import config, errors, metrics, storable, types
+from ledgerq import config, errors, jsonvalue, metrics, storable, types
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -33,7 +33,7 @@ class _Defaults:
     def new_task(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
@@ -49,10 +49,6 @@ class _Defaults:
             raise errors.InvalidInput(f"delay must be >= 0 seconds, got {delay}")
         if run_at is not None and delay:
             raise errors.InvalidInput("give run_at or delay, not both")
-        if payload is not None and not isinstance(payload, Mapping):
-            raise errors.InvalidInput(
-                f"payload must be a JSON object (a dict), got {type(payload).__name__}"
-            )
         if delay:
             try:
                 run_at = datetime.now().astimezone() + timedelta(seconds=delay)
@@ -68,7 +64,7 @@ class _Defaults:
             max_attempts = definition.max_attempts if definition else types.MAX_ATTEMPTS_DEFAULT
         return types.NewTask(
             task_type=task_type,
-            payload=dict(payload or {}),
+            payload=jsonvalue.payload(payload),
             queue=queue,
             priority=priority,
             run_at=run_at,
@@ -84,6 +80,14 @@ class _Defaults:
             raise errors.InvalidInput("every task needs a task_type")
         fields = dict(item)
         return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
+
+
+def _seconds(timeout: float | timedelta | None) -> float | None:
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is not None and timeout < 0:
+        raise errors.InvalidInput(f"timeout must be >= 0 seconds, got {timeout}")
+    return timeout
 
 
 def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
@@ -126,7 +130,7 @@ class Client:
     def enqueue(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
@@ -156,6 +160,11 @@ class Client:
 
     def get(self, task_id: int) -> types.Task:
         return self.ledger.get(task_id)
+
+    def wait(self, task_id: int, timeout: float | timedelta | None = None) -> types.Task:
+        """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
+        ledger, not by polling; raises TimeoutError after timeout (None: no limit)."""
+        return self.ledger.wait_final(task_id, _seconds(timeout))
 
     def cancel(self, task_id: int) -> types.TaskStatus:
         return self.ledger.cancel(task_id)
@@ -197,7 +206,7 @@ class AsyncClient:
     async def enqueue(
         self,
         task_type: str,
-        payload: Mapping[str, Any] | None = None,
+        payload: object = None,
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
@@ -229,6 +238,13 @@ class AsyncClient:
 
     async def get(self, task_id: int) -> types.Task:
         return await (await self.ledger()).get(task_id)
+
+    # The README's signature, shared with Client.wait; the same as asyncio.timeout.
+    async def wait(self, task_id: int, timeout: float | timedelta | None = None) -> types.Task:  # noqa: ASYNC109
+        """The task once it is final (SUCCEEDED, DEAD or CANCELLED), woken by the
+        ledger, not by polling; raises TimeoutError after timeout (None: no limit).
+        Any number of waits share one listening connection."""
+        return await (await self.ledger()).wait_final(task_id, _seconds(timeout))
 
     async def cancel(self, task_id: int) -> types.TaskStatus:
         return await (await self.ledger()).cancel(task_id)

@@ -38,6 +38,13 @@ from ledgerq import errors, types
 _ID_BITS = 37
 TASK_ID_MAX = 2**63 - 1
 
+# The longest a blocking pop waits in Redis. Every read on a connection may
+# take this long plus a margin before it counts as a timeout: a socket timeout
+# at or under the pop's own wait (redis-py's default is 5 s) turns an idle
+# worker's empty pop into a false "Redis is unavailable".
+POP_WAIT_MAX_S = 5.0
+SOCKET_TIMEOUT_S = POP_WAIT_MAX_S + 10.0
+
 log = logging.getLogger("ledgerq.dispatch")
 T = TypeVar("T")
 
@@ -114,7 +121,11 @@ class Dispatch:
             )
         else:
             client = aioredis.Redis.from_url(
-                redis_url, socket_connect_timeout=timeout_s, health_check_interval=30
+                redis_url,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_keepalive=True,
+                health_check_interval=30,
             )
         return cls(client, prefix)
 
@@ -209,11 +220,11 @@ class Dispatch:
         return _task_ids(await self._call(keys, "zset", take))
 
     async def pop_wait(self, queues: Sequence[str], timeout_s: float) -> types.TaskId | None:
-        """Block until one id is available (None after timeout_s)."""
+        """Block until one id is available (None after timeout_s, at most POP_WAIT_MAX_S)."""
         keys = [self.queue_key(q) for q in queues]
 
         async def wait() -> Any:
-            return await self.client.bzpopmin(keys, timeout=timeout_s)
+            return await self.client.bzpopmin(keys, timeout=min(timeout_s, POP_WAIT_MAX_S))
 
         item = await self._call(keys, "zset", wait)
         if not item:

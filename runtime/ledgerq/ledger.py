@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from ledgerq import errors, queries, reads, types
+from ledgerq import errors, finals, queries, reads, types
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
 SyncConn = psycopg.Connection[TupleRow]
@@ -143,6 +143,13 @@ def pool_kwargs(database_url: str) -> dict[str, Any]:
     options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
     merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
     return {"autocommit": True, "options": merged}
+
+
+def _conninfo(conninfo: object) -> str:
+    """The pool's connection string, for the connections it does not manage (LISTEN)."""
+    if not isinstance(conninfo, str):
+        raise errors.ConfigError("waiting needs a pool opened with a connection string")
+    return conninfo
 
 
 # --- running plans -------------------------------------------------------------------
@@ -409,6 +416,7 @@ class AsyncLedger:
         self._pool = pool
         self._sync_twin: Ledger | None = None
         self._sync_twin_lock = threading.Lock()
+        self._finals: finals.FinalWatcher | None = None
 
     @classmethod
     async def connect(
@@ -432,6 +440,8 @@ class AsyncLedger:
         return cls(pool)
 
     async def close(self) -> None:
+        if self._finals is not None:
+            await self._finals.close()
         await self._pool.close()
         if self._sync_twin is not None:
             await asyncio.to_thread(self._sync_twin.close)
@@ -439,6 +449,15 @@ class AsyncLedger:
     @property
     def closed(self) -> bool:
         return self._pool.closed
+
+    async def wait_final(self, task_id: int, timeout_s: float | None = None) -> types.Task:
+        """The task once it is final, woken by the ledger's NOTIFY (one LISTEN
+        connection shared by every waiter); TimeoutError after timeout_s."""
+        if self._finals is None:
+            self._finals = finals.FinalWatcher(_conninfo(self._pool.conninfo), self.get)
+        # Not inside translated(): TimeoutError is an OSError. The reads raise
+        # ledgerq errors already, and the listener handles its own failures.
+        return await self._finals.wait(task_id, timeout_s)
 
     async def _run(self, plan: queries.Plan[T], conn: AsyncConn | None = None) -> T:
         """Run plan on conn (the caller's transaction), or on a pooled connection."""
@@ -530,6 +549,35 @@ class AsyncLedger:
         self, leases: Sequence[tuple[int, int]], reason: str
     ) -> list[types.TaskStatus | None]:
         return await self._run(queries.release(leases, reason))
+
+    async def hand_back(
+        self, leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
+    ) -> list[types.TaskStatus | None]:
+        """Hand back tasks of a type another live worker serves (no attempt spent);
+        None for a task no live worker serves."""
+        return await self._run(queries.hand_back(leases, worker_id, delay_s))
+
+    # task types known to the ledger
+    async def register_worker(
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        task_types: Sequence[types.JsonObject],
+        concurrency: int,
+    ) -> int:
+        """Register a worker and the task types it serves; how many types."""
+        return await self._run(queries.register_worker(worker_id, queues, task_types, concurrency))
+
+    async def worker_heartbeat(self, worker_id: str) -> bool:
+        """Keep a registration alive; False if it is gone (register again)."""
+        return await self._run(queries.worker_heartbeat(worker_id))
+
+    async def worker_stop(self, worker_id: str) -> None:
+        """A graceful stop: the worker no longer counts as serving its types."""
+        await self._run(queries.worker_stop(worker_id))
+
+    async def task_types(self) -> list[types.TaskTypeInfo]:
+        return await self._run(queries.task_types())
 
     # dispatcher
     async def take_due(self, batch_size: int) -> list[types.DueTask]:
@@ -691,6 +739,19 @@ class Ledger:
     def close(self) -> None:
         self._pool.close()
 
+    def wait_final(self, task_id: int, timeout_s: float | None = None) -> types.Task:
+        """The task once it is final, woken by the ledger's NOTIFY; TimeoutError
+        after timeout_s. Holds a connection of its own while it waits."""
+        try:
+            with translated():
+                return finals.wait_sync(
+                    _conninfo(self._pool.conninfo), task_id, lambda: self.get(task_id), timeout_s
+                )
+        except errors.LedgerUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise exc.__cause__ from None  # the wait's own timeout, not an outage
+            raise
+
     def _run(self, plan: queries.Plan[T], conn: SyncConn | None = None) -> T:
         """Run plan on conn (the caller's transaction), or on a pooled connection."""
         if conn is not None:
@@ -735,6 +796,10 @@ class Ledger:
     ) -> types.TaskPage:
         """A page of tasks, newest first, older than before_id if given."""
         return self._run(queries.list_tasks(status, queue, task_type, limit, before_id))
+
+    def task_types(self) -> list[types.TaskTypeInfo]:
+        """The task types workers registered, with how many live workers serve each."""
+        return self._run(queries.task_types())
 
     def queue_summary(self) -> list[types.QueueSummary]:
         """Every queue's counts by status, oldest due age and last minute's finishes.

@@ -28,6 +28,8 @@ T = TypeVar("T")
 Row = tuple[Any, ...]
 
 NOTIFY_CHANNEL = "ledgerq_tasks"
+#: Each task's id, as it becomes final (migration 0005's trigger).
+FINAL_CHANNEL = "ledgerq_final"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,6 +91,14 @@ EFFECT_START: LiteralString = """
 EFFECT_FINISH: LiteralString = "SELECT ledgerq.effect_finish(%s, %s, %s)"
 EFFECT_FORGET: LiteralString = "SELECT ledgerq.effect_forget(%s)"
 EFFECT_UNLOCK: LiteralString = "SELECT ledgerq.effect_unlock(%s)"
+WORKER_REGISTER: LiteralString = "SELECT ledgerq.worker_register(%s, %s, %s, %s)"
+WORKER_HEARTBEAT: LiteralString = "SELECT ledgerq.worker_heartbeat(%s)"
+WORKER_STOP: LiteralString = "SELECT ledgerq.worker_stop(%s)"
+HAND_BACK: LiteralString = "SELECT task_id, status FROM ledgerq.task_hand_back(%s, %s, %s, %s)"
+TASK_TYPES: LiteralString = """
+    SELECT task_type, queue, max_attempts, timeout_seconds, workers_alive, last_seen_at
+    FROM ledgerq.task_types ORDER BY task_type
+"""
 
 # Read-only queries for listings and stats.
 GET_TASK: LiteralString = """
@@ -385,6 +395,37 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
 
 
+def hand_back(
+    leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
+) -> Plan[list[types.TaskStatus | None]]:
+    rows = yield Call(
+        HAND_BACK, ([t for t, _ in leases], [a for _, a in leases], worker_id, delay_s)
+    )
+    return [_status_or_none(r[1]) for r in rows]
+
+
+def register_worker(
+    worker_id: str, queues: Sequence[str], task_types: Sequence[types.JsonObject], concurrency: int
+) -> Plan[int]:
+    ((count,),) = yield Call(
+        WORKER_REGISTER, (worker_id, list(queues), Jsonb(list(task_types)), concurrency)
+    )
+    return int(count)
+
+
+def worker_heartbeat(worker_id: str) -> Plan[bool]:
+    ((renewed,),) = yield Call(WORKER_HEARTBEAT, (worker_id,))
+    return bool(renewed)
+
+
+def worker_stop(worker_id: str) -> Plan[None]:
+    yield Call(WORKER_STOP, (worker_id,))
+
+
+def task_types() -> Plan[list[types.TaskTypeInfo]]:
+    return [_decode_task_type(r) for r in (yield Call(TASK_TYPES))]
+
+
 # --- row decoding ------------------------------------------------------------
 
 
@@ -557,3 +598,7 @@ def _decode_schedule(row: Sequence[Any]) -> types.Schedule:
         last_slot=row[7],
         last_task_id=types.TaskId(row[8]) if row[8] is not None else None,
     )
+
+
+def _decode_task_type(row: Sequence[Any]) -> types.TaskTypeInfo:
+    return types.TaskTypeInfo(row[0], row[1], int(row[2]), row[3], int(row[4]), row[5])

@@ -34,7 +34,7 @@ from typing import Any
 
 import pydantic
 
-from ledgerq import errors, storable, types
+from ledgerq import errors, jsonvalue, storable, types
 from ledgerq.ledger import (
     AsyncConn,
     AsyncLedger,
@@ -302,6 +302,15 @@ class Registry:
         return len(self._tasks)
 
 
+class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each line with the task id and attempt, and adds them as fields."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **(kwargs.get("extra") or {})}
+        return f"id={extra.get('task_id')} attempt={extra.get('attempt')} {msg}", kwargs
+
+
 class Context:
     """What a handler knows about the attempt it runs, and its effect helpers.
 
@@ -423,7 +432,7 @@ class Context:
                 hold.forget_start = True  # fn came back with an error: nothing is unknown
                 raise
             try:
-                value = storable.result(value)
+                value = storable.result(jsonvalue.plain(value))
                 await hold.finish(self.task_id, value)
             except (errors.NonRetryable, errors.InvalidInput) as exc:
                 raise errors.NonRetryable(
@@ -498,6 +507,7 @@ class Context:
         value = fn(await transaction.connection())
         if inspect.isawaitable(value):
             value = await value
+        value = jsonvalue.plain(value)
         await transaction.record_effect(effect_key, self.task_id, value)
         return value
 
@@ -517,18 +527,22 @@ class Context:
             raise self._lock_refusal(effect_key, exc) from None
         if recorded:
             return result
-        value = fn(transaction.connection())
+        value = jsonvalue.plain(fn(transaction.connection()))
         transaction.record_effect(effect_key, self.task_id, value)
         return value
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger named after the task type, carrying task id, attempt and worker."""
+        """A logger named after the task type whose lines carry the task id and
+        attempt (in the text, and as fields of JSON log lines)."""
         if self._logger is None:
-            self._logger = logging.LoggerAdapter(
+            self._logger = _TaskLogger(
                 logging.getLogger(f"ledgerq.task.{self.task_type}"),
-                {"task_id": self.task_id, "attempt": self.attempt, "worker_id": self.worker_id},
-            )
+                {
+                    "task_id": self.task_id, "task_type": self.task_type, "queue": self.queue,
+                    "attempt": self.attempt, "worker_id": self.worker_id,
+                },
+            )  # fmt: skip
         return self._logger
 
     def request_stop(self) -> None:

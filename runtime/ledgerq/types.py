@@ -178,6 +178,8 @@ class Outcome:
     result: JsonValue = None
     error: str | None = None
     retryable: bool = True
+    #: How long the handler ran, for the worker's outcome log line.
+    duration_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -320,3 +322,25 @@ class EffectStart:
     unknown_task_id: TaskId | None
     unknown_attempt: int | None
     unknown_started_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskTypeInfo:
+    """A task type registered by workers: its defaults, and who serves it now."""
+
+    task_type: str
+    queue: str
+    max_attempts: int
+    timeout_s: float | None
+    workers_alive: int
+    last_seen_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_type": self.task_type,
+            "queue": self.queue,
+            "max_attempts": self.max_attempts,
+            "timeout_seconds": self.timeout_s,
+            "workers_alive": self.workers_alive,
+            "last_seen_at": self.last_seen_at.isoformat() if self.last_seen_at else None,
+        }

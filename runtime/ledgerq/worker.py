@@ -27,8 +27,11 @@ is cancelled when the worker learns it, but may already have done work: use
 timeout or cancellation its thread runs on, and its result is discarded.
 
 Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
-``worker.stopped``, ``task.failed``, ``task.lost``, ``task.unstorable``,
-``task.unrecordable``, ``ledger.unavailable``, ``ledger.error``, ``dispatch.unavailable``.
+``worker.stopped``; one line per recorded outcome, with the task's id, type,
+queue, attempt and duration: ``task.succeeded``, ``task.cancelled`` (INFO),
+``task.retried``, ``task.lost`` (WARNING), ``task.dead`` (ERROR); also
+``task.handed_back``, ``task.abandoned``, ``task.unstorable``, ``task.unrecordable``,
+``ledger.unavailable``, ``ledger.error``, ``dispatch.unavailable``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -45,15 +49,21 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from ledgerq import errors, metrics, service, storable, types
-from ledgerq.dispatch import Dispatch
+from ledgerq import errors, jsonvalue, metrics, service, storable, types
+from ledgerq.dispatch import POP_WAIT_MAX_S, Dispatch
 from ledgerq.ledger import AsyncLedger
 from ledgerq.registry import Context, Registry, TaskDefinition
 
 CONCURRENCY_DEFAULT = 10
 LEASE_DEFAULT_S = 30
 GRACE_DEFAULT_S = 30.0
-POP_WAIT_S = 5.0
+POP_WAIT_S = POP_WAIT_MAX_S
+# How often a worker renews its registration: a third of the ledger's 30 s
+# liveness window (worker_liveness()), so one missed renewal is harmless.
+REGISTRATION_INTERVAL_S = 10.0
+# A task handed back (its type is served by another live worker, not this
+# one) is due again after this, so this worker does not spin on it.
+HAND_BACK_DELAY_S = 1.0
 
 log = logging.getLogger("ledgerq.worker")
 
@@ -96,6 +106,11 @@ class Worker:
             raise errors.ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if lease_s < 3:
             raise errors.ConfigError(f"lease must be >= 3 seconds, got {lease_s}")
+        if len(registry) == 0:
+            # It would send every task it received DEAD as an unknown type.
+            raise errors.ConfigError(
+                "the registry has no task types: register handlers with @registry.task(...)"
+            )
         self.registry = registry
         self.ledger = ledger
         self.dispatch = dispatch
@@ -145,15 +160,22 @@ class Worker:
             "worker.started id=%s queues=%s concurrency=%d lease=%ds",
             self.worker_id, ",".join(self.queues), self.concurrency, self.lease_s,
         )  # fmt: skip
+        await self._register()
         completer = asyncio.create_task(self._complete_loop(), name="ledgerq-completer")
         heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
+        registration = asyncio.create_task(self._registration_loop(), name="ledgerq-registration")
         try:
             await self._fetch_loop()
             log.info("worker.stopping id=%s running=%d", self.worker_id, len(self._running))
+            with contextlib.suppress(errors.LedgerError):
+                # At once, so no task is handed back to this worker meanwhile;
+                # if the ledger is down, the registration simply ages out.
+                await self.ledger.worker_stop(self.worker_id)
             await self._drain()
         finally:
             heartbeater.cancel()
-            await asyncio.gather(heartbeater, return_exceptions=True)
+            registration.cancel()
+            await asyncio.gather(heartbeater, registration, return_exceptions=True)
             self._outcomes_ready.set()
             self._stopping.set()
             try:
@@ -223,6 +245,29 @@ class Worker:
                     running.task.id, running.task.attempt,
                 )  # fmt: skip
 
+    # --- registration ---------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Tell the ledger which task types this worker serves, with their defaults."""
+        registered = []
+        for name in self.registry.names():
+            definition = self.registry.get(name)
+            assert definition is not None
+            registered.append({
+                "task_type": name, "queue": definition.queue,
+                "max_attempts": definition.max_attempts, "timeout_seconds": definition.timeout_s,
+            })  # fmt: skip
+        await self.ledger.register_worker(self.worker_id, self.queues, registered, self.concurrency)
+
+    async def _registration_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRATION_INTERVAL_S)
+            try:
+                if not await self.ledger.worker_heartbeat(self.worker_id):
+                    await self._register()  # the registration was removed meanwhile
+            except errors.LedgerError as exc:
+                log.warning("ledger.unavailable registration: %s", exc.message)
+
     # --- fetching ------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -237,6 +282,9 @@ class Worker:
                 ids = await self.dispatch.pop(self.queues, free)
                 if not ids:
                     first = await self._wait_either(self.dispatch.pop_wait(self.queues, POP_WAIT_S))
+                    # Redis answered: whatever failed before is over. An empty
+                    # pop is an idle worker, never a failure to back off from.
+                    failures = 0
                     if first is None:
                         continue
                     # Claim the one that woke us at once; under load the
@@ -299,6 +347,10 @@ class Worker:
 
     async def _run(self, running: _Running) -> None:
         task, ctx, definition = running.task, running.ctx, running.definition
+        if definition is None and await self._handed_back(task):
+            self._running.pop((task.id, task.attempt), None)
+            self._slot_freed.set()
+            return
         labels = (task.type, task.queue)
         series = metrics.task_series(labels)
         series.started.inc()
@@ -319,18 +371,40 @@ class Worker:
             outcome = types.Outcome(
                 task.id, task.attempt, succeeded=False, error=_describe(exc), retryable=retryable
             )
-            log.info(
-                "task.failed id=%s type=%s attempt=%d retryable=%s error=%s",
-                task.id, task.type, task.attempt, retryable, (outcome.error or "").splitlines()[0],
-            )  # fmt: skip
         finally:
             metrics.WORKER_INFLIGHT.dec()
-            series.duration.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            series.duration.observe(elapsed)
+        # Logged once the ledger has said what the outcome made of the task.
+        outcome = dataclasses.replace(outcome, duration_s=elapsed)
         try:
             await self._record(running, outcome, labels)
         finally:
             self._running.pop((task.id, task.attempt), None)
             self._slot_freed.set()
+
+    async def _handed_back(self, task: types.ClaimedTask) -> bool:
+        """No handler here: hand the task back if another live worker serves its
+        type (a rolling deploy), without spending an attempt."""
+        try:
+            (status,) = await self.ledger.hand_back(
+                [(task.id, task.attempt)], self.worker_id, HAND_BACK_DELAY_S
+            )
+        except errors.LedgerError as exc:
+            # Neither hand it back nor fail it: the lease expires and the
+            # reaper retries it (the attempt is spent, the task is not lost).
+            log.warning("ledger.unavailable handing back task %s: %s", task.id, exc.message)
+            return True
+        if status is None:
+            return False
+        log.info(
+            "task.handed_back id=%s type=%s queue=%s attempt=%d: no handler here, "
+            "another live worker serves this type",
+            task.id, task.type, task.queue, task.attempt,
+            extra=_fields(task.id, task.type, task.queue, task.attempt, "handed_back"),
+        )  # fmt: skip
+        self.completed["HANDED_BACK"] = self.completed.get("HANDED_BACK", 0) + 1
+        return True
 
     async def _record(
         self, running: _Running, outcome: types.Outcome, labels: tuple[str, str]
@@ -352,14 +426,17 @@ class Worker:
             reason = errors.first_line(exc)
             log.warning("ledger.unavailable completing task %s: %s", outcome.task_id, reason)
             error = f"the task's transaction did not commit: {reason}"
-            self._queue(types.Outcome(outcome.task_id, outcome.attempt, False, error=error), labels)
+            failed = types.Outcome(
+                outcome.task_id, outcome.attempt, False, error=error, duration_s=outcome.duration_s
+            )
+            self._queue(failed, labels)
             return
         if running.lost:
             return
         if status is not None:
-            self._count(status, labels)
+            self._count(status, labels, outcome)
         elif outcome.succeeded:
-            self._count(None, labels)  # fenced: another attempt owns the task
+            self._count(None, labels, outcome)  # fenced: another attempt owns the task
         else:
             self._queue(outcome, labels)  # rolled back; recorded as a failure below
 
@@ -389,7 +466,7 @@ class Worker:
                 ) from None
         else:
             result = await self._call_in_thread(definition, ctx, payload)
-        return _json_result(result)
+        return _json_result(jsonvalue.plain(result))
 
     async def _call_in_thread(
         self, definition: TaskDefinition, ctx: Context, payload: Any
@@ -447,8 +524,8 @@ class Worker:
             log.warning("ledger.error completing %d task(s): %s", len(batch), exc.message)
             await self._complete_one_by_one(batch)
             return
-        for (_outcome, labels), status in zip(batch, statuses, strict=True):
-            self._count(status, labels)
+        for (outcome, labels), status in zip(batch, statuses, strict=True):
+            self._count(status, labels, outcome)
 
     async def _complete_one_by_one(
         self, batch: list[tuple[types.Outcome, tuple[str, str]]]
@@ -479,14 +556,21 @@ class Worker:
                     outcome.task_id, outcome.attempt, exc.message,
                 )  # fmt: skip
                 continue
-            self._count(status, labels)
+            self._count(status, labels, outcome)
 
-    def _count(self, status: types.TaskStatus | None, labels: tuple[str, str]) -> None:
+    def _count(
+        self,
+        status: types.TaskStatus | None,
+        labels: tuple[str, str],
+        outcome: types.Outcome | None = None,
+    ) -> None:
         key = status.value if status is not None else "FENCED"
         self.completed[key] = self.completed.get(key, 0) + 1
         counter = metrics.task_series(labels).outcomes.get(status) if status is not None else None
         if counter is not None:
             counter.inc()
+        if outcome is not None:
+            _log_outcome(outcome, labels, status)
 
     # --- heartbeats ------------------------------------------------------------
 
@@ -509,13 +593,60 @@ class Worker:
                 running.ctx.request_stop()
                 if state == "lost":
                     running.lost = True
-                    log.warning("task.lost id=%s attempt=%d", task_id, running.task.attempt)
+                    log.warning(
+                        "task.lost id=%s type=%s queue=%s attempt=%d: the lease was lost; "
+                        "this attempt's outcome will not be recorded",
+                        task_id, running.task.type, running.task.queue, running.task.attempt,
+                        extra=_fields(task_id, running.task.type, running.task.queue,
+                                      running.task.attempt, "lost"),
+                    )  # fmt: skip
                 if (
                     running.future is not None
                     and running.definition is not None
                     and running.definition.is_async
                 ):
                     running.future.cancel()
+
+
+# The outcome line of each status the ledger answered: event, level.
+_OUTCOME_EVENTS: dict[types.TaskStatus | None, tuple[str, int]] = {
+    types.TaskStatus.SUCCEEDED: ("task.succeeded", logging.INFO),
+    types.TaskStatus.PENDING: ("task.retried", logging.WARNING),
+    types.TaskStatus.DEAD: ("task.dead", logging.ERROR),
+    types.TaskStatus.CANCELLED: ("task.cancelled", logging.INFO),
+    # Fenced: another attempt owns the task (this one's lease was lost).
+    None: ("task.lost", logging.WARNING),
+}
+
+
+def _fields(task_id: int, task_type: str, queue: str, attempt: int, status: str) -> dict[str, Any]:
+    """The fields of a task's log line (JSON log lines carry them as keys)."""
+    return {
+        "task_id": task_id, "task_type": task_type, "queue": queue, "attempt": attempt,
+        "status": status,
+    }  # fmt: skip
+
+
+def _log_outcome(
+    outcome: types.Outcome, labels: tuple[str, str], status: types.TaskStatus | None
+) -> None:
+    """One line per recorded outcome: what the ledger made of the attempt."""
+    event, level = _OUTCOME_EVENTS.get(status, ("task.finished", logging.INFO))
+    if not log.isEnabledFor(level):
+        return
+    fields = _fields(outcome.task_id, labels[0], labels[1], outcome.attempt, event[5:])
+    duration = outcome.duration_s
+    fields["duration_s"] = round(duration, 6) if duration is not None else None
+    text = (
+        f"{event} id={outcome.task_id} type={labels[0]} queue={labels[1]} "
+        f"attempt={outcome.attempt} duration={duration if duration is not None else 0:.3f}s"
+    )
+    if not outcome.succeeded:
+        lines = (outcome.error or "").strip().splitlines()
+        error = lines[0] if lines else ""
+        fields["error"] = error
+        text += f" error={error}"
+    log.log(level, "%s", text, extra=fields)
 
 
 def _describe(exc: BaseException) -> str:

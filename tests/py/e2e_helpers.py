@@ -369,6 +369,8 @@ class Deployment:
         (self.app_dir / f"{APP_MODULE}.py").write_text(APP_SOURCE)
         self.procs: list[Proc] = []
         self.extra_diagnostics: list[Callable[[], str]] = []
+        #: More environment for the processes started from now on.
+        self.extra_env: dict[str, str] = {}
         self._names = itertools.count(1)
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
 
@@ -402,6 +404,7 @@ class Deployment:
             LEDGERQ_REDIS_PREFIX=self.redis_prefix,
             PYTHONDONTWRITEBYTECODE="1",
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, command: str, *args: str) -> Proc:

@@ -4,9 +4,12 @@ and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from api_support import LEDGERQ, TOKEN, api_process, command_env, free_port
 
@@ -126,15 +129,23 @@ def test_ledgerq_api_refuses_a_token_too_short(settings: config.Settings) -> Non
     assert result.stderr == "ledgerq: API token must be at least 8 characters\n"
 
 
-def test_ledgerq_api_with_redis_unreachable_exits_with_one_line(
+def test_ledgerq_api_serves_the_ledger_without_redis_and_readyz_says_so(
     settings: config.Settings,
 ) -> None:
-    result = run_api(settings, "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    with (
+        api_process(settings, "--redis-url", down) as api,
+        httpx.Client(base_url=api.base_url) as http,
+    ):
+        created = http.post("/tasks", json={"type": "email.send"})
+        fetched = http.get(f"/tasks/{created.json()['id']}")
+        ready = http.get("/readyz")
+        exit_status = api.stop()
 
-    assert result.returncode == 1
-    assert result.stderr.startswith("ledgerq: Redis is unavailable")
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1
+    assert (created.status_code, fetched.status_code) == (201, 200)
+    assert ready.status_code == 503
+    assert "Redis" in ready.text
+    assert exit_status == 0
 
 
 def test_ledgerq_api_with_postgresql_unreachable_exits_with_one_line(
@@ -148,3 +159,35 @@ def test_ledgerq_api_with_postgresql_unreachable_exits_with_one_line(
     assert result.stderr.startswith("ledgerq: PostgreSQL is unavailable")
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_ledgerq_api_stopping_answers_open_waits_at_once_and_exits_0(
+    settings: config.Settings, db: psycopg.Connection[Any]
+) -> None:
+    (row,) = db.execute("SELECT id FROM ledgerq.enqueue_task(task_type => 'slow')").fetchall()
+    replies: list[httpx.Response] = []
+    with api_process(settings) as api, httpx.Client(base_url=api.base_url, timeout=90) as http:
+        waiter = threading.Thread(
+            target=lambda: replies.append(http.get(f"/tasks/{row[0]}", params={"wait": 60}))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 20
+        while not _listening(db) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _listening(db), "the wait never started listening"
+        started = time.monotonic()
+        exit_status = api.stop()
+        waiter.join(30)
+        took_s = time.monotonic() - started
+
+    assert exit_status == 0
+    assert [(r.status_code, r.json()["status"]) for r in replies] == [(200, "PENDING")]
+    assert took_s < 10, f"stopping took {took_s:.1f} s with a 60 s wait open"
+
+
+def _listening(db: psycopg.Connection[Any]) -> bool:
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN ledgerq_final%%'"
+        " AND pid <> pg_backend_pid()"
+    ).fetchone()
+    return bool(row and row[0])

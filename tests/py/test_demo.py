@@ -14,6 +14,7 @@ import re
 import signal
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cli_support
@@ -77,6 +78,13 @@ def test_demo_upholds_every_guarantee_and_leaves_nothing_running(
     assert "5 concurrent submits of one key: 1 x 201 + 4 x 200, 1 task" in out
     assert "flaky email" in out and "3 attempts, 1 email sent" in out
     assert "all 6 processes the demo started have exited" in out
+    # The demo cites the README (SPEC.md is not in the repository), and its
+    # services' log tells the run's story: one line per task outcome.
+    assert "guarantee (README)" in out and "SPEC.md" not in out
+    logs = re.search(r"have exited; their logs: (\S+)", out)
+    assert logs is not None, out
+    services_log = Path(logs.group(1)).read_text()
+    assert "worker.started" in services_log and "task.succeeded id=" in services_log
     assert cli_support.processes_with_env("LEDGERQ_REDIS_PREFIX", prefix) == []
     with pg_server.admin() as admin:  # --drop
         row = admin.execute(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import helpers
@@ -393,7 +392,7 @@ async def test_once_whose_result_cannot_be_recorded_fails_for_good_after_one_run
 
     def charge(attempt: int) -> dict[str, Any]:
         ran.append(attempt)
-        return {"when": datetime.now(UTC)}  # not JSON
+        return {"tags": {"a", "b"}}  # a set: not JSON (datetimes are)
 
     @tasks.task("charge", max_attempts=3)
     async def handler(ctx: Context, payload: dict[str, Any]) -> Any:

@@ -312,6 +312,7 @@ async def test_context_carries_the_attempts_identity_and_a_logger(
         "worker_id": "test-worker",
         "cancelled": False,
     }
-    (record,) = [r for r in caplog.records if r.getMessage() == "probing"]
+    # The line itself carries the task id and attempt, for plain-text logs.
+    (record,) = [r for r in caplog.records if r.getMessage() == f"id={task_id} attempt=1 probing"]
     assert record.name == "ledgerq.task.ctx.probe"
     assert (record.task_id, record.attempt, record.worker_id) == (task_id, 1, "test-worker")  # type: ignore[attr-defined]

@@ -8,6 +8,6 @@ to one JSON error shape and status), ``state`` (what the routes share).
 
 from __future__ import annotations
 
-from ledgerq.api.app import create_app
+from ledgerq.api.app import create_app, lifespan
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "lifespan"]

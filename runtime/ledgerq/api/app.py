@@ -4,10 +4,12 @@ Given a ledger and a dispatcher, the app uses them and leaves closing them to
 the caller (tests, ``ledgerq api``, ``ledgerq run``). Given neither, it opens
 both from the settings when it starts (the ASGI lifespan) and closes them when
 it stops, so ``uvicorn 'module:app'`` works with a plain ``create_app(settings)``.
+Mounted inside another app, its lifespan runs only through ``lifespan(app)``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +27,30 @@ from ledgerq.ledger import AsyncLedger
 
 #: Connections the API's pool keeps at most; each request holds one briefly.
 POOL_SIZE_DEFAULT = 10
+
+
+@contextlib.asynccontextmanager
+async def lifespan(*apps: FastAPI) -> AsyncIterator[None]:
+    """Run the lifespan of ledgerq apps mounted inside another ASGI app.
+
+    A mounted sub-application's own lifespan never runs (Starlette runs only the
+    outer app's), so its ledger and Redis connections would never open and every
+    route would answer 503. Enter this in the outer app's lifespan::
+
+        queue_api = create_app(Settings.from_env())
+
+        @contextlib.asynccontextmanager
+        async def app_lifespan(app: FastAPI):
+            async with ledgerq.api.lifespan(queue_api):
+                yield
+
+        app = FastAPI(lifespan=app_lifespan)
+        app.mount("/queue", queue_api)
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        yield
 
 
 def create_app(
@@ -70,6 +96,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.max_body_bytes = max_body_bytes
+    #: Set when the server begins a graceful shutdown: long waits answer at once.
+    app.state.stopping = asyncio.Event()
     app.state.services = (
         state.Services(ledger, dispatch) if ledger is not None and dispatch is not None else None
     )

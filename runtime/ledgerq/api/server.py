@@ -59,6 +59,14 @@ class _Server(uvicorn.Server):
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
 
+    def handle_exit(self, sig: int, frame: object) -> None:
+        """Begin the graceful shutdown, and end the app's long waits
+        (GET /tasks/{id}?wait=S) at once: uvicorn waits for open requests."""
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        stopping = getattr(getattr(self.config.app, "state", None), "stopping", None)
+        if isinstance(stopping, asyncio.Event):
+            stopping.set()
+
 
 async def serve(app: FastAPI, *, host: str, port: int, access_log: bool = False) -> None:
     """Serve app until SIGTERM/SIGINT; returns after a graceful shutdown."""

@@ -32,5 +32,8 @@ def services(request: Request) -> Services:
     """The Services of the app serving request."""
     found: Services | None = request.app.state.services
     if found is None:  # only before start-up finished or after shutdown began
-        raise errors.LedgerUnavailable("the API is not connected to PostgreSQL and Redis yet")
+        raise errors.LedgerUnavailable(
+            "the API is not connected to PostgreSQL and Redis: it is starting or stopping, "
+            "or it is mounted in another app without ledgerq.api.lifespan(app)"
+        )
     return found

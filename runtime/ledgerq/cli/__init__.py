@@ -41,6 +41,7 @@ for _command in (
     operators.enqueue,
     operators.show,
     operators.stats,
+    operators.task_types,
     operators.dead,
     operators.cancel,
     schedules.schedules,

@@ -22,8 +22,8 @@ raise; a worker child process started with ``--processes`` applies it through
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ledgerq import config, display, errors
+from ledgerq import config, display, errors, logs
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger, probe
 from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S
@@ -125,9 +125,28 @@ def json_option(func: F) -> F:
 
 
 def log_level_option(func: F) -> F:
-    return click.option(
-        "--log-level", default="INFO", show_default=True, help="Python logging level."
-    )(func)
+    """--log-level and --log-format on a service command. The command receives
+    log_level resolved (the option, else LEDGERQ_LOG_LEVEL, else INFO; any
+    case); the format reaches setup_logging, and child processes, through
+    LEDGERQ_LOG_FORMAT."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, log_level: str | None, log_format: str | None, **kwargs: Any) -> Any:
+        level = logs.level_name(log_level)  # ConfigError: one line, exit 2
+        if log_format is not None:
+            os.environ["LEDGERQ_LOG_FORMAT"] = logs.format_name(log_format)
+        logs.format_name()
+        return func(*args, log_level=level, **kwargs)
+
+    wrapper = click.option(
+        "--log-format", metavar="text|json",
+        help="One line of text, or one JSON object, per event [env LEDGERQ_LOG_FORMAT; default text].",
+    )(wrapper)  # fmt: skip
+    wrapper = click.option(
+        "--log-level", metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case [env LEDGERQ_LOG_LEVEL; default INFO].",
+    )(wrapper)  # fmt: skip
+    return wrapper  # type: ignore[return-value]
 
 
 def worker_options(func: F) -> F:
@@ -177,12 +196,22 @@ def settings_from(
     )
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str | None = None) -> None:
+    """Log lines to stderr at level, in LEDGERQ_LOG_FORMAT (see ledgerq.logs)."""
+    logs.configure(level)
+
+
+def warn_undeclared_queues(queues: list[str] | None, registry: Registry, app: str) -> None:
+    """A warning (not an error: tasks may name any queue) for --queues naming a
+    queue none of the registry's task types declares, most likely a typo."""
+    declared = registry.queues()
+    undeclared = [q for q in queues or () if q not in declared]
+    if undeclared:
+        click.echo(
+            f"ledgerq: warning: --queues names {', '.join(undeclared)}, which no task type of "
+            f"{app} declares (they declare {', '.join(declared)}); a typo?",
+            err=True,
+        )
 
 
 def load_registry(app: str) -> Registry:

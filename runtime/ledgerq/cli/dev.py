@@ -22,10 +22,16 @@ from ledgerq.cli import bench as bench_runner
 from ledgerq.cli import common, render, supervise
 from ledgerq.ledger import probe
 
+# `run` is for development: a Ctrl-C should not wait long for running tasks.
+RUN_GRACE_DEFAULT_S = 5.0
+
 
 @click.command()
 @common.worker_options
 @common.reaper_interval_option("--reaper-interval", "Seconds between reaper sweeps.")
+@click.option("--grace-seconds", type=click.FloatRange(0), default=RUN_GRACE_DEFAULT_S,
+              show_default=True, help="On Ctrl-C, how long running tasks may finish before "
+              "they are handed back (short: this is for development).")  # fmt: skip
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="API port.")  # fmt: skip
@@ -38,6 +44,7 @@ def run(
     processes: int,
     lease_seconds: int,
     reaper_interval: float,
+    grace_seconds: float,
     host: str,
     port: int,
     log_level: str,
@@ -46,13 +53,14 @@ def run(
     """Run the API, a dispatcher, a reaper and workers together, for development.
 
     They run as child processes in one process group; one Ctrl-C or SIGTERM
-    stops them all gracefully (a second one kills them) and exits 0.
+    stops them all gracefully, letting running tasks finish within
+    --grace-seconds (a second one kills them at once), and exits 0.
     """
     from ledgerq.api import server as api_server  # loads FastAPI: only for this command
 
     settings = common.settings_from(options)
-    common.load_registry(app)  # fail fast, with one line, before starting anything
-    common.split_queues(queues)
+    registry = common.load_registry(app)  # fail fast, with one line, before starting anything
+    common.warn_undeclared_queues(common.split_queues(queues), registry, app)
     if settings.api_token is None and not api_server.is_loopback(host):
         raise errors.ConfigError(f"refusing to serve the API on {host} without LEDGERQ_API_TOKEN")
     probe(settings.database_url)
@@ -60,7 +68,8 @@ def run(
     group = supervise.ProcessGroup(settings)
     level = ["--log-level", log_level]
     worker_args = ["worker", "--app", app, "--concurrency", str(concurrency),
-                   "--lease-seconds", str(lease_seconds), *level]  # fmt: skip
+                   "--lease-seconds", str(lease_seconds), "--grace-seconds", str(grace_seconds),
+                   *level]  # fmt: skip
     if queues:
         worker_args += ["--queues", queues]
     try:
@@ -72,7 +81,7 @@ def run(
     except BaseException:
         group.stop(timeout_s=5)
         raise
-    sys.exit(supervise.supervise(group))
+    sys.exit(supervise.supervise(group, grace_s=grace_seconds))
 
 
 async def _ping_redis(settings: config.Settings) -> None:

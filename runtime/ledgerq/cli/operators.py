@@ -1,4 +1,4 @@
-"""The operator commands: ``enqueue``, ``show``, ``stats``, ``dead``, ``cancel``.
+"""The operator commands: ``enqueue``, ``show``, ``stats``, ``types``, ``dead``, ``cancel``.
 
 Each opens a small pool on the ledger, makes its calls and prints plain text
 (``render``), or JSON with ``--json``. State changes go through the ledger's
@@ -29,8 +29,28 @@ DEAD_LIST_DEFAULT = types.LIST_LIMIT_DEFAULT
 # --- enqueue ------------------------------------------------------------------------------
 
 
+def read_payload(text: str | None) -> str | None:
+    """PAYLOAD_JSON as given: ``-`` reads standard input, ``@FILE`` reads FILE
+    (for payloads too large for a command line); anything else is the JSON."""
+    if text == "-":
+        return sys.stdin.read()
+    if text is not None and text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise errors.InvalidInput(
+                f"PAYLOAD_JSON: cannot read {path!r}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise errors.InvalidInput(f"PAYLOAD_JSON: {path!r} is not UTF-8 text") from None
+    return text
+
+
 def parse_payload(text: str | None) -> types.JsonObject:
-    """PAYLOAD_JSON as a JSON object; InvalidInput otherwise."""
+    """PAYLOAD_JSON (or ``-``, or ``@FILE``) as a JSON object; InvalidInput otherwise."""
+    text = read_payload(text)
     if text is None:
         return {}
     try:
@@ -68,7 +88,11 @@ def enqueue(
     as_json: bool,
     **options: Any,
 ) -> None:
-    """Enqueue a task of TYPE with a JSON object PAYLOAD_JSON (default {})."""
+    """Enqueue a task of TYPE with a JSON object PAYLOAD_JSON (default {}).
+
+    PAYLOAD_JSON may be `-` (read standard input) or `@FILE` (read FILE), for
+    payloads too large for a command line.
+    """
     payload = parse_payload(payload_json)
     settings = common.settings_from(options)
     ledger = common.open_ledger(settings)
@@ -119,11 +143,42 @@ def stats(as_json: bool, **options: Any) -> None:
         async with common.dispatch_connected(settings) as dispatch:
             return await dispatch.queue_lengths([q.queue for q in summary])
 
-    in_redis = asyncio.run(lengths())
+    redis_error: str | None = None
+    try:
+        in_redis: dict[str, int] | None = asyncio.run(lengths())
+    except errors.DispatchError as exc:
+        # What stats reports is the ledger's; Redis only adds its queue lengths.
+        in_redis, redis_error = None, exc.message
     if as_json:
-        render.echo_json(render.stats_json(summary, in_redis))
+        body = render.stats_json(summary, in_redis or {})
+        if in_redis is None:
+            for queue in body["queues"]:
+                queue["waiting_in_redis"] = None
+            body["redis_error"] = redis_error
+        render.echo_json(body)
     else:
         click.echo(render.stats(summary, in_redis))
+    if redis_error is not None:
+        click.echo(f"ledgerq: {redis_error}: the 'in Redis' counts are unknown", err=True)
+
+
+# --- types --------------------------------------------------------------------------------
+
+
+@click.command("types")
+@common.json_option
+@common.connection_options
+def task_types(as_json: bool, **options: Any) -> None:
+    """Task types workers registered: queue, max attempts, timeout, live workers."""
+    ledger = common.open_ledger(common.settings_from(options))
+    try:
+        found = ledger.task_types()
+    finally:
+        ledger.close()
+    if as_json:
+        render.echo_json({"task_types": [t.to_json() for t in found]})
+    else:
+        click.echo(render.task_types(found))
 
 
 # --- dead ---------------------------------------------------------------------------------

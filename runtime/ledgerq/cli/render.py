@@ -33,7 +33,8 @@ _STATUSES = list(types.TaskStatus)
 
 
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+    # ensure_ascii=False: "café" stays readable; the output is UTF-8 JSON all the same.
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str, ensure_ascii=False))
 
 
 def styled_status(status: types.TaskStatus | str) -> str:
@@ -93,11 +94,33 @@ def age(seconds: float | None) -> str:
 
 
 def clip(text: str | None, limit: int = 100) -> str:
-    """The first line of text, escaped for a terminal and cut to limit characters
-    (an error in a table cell)."""
+    """The first line of text within limit characters (an error in a table cell):
+    cut at a word with an ellipsis, never mid-word (a word longer than the limit
+    is cut)."""
     line = (text or "").strip().split("\n", 1)[0] if (text or "").strip() else ""
     line = display.printable(line)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+#: How much of a payload or result `show` prints; `--json` prints everything.
+SHOWN_JSON_MAX = 2000
+
+
+def shown_json(value: Any) -> str:
+    """value as JSON for a terminal: non-ASCII kept, and cut (saying so) past SHOWN_JSON_MAX."""
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) <= SHOWN_JSON_MAX:
+        return text
+    return (
+        f"{text[:SHOWN_JSON_MAX]}… ({len(text):,} characters in all; "
+        "`ledgerq show ID --json` prints everything)"
+    )
 
 
 # --- what the operator commands print ---------------------------------------------------
@@ -127,7 +150,7 @@ def task_detail(task: types.Task) -> str:
         ),
         ("priority", str(task.priority)),
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
-        ("payload", json.dumps(task.payload)),
+        ("payload", shown_json(task.payload)),
         ("idempotency key", display.printable(task.idempotency_key or "-")),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
@@ -135,7 +158,7 @@ def task_detail(task: types.Task) -> str:
         ("finished", when(task.finished_at)),
     ]
     if task.result is not None:
-        fields.append(("result", json.dumps(task.result)))
+        fields.append(("result", shown_json(task.result)))
     if task.last_error:
         fields.append(("last error", clip(task.last_error, 200)))
     width = max(len(name) for name, _ in fields)
@@ -169,7 +192,8 @@ def stats_json(summary: Sequence[types.QueueSummary], in_redis: dict[str, int]) 
     }
 
 
-def stats(summary: Sequence[types.QueueSummary], in_redis: dict[str, int]) -> str:
+def stats(summary: Sequence[types.QueueSummary], in_redis: dict[str, int] | None) -> str:
+    """The stats table; in_redis None: Redis could not be asked ("?")."""
     if not summary:
         return "no tasks in the ledger yet"
     headers = ["queue", *(s.value for s in _STATUSES), "in Redis", "oldest pending", "done/min"]
@@ -177,7 +201,7 @@ def stats(summary: Sequence[types.QueueSummary], in_redis: dict[str, int]) -> st
         [
             q.queue,
             *(str(q.counts.get(s, 0)) for s in _STATUSES),
-            str(in_redis.get(q.queue, 0)),
+            str(in_redis.get(q.queue, 0)) if in_redis is not None else "?",
             age(q.oldest_due_age_s),
             str(q.finished_last_minute),
         ]
@@ -191,6 +215,21 @@ def stats(summary: Sequence[types.QueueSummary], in_redis: dict[str, int]) -> st
         return text
 
     return table(headers, rows, right=range(1, len(headers)), styles=style)
+
+
+def task_types(found: Sequence[types.TaskTypeInfo]) -> str:
+    if not found:
+        return "no task types registered yet: they appear when a worker starts"
+    headers = ["type", "queue", "max attempts", "timeout", "workers alive", "last seen"]
+    rows = [
+        [
+            t.task_type, t.queue, str(t.max_attempts),
+            f"{t.timeout_s:g}s" if t.timeout_s is not None else "none",
+            str(t.workers_alive), when(t.last_seen_at),
+        ]
+        for t in found
+    ]  # fmt: skip
+    return table(headers, rows, right=(2, 3, 4))
 
 
 def dead(tasks: Sequence[types.Task]) -> str:

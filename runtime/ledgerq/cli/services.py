@@ -10,6 +10,7 @@ first signal stops it gracefully and it exits 0, a second exits at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -21,6 +22,7 @@ import prometheus_client
 
 from ledgerq import config, errors, metrics, migrations, service
 from ledgerq.cli import common, supervise
+from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import BATCH_SIZE_DEFAULT, POLL_INTERVAL_DEFAULT_S, Dispatcher
 from ledgerq.ledger import AsyncLedger
 from ledgerq.reaper import Reaper
@@ -130,8 +132,12 @@ def worker(
     period, hand back the rest, exit 0.
     """
     settings = common.settings_from(options)
-    common.load_registry(app)  # fail fast, with a one-line message, before forking
+    # Fail fast, with a one-line message, before forking.
+    registry = common.load_registry(app)
+    if len(registry) == 0:
+        raise errors.ConfigError(f"{app} has no task types: a worker would serve nothing")
     queue_list = common.split_queues(queues)
+    common.warn_undeclared_queues(queue_list, registry, app)
     args = (settings, app, queue_list, concurrency, lease_seconds, grace_seconds, log_level)
     if processes == 1:
         _worker_process(*args, metrics_port)
@@ -274,7 +280,20 @@ def api(
 
     async def serve() -> None:
         pool_size = api_app.POOL_SIZE_DEFAULT
-        async with common.connected(settings, pool_size=pool_size) as (ledger, dispatch):
+        # Redis is not needed to start: most routes read or write PostgreSQL
+        # only, and /readyz reports Redis until it answers.
+        ledger = await AsyncLedger.connect(settings.database_url, max_size=pool_size)
+        dispatch = Dispatch.connect(
+            settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
+        )
+        try:
+            try:
+                await dispatch.ping()
+            except errors.DispatchError as exc:
+                logging.getLogger("ledgerq.api").warning(
+                    "dispatch.unavailable %s; serving anyway (/readyz answers 503 until it "
+                    "answers)", exc.message,
+                )  # fmt: skip
             app = api_app.create_app(
                 settings,
                 ledger=ledger,
@@ -283,6 +302,9 @@ def api(
             )
             # uvicorn handles SIGTERM/SIGINT itself: a graceful shutdown, then return.
             await api_server.serve(app, host=host, port=port, access_log=access_log)
+        finally:
+            await ledger.close()
+            await dispatch.close()
 
     with asyncio.Runner(loop_factory=api_server.loop_factory()) as runner:
         runner.run(serve())

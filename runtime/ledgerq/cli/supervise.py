@@ -30,6 +30,10 @@ from typing import IO
 from ledgerq import config
 
 STOP_TIMEOUT_DEFAULT_S = 45.0
+# Beyond the workers' grace period: their hand-back and exit.
+STOP_MARGIN_S = 10.0
+# While stopping, how often to say who is still running.
+REPORT_INTERVAL_S = 3.0
 #: Set in every child's environment: the process it must die with.
 SUPERVISOR_PID_ENV = "LEDGERQ_SUPERVISOR_PID"
 
@@ -160,19 +164,29 @@ class ProcessGroup:
             child.process.wait()
 
 
-def supervise(group: ProcessGroup, *, stop_timeout_s: float = STOP_TIMEOUT_DEFAULT_S) -> int:
+def supervise(
+    group: ProcessGroup,
+    *,
+    stop_timeout_s: float = STOP_TIMEOUT_DEFAULT_S,
+    grace_s: float | None = None,
+) -> int:
     """Wait until SIGINT/SIGTERM or a child's exit, then stop every child.
 
     Returns 0 when a signal stopped the group and every child exited 0; 1 when
     a child exited on its own (it is named on stderr) or did not stop cleanly.
-    A second signal SIGKILLs the children at once.
+    A second signal SIGKILLs the children at once. With grace_s (the workers'
+    grace period), the first signal says what the stop waits for, and the
+    stop waits that long plus a margin before it kills what is left.
     """
     signals: list[int] = []
+    if grace_s is not None:
+        stop_timeout_s = grace_s + STOP_MARGIN_S
 
     def on_signal(signum: int, _frame: object) -> None:
         signals.append(signum)
         if len(signals) == 1:
             group.terminate()
+            _say(_stopping_message(group, grace_s))
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -187,8 +201,13 @@ def supervise(group: ProcessGroup, *, stop_timeout_s: float = STOP_TIMEOUT_DEFAU
                 _say(f"{child.name} exited with status {child.returncode}; stopping the rest")
             group.terminate()
         deadline = time.monotonic() + stop_timeout_s
+        next_report = time.monotonic() + REPORT_INTERVAL_S
         while group.live() and len(signals) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
+            if signals and time.monotonic() >= next_report and group.live():
+                next_report += REPORT_INTERVAL_S
+                names = ", ".join(c.name for c in group.live())
+                _say(f"still waiting for {names} (Ctrl-C again to stop at once)")
         slow = [c.name for c in group.live()]
         if slow:
             _say(f"killing {', '.join(slow)}: still running")
@@ -201,6 +220,16 @@ def supervise(group: ProcessGroup, *, stop_timeout_s: float = STOP_TIMEOUT_DEFAU
         if child not in crashed:
             _say(f"{child.name} exited with status {child.returncode}")
     return 1 if failed or crashed else 0
+
+
+def _stopping_message(group: ProcessGroup, grace_s: float | None) -> str:
+    workers = [c.name for c in group.live() if c.name.startswith("worker")]
+    waits = (
+        f"running tasks may finish for up to {grace_s:g} s, then they are handed back"
+        if grace_s is not None and workers
+        else "every component to stop"
+    )
+    return f"stopping: {waits}; press Ctrl-C again to stop at once"
 
 
 def _say(message: str) -> None:

@@ -9,9 +9,11 @@ many are enqueued in between.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import enum
 import re
@@ -30,6 +32,9 @@ from ledgerq.api.state import services
 
 _CURSOR = re.compile(r"^before:([1-9][0-9]{0,18})$")
 
+#: The longest GET /tasks/{id}?wait=S holds a request open.
+WAIT_MAX_S = 60.0
+
 TaskIdPath = Annotated[int, Path(ge=1, le=schemas.BIGINT_MAX, description="The task's id.")]
 
 
@@ -47,6 +52,26 @@ def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> types.Ne
         max_attempts=item.max_attempts,
         idempotency_key=idempotency_key,
     )
+
+
+async def _wait_final(request: Request, task_id: int, wait_s: float) -> types.Task | None:
+    """The task once final (woken by the ledger's NOTIFY); None after wait_s, or
+    as soon as the server begins to stop (it waits for open requests)."""
+    waiting = asyncio.ensure_future(services(request).ledger.wait_final(task_id, wait_s))
+    stopping = asyncio.ensure_future(request.app.state.stopping.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await waiting
+        return None
+    try:
+        return waiting.result()
+    except TimeoutError:
+        return None
 
 
 def encode_cursor(before_id: int) -> str:
@@ -186,9 +211,26 @@ def register(api: APIRouter) -> None:
             **schemas.error_responses(404, 422, 500, 503),
         },
     )
-    async def get_task(request: Request, task_id: TaskIdPath) -> Response:
+    async def get_task(
+        request: Request,
+        task_id: TaskIdPath,
+        wait: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=WAIT_MAX_S,
+                description="Answer once the task is final (SUCCEEDED, DEAD or CANCELLED), "
+                f"or after this many seconds (at most {WAIT_MAX_S:g}) with its current state.",
+            ),
+        ] = None,
+    ) -> Response:
         """The task, its attempt history, result and last error."""
-        task = await services(request).ledger.get(task_id)
+        ledger = services(request).ledger
+        if wait:
+            final = await _wait_final(request, task_id, wait)
+            if final is not None:
+                return JSONResponse(final.to_json())
+        task = await ledger.get(task_id)
         return JSONResponse(task.to_json())
 
     @api.get(

@@ -240,13 +240,13 @@ def check_bad_input(run: Run, by_id: dict[int, types.Task]) -> Check:
                 problems.append(
                     f"task {task_id} ({kind}): DEAD after {task.attempts} attempts, reason {reason!r}"
                 )
-            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {reason[:90]}")
+            dead_lines.append(f"{kind} -> DEAD after {task.attempts}: {render.clip(reason, 90)}")
     succeeded = sum(1 for _, e in run.expected.values() if e is types.TaskStatus.SUCCEEDED)
     refused_ok = run.refused_code == 422 and "payload" in run.refused_message
     if not refused_ok:
         problems.append(f"bad request answered {run.refused_code}: {run.refused_message}")
     evidence = [
-        f"refused at the door: {run.refused_code} ({run.refused_message[:60]})",
+        f"refused at the door: {run.refused_code} ({render.clip(run.refused_message, 60)})",
         *dead_lines,
         f"the other {succeeded} tasks SUCCEEDED",
         *problems[:5],

@@ -191,10 +191,11 @@ async def _demo(
     import httpx  # the demo's HTTP client; imported here so other commands do not load it
 
     port = free_port()
-    group.start("api", ["api", "--port", str(port), "--log-level", "WARNING"])
-    group.start("dispatcher", ["dispatcher", "--log-level", "WARNING"])
+    # INFO: services.log then tells the run's story (one line per task outcome).
+    group.start("api", ["api", "--port", str(port), "--log-level", "INFO"])
+    group.start("dispatcher", ["dispatcher", "--log-level", "INFO"])
     group.start(
-        "reaper", ["reaper", "--interval", str(checks.REAPER_INTERVAL_S), "--log-level", "WARNING"]
+        "reaper", ["reaper", "--interval", str(checks.REAPER_INTERVAL_S), "--log-level", "INFO"]
     )
     workers = [group.start(f"worker-{n}", workload.worker_args()) for n in (1, 2)]
     base = f"http://127.0.0.1:{port}"

@@ -35,7 +35,7 @@ class DemoFailed(errors.LedgerqError):
 def worker_args() -> list[str]:
     return [
         "worker", "--app", APP, "--concurrency", str(WORKER_CONCURRENCY),
-        "--lease-seconds", str(checks.LEASE_S), "--grace-seconds", "2", "--log-level", "WARNING",
+        "--lease-seconds", str(checks.LEASE_S), "--grace-seconds", "2", "--log-level", "INFO",
     ]  # fmt: skip
 
 
@@ -225,7 +225,14 @@ async def watch(
             f"{render.styled_status(s)} {counts[s.value]:>3}" for s in types.TaskStatus
         )
         done = final >= total and sum(counts.values()) == total
-        screen.progress(f"{parts}   ({final}/{total} final)", force=done)
+        waiting = (
+            ""
+            if done
+            # The last ones are usually a retry waiting out its backoff, or the
+            # killed worker's task waiting for its lease to expire and the reaper.
+            else f"; {total - final} running, or waiting for a retry's backoff or an expired lease"
+        )
+        screen.progress(f"{parts}   ({final}/{total} final{waiting})", force=done)
         if done:
             screen.step(f"all {total} accepted tasks reached a final state")
             return
