@@ -671,10 +671,6 @@ class AsyncLedger:
         """Every configured queue's pause flag and settings (needs the flow-control view)."""
         return await self._run(reads.queue_settings())
 
-    async def schedules(self) -> list[reads.Schedule]:
-        """Every schedule (needs the schedules view)."""
-        return await self._run(reads.schedules())
-
     async def dead_count(self, queue: str | None = None) -> int:
         """How many tasks are DEAD (in queue, if given)."""
         return await self._run(reads.dead_count(queue))

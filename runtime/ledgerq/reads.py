@@ -17,6 +17,7 @@ from typing import Any, LiteralString
 
 from psycopg.types.json import Jsonb
 
+from ledgerq import queries
 from ledgerq.queries import Call, Plan
 from ledgerq.types import JsonObject, TaskId, TaskStatus
 
@@ -59,21 +60,6 @@ class QueueSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Schedule:
-    """A row of the ``schedules`` view."""
-
-    name: str
-    cron: str
-    timezone: str
-    task_type: str
-    queue: str
-    paused: bool
-    next_run_at: datetime | None
-    last_slot: datetime | None
-    last_task_id: TaskId | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerSeen:
     """A worker seen lately: its registration (if any) and the attempts it ran."""
 
@@ -113,10 +99,6 @@ FINISHED_PER_MINUTE: LiteralString = """
 QUEUE_SETTINGS: LiteralString = """
     SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
 """
-SCHEDULES: LiteralString = """
-    SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
-    FROM ledgerq.schedules ORDER BY name
-"""
 # tasks_dead_idx (partial on DEAD): index-only without a queue, with one the
 # dead rows' queue is read from the heap (dead tasks only, never the others).
 DEAD_COUNT: LiteralString = """
@@ -153,8 +135,6 @@ WORKERS_SEEN: LiteralString = """
 PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
 RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
 CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
-PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
-RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 
 
 # --- plans: one per ledger method -------------------------------------------
@@ -172,10 +152,6 @@ def finished_per_minute(minutes: int) -> Plan[list[FinishedBucket]]:
 
 def queue_settings() -> Plan[list[QueueSettings]]:
     return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
-
-
-def schedules() -> Plan[list[Schedule]]:
-    return [_decode_schedule(r) for r in (yield Call(SCHEDULES))]
 
 
 def dead_count(queue: str | None) -> Plan[int]:
@@ -209,12 +185,12 @@ def configure_queue(queue: str, settings: JsonObject) -> Plan[JsonObject]:
 
 
 def pause_schedule(name: str) -> Plan[bool]:
-    ((found,),) = yield Call(PAUSE_SCHEDULE, (name,))
+    ((found,),) = yield Call(queries.PAUSE_SCHEDULE, (name,))
     return bool(found)
 
 
 def resume_schedule(name: str) -> Plan[bool]:
-    ((found,),) = yield Call(RESUME_SCHEDULE, (name,))
+    ((found,),) = yield Call(queries.RESUME_SCHEDULE, (name,))
     return bool(found)
 
 
@@ -233,20 +209,6 @@ def _decode_bucket(row: Sequence[Any]) -> FinishedBucket:
 
 def _decode_queue_settings(row: Sequence[Any]) -> QueueSettings:
     return QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
-
-
-def _decode_schedule(row: Sequence[Any]) -> Schedule:
-    return Schedule(
-        name=row[0],
-        cron=row[1],
-        timezone=row[2],
-        task_type=row[3],
-        queue=row[4],
-        paused=bool(row[5]),
-        next_run_at=row[6],
-        last_slot=row[7],
-        last_task_id=TaskId(row[8]) if row[8] is not None else None,
-    )
 
 
 def _decode_worker(row: Sequence[Any]) -> WorkerSeen:

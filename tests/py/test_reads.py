@@ -20,10 +20,7 @@ SOURCE = Path(reads.__file__).read_text()
 RUNTIME = Path(reads.__file__).parent
 # Queries of SQL objects that later migrations add (flow control, schedules):
 # they plan only once those exist, and the dashboard sends them only then.
-OPTIONAL = {
-    "QUEUE_SETTINGS", "SCHEDULES", "PAUSE_QUEUE", "RESUME_QUEUE", "CONFIGURE_QUEUE",
-    "PAUSE_SCHEDULE", "RESUME_SCHEDULE",
-}  # fmt: skip
+OPTIONAL = {"QUEUE_SETTINGS", "PAUSE_QUEUE", "RESUME_QUEUE", "CONFIGURE_QUEUE"}
 
 
 def named_queries() -> list[str]:

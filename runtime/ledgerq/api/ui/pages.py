@@ -251,7 +251,7 @@ def register(app: FastAPI) -> None:
     async def schedules(request: Request) -> Response:
         """Every schedule, its next run and last task (once the ledger has schedules)."""
         feats = await common.features(request)
-        found = await services(request).ledger.schedules() if feats.schedules else []
+        found = await services(request).ledger.list_schedules() if feats.schedules else []
         return await _show(
             request, "schedules.html", nav="schedules", title="Schedules", schedules=found
         )
