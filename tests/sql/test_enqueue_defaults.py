@@ -134,7 +134,9 @@ def test_max_attempts_has_one_bound_in_both_forms(db: Conn, function: str) -> No
     def call(max_attempts: int) -> list[dict[str, Any]]:
         if function == "enqueue_task":
             return call_rows(db, function, task_type="t", max_attempts=max_attempts)
-        return call_rows(db, function, tasks=Jsonb([{"task_type": "t", "max_attempts": max_attempts}]))
+        return call_rows(
+            db, function, tasks=Jsonb([{"task_type": "t", "max_attempts": max_attempts}])
+        )
 
     (row,) = call(2147483647)
     assert task(db, row["id"])["max_attempts"] == 2147483647
