@@ -5,8 +5,12 @@
     task.id, task.created, task.status
 
 ``enqueue(..., conn=my_psycopg_connection)`` runs inside the caller's
-transaction: the task exists only if that transaction commits. Given a
-``registry=``, a task type's declared queue and max_attempts are the defaults.
+transaction: the task exists only if that transaction commits.
+
+A task's queue and max_attempts, when the call gives none: the ledger's rule
+(the task type's registered values, else ``default`` and 5), except that a
+client given a ``registry=`` sends the values that registry declares for the
+types it holds (the code this process would run is the best witness).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
     "task_type", "payload", "queue", "priority", "run_at", "delay", "max_attempts",
-    "idempotency_key",
+    "idempotency_key", "concurrency_key",
 }  # fmt: skip
 
 
 class _Defaults:
-    """Turns enqueue arguments into a NewTask, with the registry's defaults."""
+    """Turns enqueue arguments into a NewTask, with the registry's defaults
+    (None, the ledger's to fill in, for a type the registry does not hold)."""
 
     def __init__(self, registry: types.TaskTypes | None) -> None:
         self.registry = registry
@@ -41,6 +46,7 @@ class _Defaults:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
     ) -> types.NewTask:
         definition = self.registry.get(task_type) if self.registry is not None else None
         if isinstance(delay, timedelta):
@@ -58,10 +64,10 @@ class _Defaults:
             run_at = storable.run_at(run_at)
         # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
         # to refuse (LQ422), not a request for the default.
-        if queue is None:
-            queue = definition.queue if definition else types.QUEUE_DEFAULT
-        if max_attempts is None:
-            max_attempts = definition.max_attempts if definition else types.MAX_ATTEMPTS_DEFAULT
+        if queue is None and definition is not None:
+            queue = definition.queue
+        if max_attempts is None and definition is not None:
+            max_attempts = definition.max_attempts
         return types.NewTask(
             task_type=task_type,
             payload=jsonvalue.payload(payload),
@@ -70,6 +76,7 @@ class _Defaults:
             run_at=run_at,
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
         )
 
     def from_mapping(self, item: Mapping[str, Any]) -> types.NewTask:
@@ -90,10 +97,10 @@ def _seconds(timeout: float | timedelta | None) -> float | None:
     return timeout
 
 
-def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
-    for new, task in zip(news, tasks, strict=True):
+def _count_enqueued(tasks: Iterable[types.Task]) -> None:
+    for task in tasks:
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(task.type, task.queue)).inc()
 
 
 class Client:
@@ -138,15 +145,17 @@ class Client:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
         conn: SyncConn | None = None,
     ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
         task = self.ledger.enqueue_task(new, conn)
-        _count_enqueued([new], [task])
+        _count_enqueued([task])
         return task
 
     def enqueue_many(
@@ -155,7 +164,7 @@ class Client:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
         results = self.ledger.enqueue_tasks(news, conn)
-        _count_enqueued(news, results)
+        _count_enqueued(results)
         return results
 
     def get(self, task_id: int) -> types.Task:
@@ -214,16 +223,18 @@ class AsyncClient:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
         conn: AsyncConn | None = None,
     ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
         ledger = await self.ledger()
         task = await ledger.enqueue_task(new, conn)
-        _count_enqueued([new], [task])
+        _count_enqueued([task])
         return task
 
     async def enqueue_many(
@@ -233,7 +244,7 @@ class AsyncClient:
         news = [self._defaults.from_mapping(item) for item in tasks]
         ledger = await self.ledger()
         results = await ledger.enqueue_tasks(news, conn)
-        _count_enqueued(news, results)
+        _count_enqueued(results)
         return results
 
     async def get(self, task_id: int) -> types.Task:

@@ -136,12 +136,18 @@ def probe(database_url: str, *, timeout_s: int = 5) -> None:
 SERVER_KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 )
+# Times are read in UTC, whatever the server's or the client's (PGTZ) zone:
+# the ledger keeps run_at within years 1 to 9999 in UTC, and the same instant
+# read in a zone east or west of Greenwich can be year 10000 or 1 BC, which
+# psycopg cannot decode. Last, so it wins over a TimeZone in the URL's options.
+SESSION_OPTIONS = f"{SERVER_KEEPALIVE_OPTIONS} -c TimeZone=UTC"
 
 
 def pool_kwargs(database_url: str) -> dict[str, Any]:
-    """Connection arguments for every pooled connection: autocommit, keepalives."""
+    """Connection arguments for every pooled connection: autocommit, keepalives,
+    times in UTC."""
     options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
-    merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
+    merged = f"{options} {SESSION_OPTIONS}" if options else SESSION_OPTIONS
     return {"autocommit": True, "options": merged}
 
 
@@ -517,8 +523,10 @@ class AsyncLedger:
         await self._run(queries.ping())
 
     # enqueue
-    async def enqueue_many(self, tasks: Sequence[types.NewTask]) -> list[tuple[types.TaskId, bool]]:
-        """enqueue_tasks: (id, created) per task, in input order; nothing read back."""
+    async def enqueue_many(
+        self, tasks: Sequence[types.NewTask]
+    ) -> list[tuple[types.TaskId, bool, str]]:
+        """enqueue_tasks: (id, created, queue) per task, in input order; nothing read back."""
         return await self._run(queries.enqueue_many(tasks))
 
     async def enqueue_task(self, task: types.NewTask, conn: AsyncConn | None = None) -> types.Task:

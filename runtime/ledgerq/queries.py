@@ -50,14 +50,25 @@ PING: LiteralString = "SELECT 1"
 
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
 # With the transaction's now(): the created_at (and default run_at) the new row
-# got, so the caller can answer with the task without reading it back.
+# got, so the caller can answer with the task without reading it back. The
+# queue and max_attempts the task gets are settled first, by the ledger's rule
+# (task_defaults), and passed on explicitly: the answer is then what was stored,
+# even if a worker registers the type again in between.
 ENQUEUE_STAMPED: LiteralString = """
-    SELECT id, created, now() FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+    SELECT e.id, e.created, now(), r.queue, r.max_attempts
+    FROM (SELECT coalesce(%(queue)s::text, d.queue) AS queue,
+                 coalesce(%(max_attempts)s::integer, d.max_attempts) AS max_attempts
+          FROM ledgerq.task_defaults(ARRAY[%(task_type)s::text]) d) r
+    CROSS JOIN LATERAL ledgerq.enqueue_task(
+        task_type => %(task_type)s, payload => %(payload)s, queue => r.queue,
         priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
+        max_attempts => r.max_attempts, idempotency_key => %(idempotency_key)s,
+        concurrency_key => %(concurrency_key)s) e
 """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
+TASK_DEFAULTS: LiteralString = """
+    SELECT task_type, queue, max_attempts FROM ledgerq.task_defaults(%s::text[])
+"""
 CLAIM: LiteralString = """
     SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
     FROM ledgerq.claim_tasks(%s, %s, %s)
@@ -104,13 +115,13 @@ TASK_TYPES: LiteralString = """
 GET_TASK: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = %s
 """
 GET_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = ANY(%s)
 """
 GET_ATTEMPTS: LiteralString = """
@@ -120,7 +131,7 @@ GET_ATTEMPTS: LiteralString = """
 LIST_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks
     WHERE (%(status)s::text IS NULL OR status = %(status)s)
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -195,26 +206,55 @@ def ping() -> Plan[None]:
     yield Call(PING)
 
 
-def enqueue_many(tasks: Sequence[types.NewTask]) -> Plan[list[tuple[types.TaskId, bool]]]:
+def enqueue_many(
+    tasks: Sequence[types.NewTask],
+) -> Plan[list[tuple[types.TaskId, bool, str]]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY, (Jsonb([t.to_json() for t in tasks]),))
-    return [(types.TaskId(r[0]), bool(r[1])) for r in rows]
+    return [
+        (types.TaskId(r[0]), bool(r[1]), t.queue or types.QUEUE_DEFAULT)
+        for t, r in zip(tasks, rows, strict=True)
+    ]
 
 
 def enqueue_task(task: types.NewTask) -> Plan[types.Task]:
     rows = yield Call(ENQUEUE_STAMPED, _enqueue_params(task))
+    (task_id, created, stamp, queue, max_attempts) = rows[0]
+    task = dataclasses.replace(task, queue=queue, max_attempts=max_attempts)
     replayed: dict[types.TaskId, types.Task] = {}
-    if not rows[0][1]:
-        replayed[rows[0][0]] = yield from get(rows[0][0])
-    return _enqueued([task], rows, replayed)[0]
+    if not created:
+        replayed[task_id] = yield from get(task_id)
+    return _enqueued([task], [(task_id, created, stamp)], replayed)[0]
 
 
 def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),))
     old = [r[0] for r in rows if not r[1]]
     replayed: dict[types.TaskId, types.Task] = {}
     if old:
         replayed = {t.id: t for t in (yield from get_many(old, history=True))}
     return _enqueued(tasks, rows, replayed)
+
+
+def settle_defaults(tasks: Sequence[types.NewTask]) -> Plan[Sequence[types.NewTask]]:
+    """tasks with the queue and max_attempts the ledger gives those that name
+    none (task_defaults), settled before the enqueue so the answer can say them."""
+    open_types = sorted({t.task_type for t in tasks if t.queue is None or t.max_attempts is None})
+    if not open_types:
+        return tasks
+    defaults = {r[0]: (r[1], r[2]) for r in (yield Call(TASK_DEFAULTS, (open_types,)))}
+    settled = []
+    for task in tasks:
+        if task.queue is None or task.max_attempts is None:
+            queue, max_attempts = defaults[task.task_type]
+            task = dataclasses.replace(
+                task,
+                queue=queue if task.queue is None else task.queue,
+                max_attempts=max_attempts if task.max_attempts is None else task.max_attempts,
+            )
+        settled.append(task)
+    return settled
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
@@ -447,6 +487,7 @@ def _decode_task(row: Sequence[Any], history: Sequence[types.Attempt] = ()) -> t
         started_at=row[13],
         finished_at=row[14],
         cancel_requested=row[15],
+        concurrency_key=row[16],
         attempt_history=tuple(history),
     )
 
@@ -476,7 +517,9 @@ def _decode_claimed(row: Sequence[Any]) -> types.ClaimedTask:
 
 
 def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.Task:
-    """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
+    """The row enqueue_task(s) inserted for task (its queue and max_attempts
+    settled), given its id and the transaction's now()."""
+    assert task.queue is not None and task.max_attempts is not None
     return types.Task(
         id=types.TaskId(task_id),
         type=task.task_type,
@@ -494,6 +537,7 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         started_at=None,
         finished_at=None,
         created=True,
+        concurrency_key=task.concurrency_key,
     )
 
 
@@ -522,6 +566,7 @@ def _enqueue_params(task: types.NewTask) -> dict[str, Any]:
         "run_at": task.run_at,
         "max_attempts": task.max_attempts,
         "idempotency_key": task.idempotency_key,
+        "concurrency_key": task.concurrency_key,
     }
 
 

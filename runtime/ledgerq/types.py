@@ -119,6 +119,7 @@ class Task:
     cancel_requested: bool = False
     attempt_history: tuple[Attempt, ...] = ()
     created: bool | None = None
+    concurrency_key: str | None = None
 
     def to_json(self) -> JsonObject:
         body: JsonObject = {
@@ -132,6 +133,7 @@ class Task:
             "max_attempts": self.max_attempts,
             "run_at": _iso(self.run_at),
             "idempotency_key": self.idempotency_key,
+            "concurrency_key": self.concurrency_key,
             "result": self.result,
             "last_error": self.last_error,
             "created_at": _iso(self.created_at),
@@ -193,29 +195,35 @@ class DueTask:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewTask:
-    """The arguments of enqueue_task."""
+    """The arguments of enqueue_task. A queue or max_attempts of None is the
+    ledger's to fill in: the task type's registered value, else the defaults."""
 
     task_type: str
     payload: JsonObject = dataclasses.field(default_factory=dict)
-    queue: str = QUEUE_DEFAULT
+    queue: str | None = None
     priority: int = 0
     run_at: datetime | None = None
-    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    max_attempts: int | None = None
     idempotency_key: str | None = None
+    concurrency_key: str | None = None
 
     def to_json(self) -> JsonObject:
         """The object enqueue_tasks takes for this task."""
         body: JsonObject = {
             "task_type": self.task_type,
             "payload": self.payload,
-            "queue": self.queue,
             "priority": self.priority,
-            "max_attempts": self.max_attempts,
         }
+        if self.queue is not None:
+            body["queue"] = self.queue
+        if self.max_attempts is not None:
+            body["max_attempts"] = self.max_attempts
         if self.run_at is not None:
             body["run_at"] = self.run_at.isoformat()
         if self.idempotency_key is not None:
             body["idempotency_key"] = self.idempotency_key
+        if self.concurrency_key is not None:
+            body["concurrency_key"] = self.concurrency_key
         return body
 
 

@@ -68,6 +68,7 @@ def _integral(value: Any) -> Any:
 
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
+ConcurrencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
 RunAt = Annotated[
     AwareDatetime,
     BeforeValidator(_iso_string),
@@ -85,7 +86,9 @@ class TaskCreate(BaseModel):
 
     type: Name = Field(description="The task type a handler is registered for.")
     payload: dict[str, Any] = Field(default_factory=dict, description="A JSON object.")
-    queue: Name = "default"
+    queue: Name | None = Field(
+        None, description="Default: the task type's registered queue, else `default`."
+    )
     priority: Integer = Field(
         0,
         ge=types.PRIORITY_MIN,
@@ -100,10 +103,20 @@ class TaskCreate(BaseModel):
         allow_inf_nan=False,
         description="Due this many seconds from now; not with run_at.",
     )
-    max_attempts: Integer = Field(5, ge=1, le=INT32_MAX)
+    max_attempts: Integer | None = Field(
+        None,
+        ge=1,
+        le=INT32_MAX,
+        description="Default: the task type's registered max_attempts, else 5.",
+    )
     idempotency_key: IdempotencyKey | None = Field(
         None,
         description="Replaying a key returns the task it created (an Idempotency-Key header works too).",
+    )
+    concurrency_key: ConcurrencyKey | None = Field(
+        None,
+        description="Any text naming what the task competes for (a tenant, an outside API); "
+        "queue settings can limit how many tasks of one key run at once.",
     )
 
     @model_validator(mode="after")
@@ -145,6 +158,7 @@ class TaskOut(BaseModel):
     max_attempts: int
     run_at: datetime
     idempotency_key: str | None
+    concurrency_key: str | None
     result: Any = Field(description="The handler's JSON result, once SUCCEEDED.")
     last_error: str | None
     created_at: datetime

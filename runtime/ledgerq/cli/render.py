@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import click
@@ -74,8 +74,16 @@ def table(
 
 
 def when(value: datetime | None) -> str:
-    """A time as local ISO 8601 to the millisecond, with its zone."""
-    return value.astimezone().isoformat(sep=" ", timespec="milliseconds") if value else "-"
+    """A time as local ISO 8601 to the millisecond, with its zone (in UTC when
+    local time would fall outside years 1 to 9999: 9999-12-31T23:00Z is year
+    10000 east of Greenwich)."""
+    if value is None:
+        return "-"
+    try:
+        value = value.astimezone()
+    except (OverflowError, OSError, ValueError):
+        value = value.astimezone(UTC)
+    return value.isoformat(sep=" ", timespec="milliseconds")
 
 
 def age(seconds: float | None) -> str:
@@ -152,6 +160,7 @@ def task_detail(task: types.Task) -> str:
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
         ("payload", shown_json(task.payload)),
         ("idempotency key", display.printable(task.idempotency_key or "-")),
+        ("concurrency key", display.printable(task.concurrency_key or "-")),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
         ("started", when(task.started_at)),
