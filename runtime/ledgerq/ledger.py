@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -136,19 +136,29 @@ def probe(database_url: str, *, timeout_s: int = 5) -> None:
 SERVER_KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 )
-# Times are read in UTC, whatever the server's or the client's (PGTZ) zone:
-# the ledger keeps run_at within years 1 to 9999 in UTC, and the same instant
-# read in a zone east or west of Greenwich can be year 10000 or 1 BC, which
-# psycopg cannot decode. Last, so it wins over a TimeZone in the URL's options.
-SESSION_OPTIONS = f"{SERVER_KEEPALIVE_OPTIONS} -c TimeZone=UTC"
 
 
 def pool_kwargs(database_url: str) -> dict[str, Any]:
-    """Connection arguments for every pooled connection: autocommit, keepalives,
-    times in UTC."""
+    """Connection arguments for every pooled connection: autocommit, keepalives."""
     options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
-    merged = f"{options} {SESSION_OPTIONS}" if options else SESSION_OPTIONS
+    merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
     return {"autocommit": True, "options": merged}
+
+
+# Every pooled connection reads times in UTC, whatever zone the server, the
+# database, the URL or PGTZ set: the ledger keeps times within years 1 to 9999
+# in UTC, and the same instant shown in a zone east or west of Greenwich can
+# be year 10000 or 1 BC, which psycopg cannot decode. A SET once the session
+# has started, because PGTZ overrides a TimeZone in the startup options.
+SESSION_SETUP: LiteralString = "SET TimeZone TO 'UTC'"
+
+
+async def _session_setup_async(conn: AsyncConn) -> None:
+    await conn.execute(SESSION_SETUP)
+
+
+def _session_setup(conn: SyncConn) -> None:
+    conn.execute(SESSION_SETUP)
 
 
 def _conninfo(conninfo: object) -> str:
@@ -440,6 +450,7 @@ class AsyncLedger:
             # connection broken by a PostgreSQL restart fails its next query
             # (LedgerUnavailable, the caller retries) and the pool drops it.
             kwargs=pool_kwargs(database_url),
+            configure=_session_setup_async,
         )
         with translated():
             await pool.open(wait=True, timeout=timeout_s)
@@ -735,6 +746,7 @@ class Ledger:
             open=False,
             timeout=timeout_s,
             kwargs=pool_kwargs(database_url),
+            configure=_session_setup,
         )
         with translated():
             pool.open(wait=True, timeout=timeout_s)

@@ -529,7 +529,7 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         payload=task.payload,
         attempts=0,
         max_attempts=task.max_attempts,
-        run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
+        run_at=_in_zone_of(task.run_at, stamp) if task.run_at else stamp,
         idempotency_key=task.idempotency_key,
         result=None,
         last_error=None,
@@ -539,6 +539,16 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         created=True,
         concurrency_key=task.concurrency_key,
     )
+
+
+def _in_zone_of(value: datetime, stamp: datetime) -> datetime:
+    """value in stamp's zone (the session's, as a read would give it), or as it
+    is where that zone would take it past year 9999 or before year 1 (a caller's
+    connection may be in any zone)."""
+    try:
+        return value.astimezone(stamp.tzinfo)
+    except OverflowError:
+        return value
 
 
 def _enqueued(
