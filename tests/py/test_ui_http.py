@@ -147,6 +147,17 @@ async def test_task_page_shows_attempts_effects_and_result(
     assert 'class="span o-succeeded"' in page
 
 
+async def test_task_page_shows_the_concurrency_key_escaped(
+    open_client: httpx.AsyncClient, db: Db
+) -> None:
+    keyed = enqueue(db, concurrency_key="tenant-<b>7</b>")
+    plain = enqueue(db)
+    page = (await open_client.get(f"/ui/tasks/{keyed}")).text
+    assert '<dd id="concurrency-key">tenant-&lt;b&gt;7&lt;/b&gt;</dd>' in page
+    page = (await open_client.get(f"/ui/tasks/{plain}")).text
+    assert '<dd id="concurrency-key">–</dd>' in page
+
+
 async def test_payload_and_error_holding_script_are_escaped(
     open_client: httpx.AsyncClient, db: Db
 ) -> None:
