@@ -62,6 +62,11 @@ class _Defaults:
                 raise errors.InvalidInput(f"delay of {delay} s is past year 9999") from None
         if run_at is not None:
             run_at = storable.run_at(run_at)
+        _check_sendable(
+            texts={"task_type": task_type, "queue": queue, "idempotency_key": idempotency_key,
+                   "concurrency_key": concurrency_key},
+            integers={"priority": priority, "max_attempts": max_attempts},
+        )  # fmt: skip
         # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
         # to refuse (LQ422), not a request for the default.
         if queue is None and definition is not None:
@@ -87,6 +92,22 @@ class _Defaults:
             raise errors.InvalidInput("every task needs a task_type")
         fields = dict(item)
         return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
+
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def _check_sendable(texts: Mapping[str, str | None], integers: Mapping[str, int | None]) -> None:
+    """Refuse, naming the field, what the driver could not even send: text with
+    NUL, an integer beyond PostgreSQL's integer. The ledger checks the rest."""
+    for name, text in texts.items():
+        if text is not None and "\x00" in text:
+            raise errors.InvalidInput(f"{name} must not contain U+0000")
+    for name, number in integers.items():
+        if isinstance(number, bool) or (number is not None and not isinstance(number, int)):
+            raise errors.InvalidInput(f"{name} must be an integer, got {number!r}")
+        if number is not None and number not in _INT32:
+            raise errors.InvalidInput(f"{name} is out of range, got {number}")
 
 
 def _seconds(timeout: float | timedelta | None) -> float | None:

@@ -544,7 +544,10 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
 def _in_zone_of(value: datetime, stamp: datetime) -> datetime:
     """value in stamp's zone (the session's, as a read would give it), or as it
     is where that zone would take it past year 9999 or before year 1 (a caller's
-    connection may be in any zone)."""
+    connection may be in any zone). A naive value is the session's to place, as
+    PostgreSQL placed it."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=stamp.tzinfo)
     try:
         return value.astimezone(stamp.tzinfo)
     except OverflowError:

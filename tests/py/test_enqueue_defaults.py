@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from api_support import api_client
 from cli_support import invoke
 from helpers import Conn, eventually, running, wait_for_status
 
-from ledgerq import config
+from ledgerq import config, errors
 from ledgerq.client import AsyncClient, Client
 from ledgerq.registry import Context, Registry
 from ledgerq.types import TaskStatus
@@ -215,8 +217,6 @@ async def test_a_bad_concurrency_key_is_a_422_naming_the_field(
 async def test_client_and_cli_refuse_a_blank_concurrency_key_naming_it(
     settings: config.Settings, db: Conn
 ) -> None:
-    from ledgerq import errors
-
     async with AsyncClient(settings) as client:
         with pytest.raises(errors.InvalidInput, match="concurrency_key"):
             await client.enqueue("t", concurrency_key=" ")
@@ -239,3 +239,31 @@ async def test_a_replay_with_another_concurrency_key_answers_the_first_task(
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["concurrency_key"] == "a"
     assert again.json()["status"] == TaskStatus.PENDING.value
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"max_attempts": 2**31}, "max_attempts is out of range"),
+        ({"priority": -(2**31) - 1}, "priority is out of range"),
+        ({"priority": True}, "priority must be an integer"),
+        ({"concurrency_key": "a\x00b"}, "concurrency_key must not contain U+0000"),
+        ({"idempotency_key": "a\x00b"}, "idempotency_key must not contain U+0000"),
+        ({"queue": "a\x00b"}, "queue must not contain U+0000"),
+    ],
+    ids=lambda v: repr(v)[:24],
+)
+async def test_client_refuses_what_the_driver_cannot_send_naming_the_field(
+    settings: config.Settings, db: Conn, options: dict[str, Any], words: str
+) -> None:
+    async with AsyncClient(settings) as client:
+        with pytest.raises(errors.InvalidInput, match=re.escape(words)):
+            await client.enqueue("t", **options)
+    assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (0,)
+
+
+async def test_a_naive_run_at_is_answered_as_stored(settings: config.Settings) -> None:
+    async with AsyncClient(settings) as client:
+        for naive in (datetime(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59)):
+            task = await client.enqueue("t", run_at=naive)
+            assert task.run_at == (await client.get(task.id)).run_at == naive.replace(tzinfo=UTC)

@@ -155,7 +155,7 @@ async def test_task_page_shows_the_concurrency_key_escaped(
     page = (await open_client.get(f"/ui/tasks/{keyed}")).text
     assert '<dd id="concurrency-key">tenant-&lt;b&gt;7&lt;/b&gt;</dd>' in page
     page = (await open_client.get(f"/ui/tasks/{plain}")).text
-    assert '<dd id="concurrency-key">–</dd>' in page
+    assert '<dd id="concurrency-key">\u2013</dd>' in page
 
 
 async def test_payload_and_error_holding_script_are_escaped(
