@@ -636,6 +636,19 @@ BEGIN
             AND p.waiting_on IN ('rate_per_second', 'per_key_rate_per_second', 'retry_rate_per_second')) w
     WHERE (b.queue, b.bucket, b.concurrency_key) = (w.queue, w.bucket, w.concurrency_key)
       AND b.wake_at IS NULL;
+    -- Buckets that have refilled to full hold nothing a new bucket would not:
+    -- keyed rates leave one row per key, so drop those.
+    DELETE FROM ledgerq.flow_buckets b
+    USING ledgerq.queues q
+    WHERE q.queue = b.queue AND b.wake_at IS NULL
+      AND b.refilled_at + make_interval(secs => ledgerq.flow_burst(q.settings,
+              (q.settings ->> CASE b.bucket WHEN 'queue' THEN 'rate_per_second'
+                                            WHEN 'key' THEN 'per_key_rate_per_second'
+                                            ELSE 'retry_rate_per_second' END)::double precision)
+              / (q.settings ->> CASE b.bucket WHEN 'queue' THEN 'rate_per_second'
+                                              WHEN 'key' THEN 'per_key_rate_per_second'
+                                              ELSE 'retry_rate_per_second' END)::double precision)
+          < clock_timestamp();
     IF woken > 0 THEN
         PERFORM pg_notify('ledgerq_tasks', '');
     END IF;
