@@ -150,7 +150,12 @@ $$;
 -- flow_lock_queues: take the flow locks of the configured queues among these
 -- tasks, in ascending lock order (the order every caller uses). Callers hold
 -- the tasks' row locks already: row locks first, then flow locks, everywhere.
-CREATE OR REPLACE FUNCTION ledgerq.flow_lock_queues(task_ids bigint[]) RETURNS integer
+-- Deciding (claims, dispatch: they park) takes them exclusive; waking after a
+-- freed slot takes them shared: wakers need only exclude the deciders, whose
+-- parking they must see, and two wakers at once can only wake a task too many
+-- (the next decision parks it again), never too few.
+CREATE OR REPLACE FUNCTION ledgerq.flow_lock_queues(task_ids bigint[], shared boolean DEFAULT false)
+RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     lock_key bigint;
@@ -162,7 +167,11 @@ BEGIN
         WHERE q.queue IN (SELECT t.queue FROM ledgerq.tasks t WHERE t.id = ANY (task_ids))
         ORDER BY 1
     LOOP
-        PERFORM pg_advisory_xact_lock(lock_key);
+        IF shared THEN
+            PERFORM pg_advisory_xact_lock_shared(lock_key);
+        ELSE
+            PERFORM pg_advisory_xact_lock(lock_key);
+        END IF;
         taken := taken + 1;
     END LOOP;
     RETURN taken;
@@ -422,7 +431,8 @@ $$;
 
 -- flow_wake_scope: wake as many tasks parked on a concurrency limit of this
 -- queue (and key) as there are free slots. The caller holds the queue's flow
--- lock. Tasks another transaction holds are skipped (that one decides them).
+-- lock (shared is enough). Tasks another transaction holds are skipped (that
+-- one decides them).
 CREATE OR REPLACE FUNCTION ledgerq.flow_wake_scope(queue text, concurrency_key text) RETURNS integer
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -488,7 +498,7 @@ BEGIN
                    WHERE q.settings ?| '{max_running,per_key_max_running}'::text[]) THEN
         RETURN 0;
     END IF;
-    PERFORM ledgerq.flow_lock_queues(task_ids);
+    PERFORM ledgerq.flow_lock_queues(task_ids, shared => true);
     FOR scope IN
         SELECT DISTINCT t.queue, t.concurrency_key
         FROM ledgerq.tasks t JOIN ledgerq.queues q ON q.queue = t.queue
