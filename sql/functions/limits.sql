@@ -635,17 +635,22 @@ BEGIN
     LOOP
         woken := woken + ledgerq.flow_wake_scope(scope.queue, scope.concurrency_key);
     END LOOP;
-    -- A rate-parked task whose bucket has no wake time set.
-    UPDATE ledgerq.flow_buckets b SET wake_at = clock_timestamp()
-    FROM (SELECT DISTINCT p.queue,
-                 CASE p.waiting_on WHEN 'rate_per_second' THEN 'queue'
-                                   WHEN 'retry_rate_per_second' THEN 'retry' ELSE 'key' END AS bucket,
-                 CASE WHEN p.waiting_on = 'per_key_rate_per_second' THEN p.concurrency_key ELSE '' END AS concurrency_key
-          FROM ledgerq.tasks p
+    -- A task parked on a rate whose bucket will not wake it (no wake time, or
+    -- no bucket): back in line, to be judged again by the next dispatch.
+    UPDATE ledgerq.tasks t SET waiting_on = NULL
+    FROM (SELECT p.id FROM ledgerq.tasks p
           WHERE p.status = 'PENDING'
-            AND p.waiting_on IN ('rate_per_second', 'per_key_rate_per_second', 'retry_rate_per_second')) w
-    WHERE (b.queue, b.bucket, b.concurrency_key) = (w.queue, w.bucket, w.concurrency_key)
-      AND b.wake_at IS NULL;
+            AND p.waiting_on IN ('rate_per_second', 'per_key_rate_per_second', 'retry_rate_per_second')
+            AND NOT EXISTS (
+                SELECT 1 FROM ledgerq.flow_buckets b
+                WHERE b.queue = p.queue AND b.bucket = ledgerq.flow_bucket_of(p.waiting_on)
+                  AND b.concurrency_key = CASE WHEN p.waiting_on = 'per_key_rate_per_second'
+                                               THEN p.concurrency_key ELSE '' END
+                  AND b.wake_at IS NOT NULL)
+          FOR NO KEY UPDATE OF p SKIP LOCKED) stranded
+    WHERE t.id = stranded.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    woken := woken + n;
     -- Buckets that have refilled to full hold nothing a new bucket would not:
     -- keyed rates leave one row per key, so drop those.
     DELETE FROM ledgerq.flow_buckets b
@@ -658,7 +663,12 @@ BEGIN
               / (q.settings ->> CASE b.bucket WHEN 'queue' THEN 'rate_per_second'
                                               WHEN 'key' THEN 'per_key_rate_per_second'
                                               ELSE 'retry_rate_per_second' END)::double precision)
-          < clock_timestamp();
+          < clock_timestamp()
+      -- or whose rate is no longer set (NULL above).
+      OR (q.queue = b.queue AND b.wake_at IS NULL
+          AND NOT q.settings ? CASE b.bucket WHEN 'queue' THEN 'rate_per_second'
+                                             WHEN 'key' THEN 'per_key_rate_per_second'
+                                             ELSE 'retry_rate_per_second' END);
     IF woken > 0 THEN
         PERFORM pg_notify('ledgerq_tasks', '');
     END IF;

@@ -137,6 +137,14 @@ def test_rescue_wakes_a_task_stranded_without_an_event(db: Conn) -> None:
     assert call_value(db, "flow_rescue") == 0
 
 
+def test_rescue_wakes_a_rate_parked_task_no_bucket_will_wake(db: Conn) -> None:
+    configure(db, "q", rate_per_second=1)
+    (task_id,) = add_tasks(db, 1)
+    db.execute("UPDATE ledgerq.tasks SET waiting_on = 'rate_per_second' WHERE id = %s", (task_id,))
+    assert call_value(db, "flow_rescue") == 1
+    assert [r["id"] for r in take_due(db)] == [task_id]
+
+
 # --- pause ------------------------------------------------------------------------
 
 
