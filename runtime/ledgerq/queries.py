@@ -145,19 +145,30 @@ QUEUE_DEPTHS: LiteralString = """
     SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
 """
 # Every status of every queue in one pass: a full scan, for operators (GET /queues,
-# `ledgerq stats`), not for anything scraped on a timer.
+# `ledgerq stats`, `ledgerq queues`), not for anything scraped on a timer. A
+# queue that was configured or paused shows even while it has no tasks.
 QUEUE_SUMMARY: LiteralString = """
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'PENDING'),
-           count(*) FILTER (WHERE status = 'QUEUED'),
-           count(*) FILTER (WHERE status = 'RUNNING'),
-           count(*) FILTER (WHERE status = 'SUCCEEDED'),
-           count(*) FILTER (WHERE status = 'DEAD'),
-           count(*) FILTER (WHERE status = 'CANCELLED'),
-           extract(epoch FROM now() - min(run_at)
-               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
-           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
-    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
+    WITH counted AS (
+        SELECT queue,
+               count(*) FILTER (WHERE status = 'PENDING') AS pending,
+               count(*) FILTER (WHERE status = 'QUEUED') AS queued,
+               count(*) FILTER (WHERE status = 'RUNNING') AS running,
+               count(*) FILTER (WHERE status = 'SUCCEEDED') AS succeeded,
+               count(*) FILTER (WHERE status = 'DEAD') AS dead,
+               count(*) FILTER (WHERE status = 'CANCELLED') AS cancelled,
+               extract(epoch FROM now() - min(run_at)
+                   FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8
+                   AS oldest_due_age_s,
+               count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
+                   AS finished_last_minute
+        FROM ledgerq.tasks GROUP BY queue
+    )
+    SELECT coalesce(c.queue, s.queue), coalesce(c.pending, 0), coalesce(c.queued, 0),
+           coalesce(c.running, 0), coalesce(c.succeeded, 0), coalesce(c.dead, 0),
+           coalesce(c.cancelled, 0), c.oldest_due_age_s, coalesce(c.finished_last_minute, 0),
+           coalesce(s.paused, false), coalesce(s.settings, '{}')
+    FROM counted c FULL JOIN ledgerq.queue_settings s ON s.queue = c.queue
+    ORDER BY 1
 """
 GET_ATTEMPTS_MANY: LiteralString = """
     SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
@@ -183,6 +194,16 @@ LIST_SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# Flow control (queues.sql): a queue's settings and its pause. pause_queue and
+# resume_queue answer whether they changed the queue; the view reads back its
+# state, so a caller knows where the queue stands either way.
+CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
+PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
+RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
+QUEUE_SETTINGS: LiteralString = """
+    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
+"""
+
 PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
@@ -395,6 +416,26 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
 
 
+def configure_queue(queue: str, settings: types.JsonObject) -> Plan[types.JsonObject]:
+    """Merge settings into queue's (a key set to None removes it); all of them now."""
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return types.QueuePaused(queue, True, bool(changed))
+
+
+def resume_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(RESUME_QUEUE, (queue,))
+    return types.QueuePaused(queue, False, bool(changed))
+
+
+def queue_settings() -> Plan[list[types.QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
+
+
 def hand_back(
     leases: Sequence[tuple[int, int]], worker_id: str, delay_s: float
 ) -> Plan[list[types.TaskStatus | None]]:
@@ -568,7 +609,11 @@ _SUMMARY_STATUSES = (
 
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
-    return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+    return types.QueueSummary(row[0], counts, row[7], int(row[8]), bool(row[9]), dict(row[10]))
+
+
+def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:
+    return types.QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:
