@@ -16,6 +16,8 @@ so tests and several components in one process stay independent of one another.
 | ledgerq_worker_inflight | gauge | | handlers running in this worker process |
 | ledgerq_queue_depth | gauge | queue, status | tasks in the ledger by queue and status (read at scrape) |
 | ledgerq_queue_oldest_pending_seconds | gauge | queue | age of the oldest due PENDING/QUEUED task (read at scrape) |
+| ledgerq_queue_paused | gauge | queue | 1 while the queue is paused, else 0 (read at scrape) |
+| ledgerq_claims_deferred_total | counter | queue, reason | tasks this worker was handed that the ledger held back for a flow-control limit |
 | ledgerq_schedule_slots_total | counter | schedule, outcome | schedule slots this dispatcher handled: `enqueued`, `skipped_overlap` |
 
 Task types and queues are chosen by clients, so their label values are
@@ -86,6 +88,20 @@ QUEUE_OLDEST_PENDING = Gauge(
     "ledgerq_queue_oldest_pending_seconds",
     "Age of the oldest due task not yet started, by queue.",
     ("queue",),
+    registry=REGISTRY,
+)
+
+QUEUE_PAUSED = Gauge(
+    "ledgerq_queue_paused",
+    "1 while the queue is paused (no task of it starts), else 0.",
+    ("queue",),
+    registry=REGISTRY,
+)
+CLAIMS_DEFERRED = Counter(
+    "ledgerq_claims_deferred",
+    "Tasks handed to this worker that the ledger held back for a flow-control limit, "
+    "by the limit (reason).",
+    ("queue", "reason"),
     registry=REGISTRY,
 )
 
