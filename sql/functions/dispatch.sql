@@ -12,8 +12,8 @@ CREATE OR REPLACE FUNCTION ledgerq.task_take_due(
 LANGUAGE sql AS $$
     WITH due AS (
         SELECT t.id FROM ledgerq.tasks t
-        WHERE t.status = 'PENDING' AND t.run_at <= coalesce(as_of, now())
-        ORDER BY t.priority DESC, t.run_at, t.id
+        WHERE t.status = 'PENDING' AND t.waiting_on IS NULL AND t.run_at <= coalesce(as_of, now())
+        ORDER BY t.priority DESC, t.turn, t.run_at, t.id
         LIMIT batch_size
         -- NO KEY UPDATE: see reap.sql (a stale attempt's effect transaction).
         FOR NO KEY UPDATE SKIP LOCKED
