@@ -145,30 +145,19 @@ QUEUE_DEPTHS: LiteralString = """
     SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
 """
 # Every status of every queue in one pass: a full scan, for operators (GET /queues,
-# `ledgerq stats`, `ledgerq queues`), not for anything scraped on a timer. A
-# queue that was configured or paused shows even while it has no tasks.
+# `ledgerq stats`), not for anything scraped on a timer.
 QUEUE_SUMMARY: LiteralString = """
-    WITH counted AS (
-        SELECT queue,
-               count(*) FILTER (WHERE status = 'PENDING') AS pending,
-               count(*) FILTER (WHERE status = 'QUEUED') AS queued,
-               count(*) FILTER (WHERE status = 'RUNNING') AS running,
-               count(*) FILTER (WHERE status = 'SUCCEEDED') AS succeeded,
-               count(*) FILTER (WHERE status = 'DEAD') AS dead,
-               count(*) FILTER (WHERE status = 'CANCELLED') AS cancelled,
-               extract(epoch FROM now() - min(run_at)
-                   FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8
-                   AS oldest_due_age_s,
-               count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
-                   AS finished_last_minute
-        FROM ledgerq.tasks GROUP BY queue
-    )
-    SELECT coalesce(c.queue, s.queue), coalesce(c.pending, 0), coalesce(c.queued, 0),
-           coalesce(c.running, 0), coalesce(c.succeeded, 0), coalesce(c.dead, 0),
-           coalesce(c.cancelled, 0), c.oldest_due_age_s, coalesce(c.finished_last_minute, 0),
-           coalesce(s.paused, false), coalesce(s.settings, '{}')
-    FROM counted c FULL JOIN ledgerq.queue_settings s ON s.queue = c.queue
-    ORDER BY 1
+    SELECT queue,
+           count(*) FILTER (WHERE status = 'PENDING'),
+           count(*) FILTER (WHERE status = 'QUEUED'),
+           count(*) FILTER (WHERE status = 'RUNNING'),
+           count(*) FILTER (WHERE status = 'SUCCEEDED'),
+           count(*) FILTER (WHERE status = 'DEAD'),
+           count(*) FILTER (WHERE status = 'CANCELLED'),
+           extract(epoch FROM now() - min(run_at)
+               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
+           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
+    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
 """
 GET_ATTEMPTS_MANY: LiteralString = """
     SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
@@ -366,7 +355,18 @@ def queue_depths() -> Plan[list[types.QueueDepth]]:
 
 
 def queue_summary() -> Plan[list[types.QueueSummary]]:
-    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+    """Every queue with tasks, and every queue that was configured or paused
+    (with no tasks, its counts are zero), with its pause and settings."""
+    counted = {q.queue: q for q in map(_decode_queue_summary, (yield Call(QUEUE_SUMMARY)))}
+    configured = {s.queue: s for s in (yield from queue_settings())}
+    summary = []
+    for name in sorted(counted.keys() | configured.keys()):
+        queue = counted.get(name) or types.QueueSummary(name, {}, None, 0)
+        flow = configured.get(name)
+        if flow is not None:
+            queue = dataclasses.replace(queue, paused=flow.paused, settings=flow.settings)
+        summary.append(queue)
+    return summary
 
 
 def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
@@ -609,7 +609,7 @@ _SUMMARY_STATUSES = (
 
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
-    return types.QueueSummary(row[0], counts, row[7], int(row[8]), bool(row[9]), dict(row[10]))
+    return types.QueueSummary(row[0], counts, row[7], int(row[8]))
 
 
 def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:

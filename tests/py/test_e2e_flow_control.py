@@ -10,6 +10,7 @@ with room for many tasks at once), set through the Python client.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -71,7 +72,7 @@ def test_per_key_max_running_runs_one_task_of_a_key_at_a_time(
 
     spans = attempt_spans(d, keyed)
     assert len(spans) == KEYED_TASKS, "one attempt per task"
-    for (_, finished), (started, _) in zip(spans, spans[1:], strict=False):
+    for (_, finished), (started, _) in itertools.pairwise(spans):
         assert started >= finished, f"attempts of one key overlap: {spans}\n{d.diagnostics()}"
     for task_id in [*keyed, other]:
         assert d.task(task_id)["attempts"] == 1

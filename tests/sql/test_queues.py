@@ -124,9 +124,7 @@ def test_settings_must_be_an_object_and_queue_non_empty(db: Conn) -> None:
     from psycopg.types.json import Jsonb
 
     with raises_sqlstate("LQ422", "settings must be a JSON object"):
-        db.execute(
-            "SELECT ledgerq.configure_queue(queue => 'mail', settings => %s)", (Jsonb([1]),)
-        )
+        db.execute("SELECT ledgerq.configure_queue(queue => 'mail', settings => %s)", (Jsonb([1]),))
     with raises_sqlstate("LQ422", "settings must be a JSON object"):
         db.execute("SELECT ledgerq.configure_queue(queue => 'mail', settings => NULL)")
     with raises_sqlstate("LQ422", "queue"):
