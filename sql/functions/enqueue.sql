@@ -27,18 +27,20 @@ BEGIN
     IF enqueue_task.idempotency_key IS NULL THEN
         -- Nothing to conflict with: a plain INSERT spares the speculative
         -- insertion that ON CONFLICT costs.
-        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts)
+        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
+                                        turn)
         VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
-                enqueue_task.priority, due_at, enqueue_task.max_attempts)
+                enqueue_task.priority, due_at, enqueue_task.max_attempts,
+                ledgerq.flow_turn(enqueue_task.queue, NULL))
         RETURNING t.id INTO id;
     ELSE
         -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
         -- commit or roll back, so racing callers see exactly one winner.
         INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at,
-                                        max_attempts, idempotency_key)
+                                        max_attempts, idempotency_key, turn)
         VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
                 enqueue_task.priority, due_at, enqueue_task.max_attempts,
-                enqueue_task.idempotency_key)
+                enqueue_task.idempotency_key, ledgerq.flow_turn(enqueue_task.queue, NULL))
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING t.id INTO id;
     END IF;
@@ -93,6 +95,7 @@ DECLARE
     any_key boolean;
     inserted bigint;
     clash record;
+    turns bigint[];
 BEGIN
     IF tasks IS NULL OR jsonb_typeof(tasks) <> 'array' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'tasks must be a JSON array of task objects';
@@ -156,20 +159,24 @@ BEGIN
         RETURN;  -- an empty batch enqueues nothing
     END IF;
 
+    -- Each task's place in its queue's line (limits.sql).
+    turns := ledgerq.flow_turns(queues, array_fill(NULL::text, ARRAY[cardinality(new_ids)]));
+
     IF NOT any_key THEN
-        INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts)
+        INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts, turn)
         SELECT * FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats,
-                             max_attempts_list);
+                             max_attempts_list, turns);
         inserted := cardinality(new_ids);
     ELSE
         -- An input whose key is taken, earlier or by an earlier input of this
         -- batch (rows go in in input order), is skipped and answered below.
         INSERT INTO ledgerq.tasks AS t (id, task_type, payload, queue, priority, run_at,
-                                        max_attempts, idempotency_key)
-        SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts, u.key
+                                        max_attempts, idempotency_key, turn)
+        SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts, u.key,
+               u.turn
         FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats, max_attempts_list,
-                    keys) WITH ORDINALITY
-             AS u(id, task_type, payload, queue, priority, run_at, max_attempts, key, ord)
+                    keys, turns) WITH ORDINALITY
+             AS u(id, task_type, payload, queue, priority, run_at, max_attempts, key, turn, ord)
         ORDER BY u.ord
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
         GET DIAGNOSTICS inserted = ROW_COUNT;
