@@ -58,9 +58,12 @@ ENQUEUE_STAMPED: LiteralString = """
         max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
 """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
+# task_claim: claim_tasks with the refusals of flow control (limits.sql):
+# a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
-    FROM ledgerq.claim_tasks(%s, %s, %s)
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at, status,
+           waiting_on
+    FROM ledgerq.task_claim(%s, %s, %s)
 """
 HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
 COMPLETE: LiteralString = """
@@ -71,10 +74,15 @@ RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %
 # flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
 # simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority
+    SELECT d.id, d.queue, d.priority, d.turn, d.run_at
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
 """
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
+# Flow control (limits.sql): wake tasks parked on a rate bucket that refilled,
+# before taking due tasks; and, with the sweep, the safety net that wakes
+# parked tasks whose limit has room although no event said so.
+FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
+FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
     SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
@@ -228,8 +236,18 @@ def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
+    claimed, _ = yield from claim_reporting(task_ids, worker_id, lease_s)
+    return claimed
+
+
+def claim_reporting(
+    task_ids: Sequence[int], worker_id: str, lease_s: int
+) -> Plan[tuple[list[types.ClaimedTask], list[types.Deferral]]]:
+    """The claimed tasks, and those flow control deferred (parked in the ledger)."""
     rows = yield Call(CLAIM, (list(task_ids), worker_id, lease_s))
-    return [_decode_claimed(r) for r in rows]
+    claimed = [_decode_claimed(r) for r in rows if r[8] == "RUNNING"]
+    deferred = [types.Deferral(types.TaskId(r[0]), r[2], r[9]) for r in rows if r[8] != "RUNNING"]
+    return claimed, deferred
 
 
 def heartbeat(
@@ -292,7 +310,17 @@ def effect_unlock(effect_key: str) -> Plan[None]:
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(TAKE_DUE, (batch_size,))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
+
+
+def flow_wake_due() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_WAKE_DUE)
+    return int(woken)
+
+
+def flow_rescue() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_RESCUE)
+    return int(woken)
 
 
 def next_run_at() -> Plan[datetime | None]:

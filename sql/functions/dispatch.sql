@@ -52,7 +52,9 @@ BEGIN
         ON CONFLICT (queue) DO UPDATE SET frontier = greatest(f.frontier, excluded.frontier)
         WHERE f.frontier < excluded.frontier
     )
-    SELECT k.id, k.queue, k.priority, k.turn, k.run_at FROM taken k;
+    -- In line order (a sort of one batch, in memory), as Redis will pop them.
+    SELECT k.id, k.queue, k.priority, k.turn, k.run_at FROM taken k
+    ORDER BY k.priority DESC, k.turn, k.run_at, k.id;
 END;
 $$;
 

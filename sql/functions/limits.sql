@@ -45,9 +45,14 @@ LANGUAGE plpgsql AS $$
 DECLARE
     woken integer;
 BEGIN
+    -- SKIP LOCKED: the caller holds the queue's flow lock, and a task locked
+    -- now belongs to a claim waiting for that lock, which decides it afresh.
     UPDATE ledgerq.tasks t SET waiting_on = NULL
-    WHERE t.queue = flow_wake_queue.queue AND t.status = 'PENDING' AND t.waiting_on IS NOT NULL
-      AND (include_paused OR t.waiting_on <> 'paused');
+    WHERE t.id IN (
+        SELECT p.id FROM ledgerq.tasks p
+        WHERE p.queue = flow_wake_queue.queue AND p.status = 'PENDING' AND p.waiting_on IS NOT NULL
+          AND (include_paused OR p.waiting_on <> 'paused')
+        FOR NO KEY UPDATE SKIP LOCKED);
     GET DIAGNOSTICS woken = ROW_COUNT;
     UPDATE ledgerq.flow_buckets b SET wake_at = NULL
     WHERE b.queue = flow_wake_queue.queue AND b.wake_at IS NOT NULL;
@@ -295,10 +300,12 @@ BEGIN
             SET status = 'RUNNING',
                 attempts = t.attempts + 1,
                 worker_id = flow_claim.worker_id,
-                lease_expires_at = now() + make_interval(secs => lease_seconds),
+                lease_expires_at = at + make_interval(secs => lease_seconds),
                 queued_at = NULL,
                 waiting_on = NULL,
-                started_at = now()
+                -- When it really started: after the locks, so the attempt
+                -- intervals of one scope never overlap beyond its limit.
+                started_at = at
             WHERE t.id = candidate.id
             RETURNING t.* INTO claimed;
             INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
