@@ -168,6 +168,18 @@ def task_labels(task_type: str, queue: str) -> tuple[str, str]:
     return TYPE_LABEL(task_type), QUEUE_LABEL(queue)
 
 
+#: Why a claim was deferred: the ledger's waiting_on values (anything else is ``other``).
+DEFERRAL_REASONS = frozenset({
+    "paused", "max_running", "per_key_max_running", "rate_per_second",
+    "per_key_rate_per_second", "retry_rate_per_second",
+})  # fmt: skip
+
+
+def deferral_labels(queue: str, reason: str) -> tuple[str, str]:
+    """The (queue, reason) label values of a deferred claim, both bounded."""
+    return QUEUE_LABEL(queue), reason if reason in DEFERRAL_REASONS else OTHER
+
+
 def configure_labels(*, max_types: int, max_queues: int) -> None:
     """Set the label value limits, forgetting which values were admitted (start-up, tests)."""
     global TYPE_LABEL, QUEUE_LABEL
