@@ -75,10 +75,12 @@ RunAt = Annotated[
     AfterValidator(_within_years_1_to_9999_utc),
 ]
 Integer = Annotated[int, BeforeValidator(_integral)]
-#: A queue's limits (max_running, per_key_max_running, burst) and rates.
+#: A queue's limits (max_running, per_key_max_running, burst), rates and
+#: retention, within the bounds configure_queue enforces.
+RATE_MAX = 1_000_000_000
 Limit = Annotated[int, BeforeValidator(_integral), Field(ge=1, le=INT32_MAX)]
-Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Retention = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
+Rate = Annotated[float, Field(gt=0, le=RATE_MAX, allow_inf_nan=False)]
+Retention = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_text)]
 TaskIdParam = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 
 
