@@ -117,112 +117,34 @@ $$;
 
 -- --- the verdict -------------------------------------------------------------
 
--- flow_refusal: why a task of a configured queue may not start now, or NULL.
--- The caller holds the queue's flow lock (flow_lock_key(queue)), so no other
--- decision of the queue interleaves. Concurrency counts the queue's tasks in
--- `counted` states ('{RUNNING}' at claim; '{QUEUED,RUNNING}' at dispatch, where
--- a QUEUED task will start) plus `extra_queue`/`extra_key` admitted by the
--- caller and not yet written. A rate passes when its bucket, less `reserved`
--- tokens of tasks already on their way, holds a whole token; with `take`
--- (the claim) the token is spent. A refused rate sets its bucket's wake_at.
-CREATE OR REPLACE FUNCTION ledgerq.flow_refusal(
-    queue text, concurrency_key text, is_retry boolean, settings jsonb, paused boolean,
-    at timestamptz, take boolean, counted text[],
-    extra_queue integer DEFAULT 0, extra_key integer DEFAULT 0
+-- flow_verdict: why a task of a configured queue may not start, or NULL, from
+-- what its caller counted under the queue's flow lock: tasks of its key and of
+-- its queue that hold a slot, and the whole tokens each rate bucket can still
+-- give (NULL where a setting does not apply). Checked in this order, so the
+-- reason names the first limit in the way.
+CREATE OR REPLACE FUNCTION ledgerq.flow_verdict(
+    settings jsonb, paused boolean, keyed boolean,
+    key_busy bigint, queue_busy bigint,
+    key_tokens double precision, queue_tokens double precision, retry_tokens double precision
 ) RETURNS text
-LANGUAGE plpgsql AS $$
-#variable_conflict use_variable
-DECLARE
-    n bigint;
-    rate double precision;
-    burst double precision;
-    key_tokens double precision;
-    queue_tokens double precision;
-    retry_tokens double precision;
-    reserved bigint;
-BEGIN
-    IF paused THEN
-        RETURN 'paused';
-    END IF;
-    IF concurrency_key IS NOT NULL AND settings ? 'per_key_max_running' THEN
-        SELECT count(*) INTO n FROM ledgerq.tasks t
-        WHERE t.queue = flow_refusal.queue AND t.concurrency_key = flow_refusal.concurrency_key
-          AND t.status IN ('QUEUED', 'RUNNING') AND t.status = ANY (counted);
-        IF n + extra_key >= (settings ->> 'per_key_max_running')::bigint THEN
-            RETURN 'per_key_max_running';
-        END IF;
-    END IF;
-    IF settings ? 'max_running' THEN
-        SELECT count(*) INTO n FROM ledgerq.tasks t
-        WHERE t.queue = flow_refusal.queue AND t.status IN ('QUEUED', 'RUNNING') AND t.status = ANY (counted);
-        IF n + extra_queue >= (settings ->> 'max_running')::bigint THEN
-            RETURN 'max_running';
-        END IF;
-    END IF;
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN paused THEN 'paused'
+        WHEN keyed AND key_busy >= (settings ->> 'per_key_max_running')::bigint
+            THEN 'per_key_max_running'
+        WHEN queue_busy >= (settings ->> 'max_running')::bigint THEN 'max_running'
+        WHEN keyed AND key_tokens < 1 THEN 'per_key_rate_per_second'
+        WHEN queue_tokens < 1 THEN 'rate_per_second'
+        WHEN retry_tokens < 1 THEN 'retry_rate_per_second'
+    END;
+$$;
 
-    -- Rates: every bucket must pass before any token is spent.
-    IF concurrency_key IS NOT NULL AND settings ? 'per_key_rate_per_second' THEN
-        rate := (settings ->> 'per_key_rate_per_second')::double precision;
-        burst := ledgerq.flow_burst(settings, rate);
-        key_tokens := ledgerq.flow_tokens(queue, 'key', concurrency_key, rate, burst, at);
-        reserved := extra_key;
-        IF NOT take THEN
-            SELECT reserved + count(*) INTO reserved FROM ledgerq.tasks t
-            WHERE t.queue = flow_refusal.queue AND t.concurrency_key = flow_refusal.concurrency_key
-              AND t.status = 'QUEUED';
-        END IF;
-        IF key_tokens - reserved < 1 THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'key', concurrency_key, key_tokens, at,
-                                            at + make_interval(secs => (1 + reserved - key_tokens) / rate));
-            RETURN 'per_key_rate_per_second';
-        END IF;
-    END IF;
-    IF settings ? 'rate_per_second' THEN
-        rate := (settings ->> 'rate_per_second')::double precision;
-        burst := ledgerq.flow_burst(settings, rate);
-        queue_tokens := ledgerq.flow_tokens(queue, 'queue', NULL, rate, burst, at);
-        reserved := extra_queue;
-        IF NOT take THEN
-            SELECT reserved + count(*) INTO reserved FROM ledgerq.tasks t
-            WHERE t.queue = flow_refusal.queue AND t.status = 'QUEUED';
-        END IF;
-        IF queue_tokens - reserved < 1 THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'queue', NULL, queue_tokens, at,
-                                            at + make_interval(secs => (1 + reserved - queue_tokens) / rate));
-            RETURN 'rate_per_second';
-        END IF;
-    END IF;
-    IF is_retry AND settings ? 'retry_rate_per_second' THEN
-        rate := (settings ->> 'retry_rate_per_second')::double precision;
-        burst := ledgerq.flow_burst(settings, rate);
-        retry_tokens := ledgerq.flow_tokens(queue, 'retry', NULL, rate, burst, at);
-        reserved := 0;
-        IF NOT take THEN
-            SELECT count(*) INTO reserved FROM ledgerq.tasks t
-            WHERE t.queue = flow_refusal.queue AND t.status = 'QUEUED' AND t.attempts > t.budget_start;
-        END IF;
-        -- extra_queue counts every task admitted in this batch, retries or
-        -- not: an overestimate of the retries, so on the safe side.
-        reserved := reserved + extra_queue;
-        IF retry_tokens - reserved < 1 THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'retry', NULL, retry_tokens, at,
-                                            at + make_interval(secs => (1 + reserved - retry_tokens) / rate));
-            RETURN 'retry_rate_per_second';
-        END IF;
-    END IF;
-    IF take THEN
-        IF key_tokens IS NOT NULL THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'key', concurrency_key, key_tokens - 1, at);
-        END IF;
-        IF queue_tokens IS NOT NULL THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'queue', NULL, queue_tokens - 1, at);
-        END IF;
-        IF retry_tokens IS NOT NULL THEN
-            PERFORM ledgerq.flow_bucket_set(queue, 'retry', NULL, retry_tokens - 1, at);
-        END IF;
-    END IF;
-    RETURN NULL;
-END;
+-- flow_rate_bucket: the bucket a rate refusal waits on, and its setting.
+CREATE OR REPLACE FUNCTION ledgerq.flow_bucket_of(reason text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE reason WHEN 'rate_per_second' THEN 'queue'
+                       WHEN 'per_key_rate_per_second' THEN 'key'
+                       WHEN 'retry_rate_per_second' THEN 'retry' END;
 $$;
 
 -- flow_lock_queues: take the flow locks of the configured queues among these
@@ -247,13 +169,161 @@ BEGIN
 END;
 $$;
 
--- --- claim ---------------------------------------------------------------------
+-- --- claim and dispatch ---------------------------------------------------------------
+
+-- flow_decide: the verdict on each task (in the given order) of a batch, under
+-- the flow locks of their queues (the caller holds them and the tasks' row
+-- locks). NULL for a task that may start (every task of a queue without a
+-- settings row), else the reason it waits.
+--
+-- At claim (at_claim), a slot is held by a RUNNING task; a start spends a token
+-- of each rate that applies, written to the buckets before returning. At
+-- dispatch, a QUEUED task counts as started too (it is on its way to a worker,
+-- where it will hold a slot and spend a token); nothing is spent. Either way a
+-- task this batch let through counts for the ones after it, and a rate
+-- refusal sets its bucket's wake_at to when a token is due for the first task
+-- parked on it. Each scope is counted and each bucket read once per batch.
+CREATE OR REPLACE FUNCTION ledgerq.flow_decide(task_ids bigint[], at_claim boolean, at timestamptz)
+RETURNS TABLE(id bigint, reason text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    c record;
+    verdict text;
+    slot_states text[] := CASE WHEN at_claim THEN '{RUNNING}'::text[] ELSE '{QUEUED,RUNNING}'::text[] END;
+    busy jsonb := '{}';      -- scope name -> slots taken
+    buckets jsonb := '{}';   -- scope name -> {queue, bucket, key, rate, tokens, spent, wake}
+    qname text;
+    kname text;
+    rname text;
+    keyed boolean;
+    n bigint;
+    rate double precision;
+    name text;
+    b jsonb;
+BEGIN
+    FOR c IN
+        SELECT t.id, t.queue, t.concurrency_key, t.attempts > t.budget_start AS is_retry,
+               q.settings, q.paused
+        FROM unnest(task_ids) WITH ORDINALITY AS u(id, ord)
+        JOIN ledgerq.tasks t ON t.id = u.id
+        LEFT JOIN ledgerq.queues q ON q.queue = t.queue
+        ORDER BY u.ord
+    LOOP
+        IF c.settings IS NULL THEN
+            id := c.id; reason := NULL; RETURN NEXT;
+            CONTINUE;
+        END IF;
+        keyed := c.concurrency_key IS NOT NULL;
+        qname := 'q' || c.queue;
+        kname := 'k' || c.queue || chr(31) || coalesce(c.concurrency_key, '');
+        rname := 'r' || c.queue;
+
+        -- First sight of a scope in this batch: count it, read its buckets.
+        IF c.settings ? 'max_running' AND NOT busy ? qname THEN
+            SELECT count(*) INTO n FROM ledgerq.tasks t
+            WHERE t.queue = c.queue AND t.status IN ('QUEUED', 'RUNNING') AND t.status = ANY (slot_states);
+            busy := busy || jsonb_build_object(qname, n);
+        END IF;
+        IF keyed AND c.settings ? 'per_key_max_running' AND NOT busy ? kname THEN
+            SELECT count(*) INTO n FROM ledgerq.tasks t
+            WHERE t.queue = c.queue AND t.concurrency_key = c.concurrency_key
+              AND t.status IN ('QUEUED', 'RUNNING') AND t.status = ANY (slot_states);
+            busy := busy || jsonb_build_object(kname, n);
+        END IF;
+        IF c.settings ? 'rate_per_second' AND NOT buckets ? qname THEN
+            rate := (c.settings ->> 'rate_per_second')::double precision;
+            n := 0;
+            IF NOT at_claim THEN
+                SELECT count(*) INTO n FROM ledgerq.tasks t WHERE t.queue = c.queue AND t.status = 'QUEUED';
+            END IF;
+            buckets := buckets || jsonb_build_object(qname, jsonb_build_object(
+                'queue', c.queue, 'bucket', 'queue', 'key', NULL, 'rate', rate, 'spent', 0,
+                'tokens', ledgerq.flow_tokens(c.queue, 'queue', NULL, rate, ledgerq.flow_burst(c.settings, rate), at),
+                'reserved', n));
+        END IF;
+        IF c.is_retry AND c.settings ? 'retry_rate_per_second' AND NOT buckets ? rname THEN
+            rate := (c.settings ->> 'retry_rate_per_second')::double precision;
+            n := 0;
+            IF NOT at_claim THEN
+                SELECT count(*) INTO n FROM ledgerq.tasks t
+                WHERE t.queue = c.queue AND t.status = 'QUEUED' AND t.attempts > t.budget_start;
+            END IF;
+            buckets := buckets || jsonb_build_object(rname, jsonb_build_object(
+                'queue', c.queue, 'bucket', 'retry', 'key', NULL, 'rate', rate, 'spent', 0,
+                'tokens', ledgerq.flow_tokens(c.queue, 'retry', NULL, rate, ledgerq.flow_burst(c.settings, rate), at),
+                'reserved', n));
+        END IF;
+        IF keyed AND c.settings ? 'per_key_rate_per_second' AND NOT buckets ? kname THEN
+            rate := (c.settings ->> 'per_key_rate_per_second')::double precision;
+            n := 0;
+            IF NOT at_claim THEN
+                SELECT count(*) INTO n FROM ledgerq.tasks t
+                WHERE t.queue = c.queue AND t.concurrency_key = c.concurrency_key AND t.status = 'QUEUED';
+            END IF;
+            buckets := buckets || jsonb_build_object(kname, jsonb_build_object(
+                'queue', c.queue, 'bucket', 'key', 'key', c.concurrency_key, 'rate', rate, 'spent', 0,
+                'tokens', ledgerq.flow_tokens(c.queue, 'key', c.concurrency_key, rate,
+                                              ledgerq.flow_burst(c.settings, rate), at),
+                'reserved', n));
+        END IF;
+
+        verdict := ledgerq.flow_verdict(c.settings, c.paused, keyed,
+            (busy ->> kname)::bigint, (busy ->> qname)::bigint,
+            ledgerq.flow_left(buckets -> kname), ledgerq.flow_left(buckets -> qname),
+            CASE WHEN c.is_retry THEN ledgerq.flow_left(buckets -> rname) END);
+
+        IF verdict IS NULL THEN
+            IF busy ? qname THEN
+                busy := jsonb_set(busy, ARRAY[qname], to_jsonb((busy ->> qname)::bigint + 1));
+            END IF;
+            IF keyed AND busy ? kname THEN
+                busy := jsonb_set(busy, ARRAY[kname], to_jsonb((busy ->> kname)::bigint + 1));
+            END IF;
+            FOREACH name IN ARRAY ARRAY[qname, CASE WHEN keyed THEN kname END,
+                                        CASE WHEN c.is_retry THEN rname END] LOOP
+                IF name IS NOT NULL AND buckets ? name THEN
+                    buckets := jsonb_set(buckets, ARRAY[name, 'spent'],
+                                         to_jsonb((buckets #>> ARRAY[name, 'spent'])::bigint + 1));
+                END IF;
+            END LOOP;
+        ELSIF ledgerq.flow_bucket_of(verdict) IS NOT NULL THEN
+            name := CASE ledgerq.flow_bucket_of(verdict) WHEN 'key' THEN kname
+                                                         WHEN 'queue' THEN qname ELSE rname END;
+            IF NOT buckets -> name ? 'wake' THEN
+                buckets := jsonb_set(buckets, ARRAY[name, 'wake'], to_jsonb(
+                    greatest(0, 1 - ledgerq.flow_left(buckets -> name)) / (buckets #>> ARRAY[name, 'rate'])::double precision));
+            END IF;
+        END IF;
+        id := c.id; reason := verdict; RETURN NEXT;
+    END LOOP;
+
+    -- One write per bucket: tokens spent (at claim), the wake-up of refusals.
+    FOR b IN SELECT e.value FROM jsonb_each(buckets) e LOOP
+        IF (at_claim AND (b ->> 'spent')::bigint > 0) OR b ? 'wake' THEN
+            PERFORM ledgerq.flow_bucket_set(
+                b ->> 'queue', b ->> 'bucket', b ->> 'key',
+                (b ->> 'tokens')::double precision - CASE WHEN at_claim THEN (b ->> 'spent')::bigint ELSE 0 END,
+                at,
+                at + make_interval(secs => (b ->> 'wake')::double precision));
+        END IF;
+    END LOOP;
+END;
+$$;
+
+-- flow_left: the whole tokens a bucket (as tracked by flow_decide) can still
+-- give this batch; NULL when there is no such bucket.
+CREATE OR REPLACE FUNCTION ledgerq.flow_left(b jsonb) RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (b ->> 'tokens')::double precision - (b ->> 'reserved')::bigint - (b ->> 'spent')::bigint;
+$$;
 
 -- flow_claim: claim_tasks for tasks of configured queues (and parked ones).
--- Each claimable task either starts (RUNNING, as claim_tasks does it) or, when
--- a limit or the pause refuses it, goes back to PENDING, parked on that
--- reason, with its attempt count untouched. Returns both: the claimed rows
--- (status RUNNING) and the deferred ones (status PENDING, waiting_on set).
+-- Under the queue's flow lock, each claimable task either starts (RUNNING, as
+-- claim_tasks does it) or, when a limit or the pause refuses it, goes back to
+-- PENDING parked on that reason, with its attempt count untouched. Returns
+-- both: the claimed rows (status RUNNING) and the deferred ones (status
+-- PENDING, waiting_on set).
 CREATE OR REPLACE FUNCTION ledgerq.flow_claim(
     task_ids bigint[],
     worker_id text,
@@ -263,10 +333,10 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     locked_ids bigint[];
-    candidate record;
-    reason text;
     at timestamptz;
-    claimed ledgerq.tasks%ROWTYPE;
+    start_ids bigint[];
+    wait_ids bigint[];
+    wait_reasons text[];
 BEGIN
     SELECT array_agg(l.id) INTO locked_ids FROM (
         SELECT t.id FROM ledgerq.tasks t
@@ -279,99 +349,71 @@ BEGIN
         RETURN;
     END IF;
     PERFORM ledgerq.flow_lock_queues(locked_ids);
-    -- The clock after the locks: buckets refill by the time that really passed.
+    -- The clock after the locks: buckets refill by the time that really
+    -- passed, and an attempt starts when it really started, so the attempt
+    -- intervals of one scope never overlap beyond its limit.
     at := clock_timestamp();
-    FOR candidate IN
-        SELECT t.id, t.queue, t.concurrency_key, t.attempts > t.budget_start AS is_retry,
-               q.settings, q.paused
-        FROM ledgerq.tasks t LEFT JOIN ledgerq.queues q ON q.queue = t.queue
-        WHERE t.id = ANY (locked_ids)
-          -- Re-checked: a task may have moved while we waited for the locks.
-          AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
-        ORDER BY t.id
-    LOOP
-        reason := NULL;
-        IF candidate.settings IS NOT NULL THEN
-            reason := ledgerq.flow_refusal(candidate.queue, candidate.concurrency_key,
-                candidate.is_retry, candidate.settings, candidate.paused, at, true, '{RUNNING}');
-        END IF;
-        IF reason IS NULL THEN
-            UPDATE ledgerq.tasks t
-            SET status = 'RUNNING',
-                attempts = t.attempts + 1,
-                worker_id = flow_claim.worker_id,
-                lease_expires_at = at + make_interval(secs => lease_seconds),
-                queued_at = NULL,
-                waiting_on = NULL,
-                -- When it really started: after the locks, so the attempt
-                -- intervals of one scope never overlap beyond its limit.
-                started_at = at
-            WHERE t.id = candidate.id
-            RETURNING t.* INTO claimed;
-            INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
-            VALUES (claimed.id, claimed.attempts, claimed.worker_id, claimed.started_at);
-            RETURN NEXT claimed;
-        ELSE
-            RETURN QUERY
-            UPDATE ledgerq.tasks t SET status = 'PENDING', queued_at = NULL, waiting_on = reason
-            WHERE t.id = candidate.id
-            RETURNING t.*;
-        END IF;
-    END LOOP;
+    SELECT array_agg(d.id) FILTER (WHERE d.reason IS NULL),
+           array_agg(d.id) FILTER (WHERE d.reason IS NOT NULL),
+           array_agg(d.reason) FILTER (WHERE d.reason IS NOT NULL)
+    INTO start_ids, wait_ids, wait_reasons
+    FROM ledgerq.flow_decide(
+        -- Re-checked: a task may have moved while we waited for the locks.
+        ARRAY(SELECT t.id FROM ledgerq.tasks t
+              WHERE t.id = ANY (locked_ids)
+                AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+              ORDER BY t.id),
+        true, at) d;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE ledgerq.tasks t
+        SET status = 'RUNNING',
+            attempts = t.attempts + 1,
+            worker_id = flow_claim.worker_id,
+            lease_expires_at = at + make_interval(secs => lease_seconds),
+            queued_at = NULL,
+            waiting_on = NULL,
+            started_at = at
+        WHERE t.id = ANY (start_ids)
+        RETURNING t.*
+    ), opened AS (
+        INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
+        SELECT c.id, c.attempts, c.worker_id, c.started_at FROM claimed c
+    )
+    SELECT * FROM claimed;
+
+    RETURN QUERY
+    UPDATE ledgerq.tasks t SET status = 'PENDING', queued_at = NULL, waiting_on = w.reason
+    FROM unnest(wait_ids, wait_reasons) AS w(id, reason)
+    WHERE t.id = w.id
+    RETURNING t.*;
 END;
 $$;
-
--- --- dispatch --------------------------------------------------------------------
 
 -- flow_admit: which of these dispatch candidates (locked by the caller, in
 -- dispatch order) may go to Redis. A candidate of a configured queue that
 -- cannot start now is parked instead, so Redis never fills with ids the claim
--- would refuse. Counts what is QUEUED or RUNNING, plus what this batch
--- admitted before it. The claim re-checks exactly; this keeps it from
--- having to.
+-- would refuse. The claim re-checks exactly; this spares it the work.
 CREATE OR REPLACE FUNCTION ledgerq.flow_admit(candidate_ids bigint[]) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    candidate record;
-    reason text;
-    at timestamptz;
-    admitted bigint[] := '{}';
-    per_queue jsonb := '{}';
-    per_key jsonb := '{}';
-    key_name text;
+    admitted bigint[];
+    wait_ids bigint[];
+    wait_reasons text[];
 BEGIN
     PERFORM ledgerq.flow_lock_queues(candidate_ids);
-    at := clock_timestamp();
-    FOR candidate IN
-        SELECT t.id, t.queue, t.concurrency_key, t.attempts > t.budget_start AS is_retry,
-               q.settings, q.paused
-        FROM unnest(candidate_ids) WITH ORDINALITY AS u(id, ord)
-        JOIN ledgerq.tasks t ON t.id = u.id
-        LEFT JOIN ledgerq.queues q ON q.queue = t.queue
-        ORDER BY u.ord
-    LOOP
-        IF candidate.settings IS NULL THEN
-            admitted := admitted || candidate.id;
-            CONTINUE;
-        END IF;
-        key_name := candidate.queue || chr(31) || coalesce(candidate.concurrency_key, '');
-        reason := ledgerq.flow_refusal(candidate.queue, candidate.concurrency_key, candidate.is_retry,
-            candidate.settings, candidate.paused, at, false, '{QUEUED,RUNNING}',
-            coalesce((per_queue ->> candidate.queue)::integer, 0),
-            coalesce((per_key ->> key_name)::integer, 0));
-        IF reason IS NULL THEN
-            admitted := admitted || candidate.id;
-            per_queue := per_queue || jsonb_build_object(candidate.queue,
-                coalesce((per_queue ->> candidate.queue)::integer, 0) + 1);
-            IF candidate.concurrency_key IS NOT NULL THEN
-                per_key := per_key || jsonb_build_object(key_name,
-                    coalesce((per_key ->> key_name)::integer, 0) + 1);
-            END IF;
-        ELSE
-            UPDATE ledgerq.tasks t SET waiting_on = reason WHERE t.id = candidate.id;
-        END IF;
-    END LOOP;
+    SELECT coalesce(array_agg(d.id) FILTER (WHERE d.reason IS NULL), '{}'),
+           array_agg(d.id) FILTER (WHERE d.reason IS NOT NULL),
+           array_agg(d.reason) FILTER (WHERE d.reason IS NOT NULL)
+    INTO admitted, wait_ids, wait_reasons
+    FROM ledgerq.flow_decide(candidate_ids, false, clock_timestamp()) d;
+    IF wait_ids IS NOT NULL THEN
+        UPDATE ledgerq.tasks t SET waiting_on = w.reason
+        FROM unnest(wait_ids, wait_reasons) AS w(id, reason)
+        WHERE t.id = w.id;
+    END IF;
     RETURN admitted;
 END;
 $$;
@@ -462,7 +504,7 @@ END;
 $$;
 
 -- flow_wake_due: rate buckets whose next token has come wake the tasks parked
--- on them: as many as the bucket holds whole tokens (at least one), in line
+-- on them: as many as the bucket holds whole tokens, in line
 -- order; while tasks remain parked, the bucket wakes again after the next
 -- token. The dispatcher calls it in its own transaction before taking due
 -- tasks (it takes flow locks, which must come before any row lock).
@@ -474,7 +516,7 @@ DECLARE
     at timestamptz;
     rate double precision;
     reason text;
-    tokens double precision;
+    have double precision;
     n integer;
     woken integer := 0;
 BEGIN
@@ -504,15 +546,22 @@ BEGIN
             WHERE (b.queue, b.bucket, b.concurrency_key) = (due.queue, due.bucket, due.concurrency_key);
             CONTINUE;
         END IF;
-        tokens := ledgerq.flow_tokens(due.queue, due.bucket, nullif(due.concurrency_key, ''), rate,
+        have := ledgerq.flow_tokens(due.queue, due.bucket, nullif(due.concurrency_key, ''), rate,
                                       ledgerq.flow_burst(cfg.settings, rate), at);
+        IF have < 1 THEN
+            -- Spent since the wake-up was set (a claim took the token): wake
+            -- when the next one is due instead.
+            UPDATE ledgerq.flow_buckets b SET wake_at = at + make_interval(secs => (1 - have) / rate)
+            WHERE (b.queue, b.bucket, b.concurrency_key) = (due.queue, due.bucket, due.concurrency_key);
+            CONTINUE;
+        END IF;
         UPDATE ledgerq.tasks t SET waiting_on = NULL
         WHERE t.id IN (
             SELECT p.id FROM ledgerq.tasks p
             WHERE p.queue = due.queue AND p.status = 'PENDING' AND p.waiting_on = reason
               AND (due.bucket <> 'key' OR p.concurrency_key = due.concurrency_key)
             ORDER BY p.priority DESC, p.turn, p.id
-            LIMIT greatest(1, floor(tokens))::integer
+            LIMIT floor(have)::integer
             FOR NO KEY UPDATE SKIP LOCKED);
         GET DIAGNOSTICS n = ROW_COUNT;
         woken := woken + n;
