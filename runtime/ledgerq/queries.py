@@ -202,6 +202,16 @@ LIST_SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# Flow control (queues.sql): a queue's settings and its pause. pause_queue and
+# resume_queue answer whether they changed the queue; the view reads back its
+# state, so a caller knows where the queue stands either way.
+CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
+PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
+RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
+QUEUE_SETTINGS: LiteralString = """
+    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
+"""
+
 PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
@@ -413,7 +423,18 @@ def queue_depths() -> Plan[list[types.QueueDepth]]:
 
 
 def queue_summary() -> Plan[list[types.QueueSummary]]:
-    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+    """Every queue with tasks, and every queue that was configured or paused
+    (with no tasks, its counts are zero), with its pause and settings."""
+    counted = {q.queue: q for q in map(_decode_queue_summary, (yield Call(QUEUE_SUMMARY)))}
+    configured = {s.queue: s for s in (yield from queue_settings())}
+    summary = []
+    for name in sorted(counted.keys() | configured.keys()):
+        queue = counted.get(name) or types.QueueSummary(name, {}, None, 0)
+        flow = configured.get(name)
+        if flow is not None:
+            queue = dataclasses.replace(queue, paused=flow.paused, settings=flow.settings)
+        summary.append(queue)
+    return summary
 
 
 def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
@@ -461,6 +482,26 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
     ((known,),) = yield Call(text, (name,))
     if not known:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
+
+
+def configure_queue(queue: str, settings: types.JsonObject) -> Plan[types.JsonObject]:
+    """Merge settings into queue's (a key set to None removes it); all of them now."""
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return types.QueuePaused(queue, True, bool(changed))
+
+
+def resume_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(RESUME_QUEUE, (queue,))
+    return types.QueuePaused(queue, False, bool(changed))
+
+
+def queue_settings() -> Plan[list[types.QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
 
 
 def hand_back(
@@ -655,6 +696,10 @@ _SUMMARY_STATUSES = (
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
     return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:
+    return types.QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:

@@ -257,21 +257,56 @@ class QueueDepth:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueSummary:
-    """One queue: tasks by status, its oldest due task's age, what finished lately."""
+    """One queue: tasks by status, its oldest due task's age, what finished lately,
+    and its flow control (paused, settings)."""
 
     queue: str
     counts: dict[TaskStatus, int]
     oldest_due_age_s: float | None
     finished_last_minute: int
+    paused: bool = False
+    settings: JsonObject = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JsonObject:
-        """The queue as GET /queues and ``ledgerq stats --json`` show it."""
+        """The queue as GET /queues, ``ledgerq queues --json`` and ``ledgerq stats
+        --json`` show it."""
         return {
             "queue": self.queue,
             "counts": {status.value: self.counts.get(status, 0) for status in TaskStatus},
             "oldest_pending_age_seconds": self.oldest_due_age_s,
             "finished_last_minute": self.finished_last_minute,
+            "paused": self.paused,
+            "settings": self.settings,
         }
+
+
+#: The keys of a queue's settings (``configure_queue``), in the order they are shown.
+QUEUE_SETTING_KEYS = (
+    "max_running", "per_key_max_running", "rate_per_second", "per_key_rate_per_second",
+    "retry_rate_per_second", "burst", "retention",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A row of the ``queue_settings`` view: a queue that was configured or paused."""
+
+    queue: str
+    paused: bool
+    settings: JsonObject
+    updated_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueuePaused:
+    """What pause_queue or resume_queue did: the queue's pause now, and whether it changed."""
+
+    queue: str
+    paused: bool
+    changed: bool
+
+    def to_json(self) -> JsonObject:
+        return {"queue": self.queue, "paused": self.paused, "changed": self.changed}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
