@@ -597,6 +597,9 @@ class AsyncLedger:
     async def reap(self) -> int:
         return await self._run(queries.reap())
 
+    async def prune_tasks_batch(self, older_than: str, batch_size: int) -> int:
+        return await self._run(queries.prune_tasks_batch(older_than, batch_size))
+
     # operators
     async def cancel(self, task_id: int) -> types.TaskStatus:
         return await self._run(queries.cancel(task_id))

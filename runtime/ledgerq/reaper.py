@@ -8,8 +8,21 @@ do the same job instead:
 ``SELECT cron.schedule('ledgerq-reap', '* * * * *', 'SELECT ledgerq.reap_stuck()')``.
 
 A killed worker's task runs again within its lease plus this interval (plus
-its backoff). Log events (logger ``ledgerq.reaper``): ``reaper.reaped`` with
-the count, ``ledger.unavailable``.
+its backoff).
+
+It also prunes (unless ``prune_interval_s`` is None): every
+``prune_interval_s`` (PRUNE_INTERVAL_DEFAULT_S) it deletes SUCCEEDED and
+CANCELLED tasks finished more than ``retention`` ago (a PostgreSQL interval
+text; a queue's own ``retention`` setting wins), with their attempts, by
+calling ``prune_tasks_batch`` until a batch comes back short. Each batch is its
+own autocommitted statement, so no lock and no snapshot lives longer than one
+batch (see sql/functions/retention.sql), and one pass stops after
+PRUNE_PASS_BUDGET_S so a big first backlog never delays the recovery of stuck
+tasks: the next pass continues right after the next sweep. Deleted tasks count
+in ``ledgerq_tasks_pruned_total``.
+
+Log events (logger ``ledgerq.reaper``): ``reaper.reaped`` and
+``reaper.pruned`` with the counts, ``ledger.unavailable``.
 """
 
 from __future__ import annotations
@@ -17,11 +30,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 
-from ledgerq import errors
+from ledgerq import errors, metrics
 from ledgerq.ledger import AsyncLedger
 
 REAPER_INTERVAL_DEFAULT_S = 5.0
+PRUNE_INTERVAL_DEFAULT_S = 60.0
+RETENTION_DEFAULT = "7 days"
+PRUNE_BATCH_SIZE_DEFAULT = 1000
+PRUNE_PASS_BUDGET_S = 2.0
+
+_UNITS = (
+    "microseconds?|us|milliseconds?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h|"
+    "days?|d|weeks?|w|months?|mons?|years?|yrs?|y"
+)
+_INTERVAL_TEXT = re.compile(
+    rf"(?:\d+(?:\.\d+)?\s*(?:{_UNITS})\b\s*)+|\d+:\d{{1,2}}(?::\d{{1,2}}(?:\.\d+)?)?",
+    re.IGNORECASE,
+)
+
+
+def check_retention(text: str) -> str:
+    """``text`` stripped, if it is a non-negative PostgreSQL interval such as
+    ``7 days``, ``2 seconds``, ``1 hour 30 minutes`` or ``00:00:30``; else ConfigError.
+
+    Checked before the reaper connects, so a typo is a usage error at once, not
+    a failed prune every minute. (PostgreSQL checks it again.)"""
+    cleaned = text.strip()
+    if not _INTERVAL_TEXT.fullmatch(cleaned):
+        raise errors.ConfigError(
+            f"retention must be a PostgreSQL interval >= 0 such as '7 days' or '2 seconds',"
+            f" got {text!r}"
+        )
+    return cleaned
+
 
 log = logging.getLogger("ledgerq.reaper")
 
@@ -29,14 +72,32 @@ log = logging.getLogger("ledgerq.reaper")
 class Reaper:
     """Recovers stuck tasks on an interval."""
 
-    def __init__(self, ledger: AsyncLedger, *, interval_s: float = REAPER_INTERVAL_DEFAULT_S):
+    def __init__(
+        self,
+        ledger: AsyncLedger,
+        *,
+        interval_s: float = REAPER_INTERVAL_DEFAULT_S,
+        prune_interval_s: float | None = PRUNE_INTERVAL_DEFAULT_S,
+        retention: str = RETENTION_DEFAULT,
+        prune_batch_size: int = PRUNE_BATCH_SIZE_DEFAULT,
+    ):
         if interval_s <= 0:
             raise errors.ConfigError(f"reaper interval must be > 0 seconds, got {interval_s}")
+        if prune_interval_s is not None and prune_interval_s <= 0:
+            raise errors.ConfigError(f"prune interval must be > 0 seconds, got {prune_interval_s}")
+        if prune_batch_size < 1:
+            raise errors.ConfigError(f"prune batch size must be >= 1, got {prune_batch_size}")
         self.ledger = ledger
         self.interval_s = interval_s
+        #: None: never prune.
+        self.prune_interval_s = prune_interval_s
+        self.retention = check_retention(retention)
+        self.prune_batch_size = prune_batch_size
         self._stopping = asyncio.Event()
         #: Tasks moved since start.
         self.reaped = 0
+        #: Tasks deleted since start.
+        self.pruned = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -49,14 +110,44 @@ class Reaper:
         self.reaped += moved
         return moved
 
+    async def prune_once(self, budget_s: float | None = None) -> tuple[int, bool]:
+        """Delete due finished tasks, a batch per statement, until a batch comes
+        back short or ``budget_s`` is spent; returns (deleted, whether more may be due)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if budget_s is None else loop.time() + budget_s
+        deleted = 0
+        more = True
+        while not self._stopping.is_set():
+            n = await self.ledger.prune_tasks_batch(self.retention, self.prune_batch_size)
+            deleted += n
+            self.pruned += n
+            metrics.TASKS_PRUNED.inc(n)
+            if n < self.prune_batch_size:
+                more = False
+                break
+            if deadline is not None and loop.time() >= deadline:
+                break
+        if deleted:
+            log.info("reaper.pruned %d task(s)", deleted)
+        return deleted, more
+
     async def run(self) -> None:
-        """Sweep every interval until stop() is called."""
+        """Sweep every interval, and prune every prune interval, until stop() is called."""
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
         while not self._stopping.is_set():
             try:
                 await self.run_once()
+                if self.prune_interval_s is not None and loop.time() >= next_prune:
+                    _, more = await self.prune_once(PRUNE_PASS_BUDGET_S)
+                    # A backlog left over continues right after the next sweep.
+                    next_prune = loop.time() + (0.0 if more else self.prune_interval_s)
             except errors.LedgerError as exc:
                 # Unreachable or refused (a deadlock, a statement timeout): the
                 # next sweep tries again; a reaper must outlive its database.
                 log.warning("ledger.unavailable %s (retrying)", exc.message)
+            timeout = self.interval_s
+            if self.prune_interval_s is not None:
+                timeout = min(timeout, max(0.0, next_prune - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_s)
+                await asyncio.wait_for(self._stopping.wait(), timeout=timeout)
