@@ -80,6 +80,14 @@ QUEUED_STALE: LiteralString = """
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
+# The ledger's churning tables with more dead row versions than a bound: the
+# reaper vacuums them itself (ledger.vacuum) rather than wait for autovacuum,
+# which looks at a database at most once per autovacuum_naptime (1 min).
+CHURNED_TABLES: LiteralString = """
+    SELECT relname FROM pg_stat_user_tables
+    WHERE schemaname = 'ledgerq' AND relname IN ('tasks', 'attempts') AND n_dead_tup > %s
+    ORDER BY relname
+"""
 # One batch per statement (retention.sql): the reaper loops, so no lock and no
 # snapshot outlives a batch however big the backlog.
 PRUNE_TASKS_BATCH: LiteralString = """
@@ -328,6 +336,11 @@ def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:
 def reap() -> Plan[int]:
     ((moved,),) = yield Call(REAP)
     return int(moved)
+
+
+def churned_tables(dead_rows: int) -> Plan[list[str]]:
+    rows = yield Call(CHURNED_TABLES, (dead_rows,))
+    return [str(r[0]) for r in rows]
 
 
 def prune_tasks_batch(older_than: str, batch_size: int) -> Plan[int]:

@@ -21,8 +21,16 @@ PRUNE_PASS_BUDGET_S so a big first backlog never delays the recovery of stuck
 tasks: the next pass continues right after the next sweep. Deleted tasks count
 in ``ledgerq_tasks_pruned_total``.
 
-Log events (logger ``ledgerq.reaper``): ``reaper.reaped`` and
-``reaper.pruned`` with the counts, ``ledger.unavailable``.
+After each sweep it vacuums ledgerq.tasks or ledgerq.attempts when one holds
+more than ``vacuum_dead_rows`` dead row versions (0: never). A queue updates a
+task row about four times in its life, so at 2,000 tasks/s the table gains
+8,000 dead rows a second, and autovacuum visits a database at most once per
+``autovacuum_naptime`` (1 min by default): hundreds of thousands of dead rows
+before it even starts. VACUUM (SKIP_LOCKED) takes no lock that blocks the
+queue's reads or writes.
+
+Log events (logger ``ledgerq.reaper``): ``reaper.reaped``, ``reaper.pruned``
+with the counts, ``reaper.vacuumed`` with the table, ``ledger.unavailable``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ PRUNE_INTERVAL_DEFAULT_S = 60.0
 RETENTION_DEFAULT = "7 days"
 PRUNE_BATCH_SIZE_DEFAULT = 1000
 PRUNE_PASS_BUDGET_S = 2.0
+VACUUM_DEAD_ROWS_DEFAULT = 50_000
 
 _UNITS = (
     "microseconds?|us|milliseconds?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h|"
@@ -80,11 +89,14 @@ class Reaper:
         prune_interval_s: float | None = PRUNE_INTERVAL_DEFAULT_S,
         retention: str = RETENTION_DEFAULT,
         prune_batch_size: int = PRUNE_BATCH_SIZE_DEFAULT,
+        vacuum_dead_rows: int = VACUUM_DEAD_ROWS_DEFAULT,
     ):
         if interval_s <= 0:
             raise errors.ConfigError(f"reaper interval must be > 0 seconds, got {interval_s}")
         if prune_interval_s is not None and prune_interval_s <= 0:
             raise errors.ConfigError(f"prune interval must be > 0 seconds, got {prune_interval_s}")
+        if vacuum_dead_rows < 0:
+            raise errors.ConfigError(f"vacuum dead rows must be >= 0, got {vacuum_dead_rows}")
         if prune_batch_size < 1:
             raise errors.ConfigError(f"prune batch size must be >= 1, got {prune_batch_size}")
         self.ledger = ledger
@@ -93,6 +105,8 @@ class Reaper:
         self.prune_interval_s = prune_interval_s
         self.retention = check_retention(retention)
         self.prune_batch_size = prune_batch_size
+        #: 0: never vacuum.
+        self.vacuum_dead_rows = vacuum_dead_rows
         self._stopping = asyncio.Event()
         #: Tasks moved since start.
         self.reaped = 0
@@ -131,6 +145,16 @@ class Reaper:
             log.info("reaper.pruned %d task(s)", deleted)
         return deleted, more
 
+    async def vacuum_once(self) -> list[str]:
+        """VACUUM the ledger's tables that hold more than vacuum_dead_rows dead rows."""
+        if not self.vacuum_dead_rows:
+            return []
+        tables = await self.ledger.churned_tables(self.vacuum_dead_rows)
+        for table in tables:
+            await self.ledger.vacuum(table)
+            log.info("reaper.vacuumed ledgerq.%s", table)
+        return tables
+
     async def run(self) -> None:
         """Sweep every interval, and prune every prune interval, until stop() is called."""
         loop = asyncio.get_running_loop()
@@ -142,6 +166,7 @@ class Reaper:
                     _, more = await self.prune_once(PRUNE_PASS_BUDGET_S)
                     # A backlog left over continues right after the next sweep.
                     next_prune = loop.time() + (0.0 if more else self.prune_interval_s)
+                await self.vacuum_once()
             except errors.LedgerError as exc:
                 # Unreachable or refused (a deadlock, a statement timeout): the
                 # next sweep tries again; a reaper must outlive its database.

@@ -81,9 +81,8 @@ DECLARE
     n bigint;
 BEGIN
     PERFORM ledgerq.prune_check(older_than, batch_size);
-    -- Queues with their own retention: each by tasks_queue_finished_idx
-    -- (queue, finished_at), so a queue kept briefly never walks the rows
-    -- another queue keeps for days.
+    -- Queues with their own retention, one at a time: oldest first through
+    -- tasks_finished_idx, or a small queue's through tasks_queue_status_idx.
     FOR configured IN
         SELECT q.queue, ledgerq.queue_retention(q.settings) AS retention
         FROM ledgerq.queues q
@@ -109,8 +108,7 @@ BEGIN
     IF deleted >= batch_size THEN
         RETURN deleted;
     END IF;
-    -- Every other queue, by older_than: tasks_finished_idx (finished_at), or
-    -- tasks_queue_finished_idx when one queue is asked for.
+    -- Every other queue, by older_than, oldest first (tasks_finished_idx).
     WITH victims AS (
         SELECT t.id FROM ledgerq.tasks t
         WHERE t.finished_at < now() - older_than

@@ -25,7 +25,7 @@ from ledgerq.cli import common, supervise
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import BATCH_SIZE_DEFAULT, POLL_INTERVAL_DEFAULT_S, Dispatcher
 from ledgerq.ledger import AsyncLedger
-from ledgerq.reaper import PRUNE_INTERVAL_DEFAULT_S, Reaper
+from ledgerq.reaper import PRUNE_INTERVAL_DEFAULT_S, VACUUM_DEAD_ROWS_DEFAULT, Reaper
 from ledgerq.worker import GRACE_DEFAULT_S, Worker
 
 # --- migrate ------------------------------------------------------------------------------
@@ -217,6 +217,10 @@ def dispatcher(
 @common.retention_option
 @click.option("--no-prune", is_flag=True, help="Never delete finished tasks (prune with "
               "pg_cron or prune_tasks() instead).")  # fmt: skip
+@click.option("--vacuum-dead-rows", type=click.IntRange(0), default=VACUUM_DEAD_ROWS_DEFAULT,
+              show_default=True, metavar="N", help="After a sweep, VACUUM ledgerq.tasks or "
+              "ledgerq.attempts when it holds more than N dead rows (0: leave it to "
+              "autovacuum).")  # fmt: skip
 @click.option("--metrics-port", type=click.IntRange(1, 65_535), metavar="PORT",
               help="Serve this reaper's Prometheus metrics (tasks pruned) on "
               "127.0.0.1:PORT/metrics.")  # fmt: skip
@@ -224,10 +228,11 @@ def dispatcher(
 @common.connection_options
 def reaper(
     interval: float, once: bool, prune_interval: float, retention: str, no_prune: bool,
-    metrics_port: int | None, log_level: str, **options: Any,
+    vacuum_dead_rows: int, metrics_port: int | None, log_level: str, **options: Any,
 ) -> None:  # fmt: skip
     """Recover stuck tasks (expired leases, deliveries never claimed) every --interval,
-    and delete finished tasks older than --retention every --prune-interval."""
+    delete finished tasks older than --retention every --prune-interval, and vacuum
+    the ledger's tables when they hold many dead rows."""
     settings = common.settings_from(options)
     common.setup_logging(log_level)
     if metrics_port is not None:
@@ -241,6 +246,7 @@ def reaper(
             reaper = Reaper(
                 ledger, interval_s=interval, retention=retention,
                 prune_interval_s=None if no_prune else prune_interval,
+                vacuum_dead_rows=vacuum_dead_rows,
             )  # fmt: skip
             if once:
                 reaped = await reaper.run_once()

@@ -44,7 +44,7 @@ from psycopg import sql
 from ledgerq import config, display, errors, migrations
 from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
-from ledgerq.cli.demo import checks, workload
+from ledgerq.cli.demo import checks, periodic, workload
 from ledgerq.ledger import AsyncLedger, probe
 
 DATABASE_NAME_DEFAULT = "ledgerq_demo"
@@ -193,7 +193,8 @@ async def _demo(
     port = free_port()
     # INFO: services.log then tells the run's story (one line per task outcome).
     group.start("api", ["api", "--port", str(port), "--log-level", "INFO"])
-    group.start("dispatcher", ["dispatcher", "--log-level", "INFO"])
+    for n in range(1, periodic.DISPATCHERS + 1):  # two: each schedule slot still fires once
+        group.start(f"dispatcher-{n}", ["dispatcher", "--log-level", "INFO"])
     group.start(
         "reaper", ["reaper", "--interval", str(checks.REAPER_INTERVAL_S), "--log-level", "INFO"]
     )
@@ -204,16 +205,19 @@ async def _demo(
     try:
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             await workload.wait_ready(http, group, deadline)
+            await periodic.register(ledger)
             pids = ", ".join(str(c.pid) for c in group.children)
             screen.step(
-                f"started api (:{port}), dispatcher, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
+                f"started api (:{port}), {periodic.DISPATCHERS} dispatchers, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
                 f"2 workers (lease {checks.LEASE_S} s); pids {pids}"
             )
             run = checks.Run()
             await workload.kill_a_worker(http, group, workers, screen, run, deadline)
             await workload.submit_workload(http, screen, run)
             await workload.watch(http, group, screen, run, deadline)
+            await periodic.wait_slots(settings, screen, deadline)
         results, extra = await checks.verify(ledger, settings, run)
+        results.append(await asyncio.to_thread(periodic.check, settings))
     finally:
         await ledger.close()
     screen.block("")
