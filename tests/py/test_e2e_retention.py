@@ -34,7 +34,7 @@ def finished_task(d: e2e.Deployment, *, succeeded: bool = True, ago: str = "1 ho
         "SELECT ledgerq.complete_task(task_id => %s, attempt => %s, succeeded => %s)",
         (task_id, row[0], succeeded),
     )
-    d.query(
+    d.conn().execute(
         "UPDATE ledgerq.tasks SET finished_at = now() - %s::interval WHERE id = %s", (ago, task_id)
     )
     return task_id
@@ -44,7 +44,7 @@ def stuck_task(d: e2e.Deployment) -> int:
     """A RUNNING task whose lease expired: the reaper's next sweep sends it back to PENDING."""
     task_id = d.enqueue("job")
     d.query("SELECT 1 FROM ledgerq.claim_task(task_id => %s, worker_id => 'gone')", (task_id,))
-    d.query(
+    d.conn().execute(
         "UPDATE ledgerq.tasks SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
         (task_id,),
     )
