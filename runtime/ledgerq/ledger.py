@@ -168,6 +168,9 @@ def _conninfo(conninfo: object) -> str:
     return conninfo
 
 
+VACUUMED_TABLES = ("tasks", "attempts")
+
+
 # --- running plans -------------------------------------------------------------------
 
 
@@ -629,6 +632,26 @@ class AsyncLedger:
     # reaper
     async def reap(self) -> int:
         return await self._run(queries.reap())
+
+    async def prune_tasks_batch(self, older_than: str, batch_size: int) -> int:
+        return await self._run(queries.prune_tasks_batch(older_than, batch_size))
+
+    async def churned_tables(self, dead_rows: int) -> list[str]:
+        """The ledger's tables (tasks, attempts) with more than dead_rows dead rows."""
+        return await self._run(queries.churned_tables(dead_rows))
+
+    async def vacuum(self, table: str) -> None:
+        """VACUUM (SKIP_LOCKED) ledgerq.<table>, tasks or attempts. No plan: VACUUM
+        runs outside any transaction and returns no rows. Without the table's
+        ownership PostgreSQL skips it with a warning."""
+        if table not in VACUUMED_TABLES:
+            raise errors.ConfigError(
+                f"only {', '.join(VACUUMED_TABLES)} are vacuumed, not {table!r}"
+            )
+        statement = sql.SQL("VACUUM (SKIP_LOCKED) {}").format(sql.Identifier("ledgerq", table))
+        with translated():
+            async with self._pool.connection() as pooled:
+                await pooled.execute(statement)
 
     # operators
     async def cancel(self, task_id: int) -> types.TaskStatus:

@@ -19,6 +19,7 @@ so tests and several components in one process stay independent of one another.
 | ledgerq_queue_paused | gauge | queue | 1 while the queue is paused, else 0 (read at scrape) |
 | ledgerq_claims_deferred_total | counter | queue, reason | tasks this worker was handed that the ledger held back for a flow-control limit |
 | ledgerq_schedule_slots_total | counter | schedule, outcome | schedule slots this dispatcher handled: `enqueued`, `skipped_overlap` |
+| ledgerq_tasks_pruned_total | counter | | finished tasks this reaper deleted (with their attempts) |
 
 Task types and queues are chosen by clients, so their label values are
 bounded: the first ``LEDGERQ_METRICS_MAX_TYPES`` types (default 200) and
@@ -109,6 +110,11 @@ SCHEDULE_SLOTS = Counter(
     "ledgerq_schedule_slots",
     "Schedule slots handled by this dispatcher, by outcome (enqueued, skipped_overlap).",
     ("schedule", "outcome"),
+    registry=REGISTRY,
+)
+TASKS_PRUNED = Counter(
+    "ledgerq_tasks_pruned",
+    "Finished tasks deleted by this reaper's pruning (with their attempts).",
     registry=REGISTRY,
 )
 

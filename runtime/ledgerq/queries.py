@@ -99,6 +99,19 @@ QUEUED_STALE: LiteralString = """
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
+# The ledger's churning tables with more dead row versions than a bound: the
+# reaper vacuums them itself (ledger.vacuum) rather than wait for autovacuum,
+# which looks at a database at most once per autovacuum_naptime (1 min).
+CHURNED_TABLES: LiteralString = """
+    SELECT relname FROM pg_stat_user_tables
+    WHERE schemaname = 'ledgerq' AND relname IN ('tasks', 'attempts') AND n_dead_tup > %s
+    ORDER BY relname
+"""
+# One batch per statement (retention.sql): the reaper loops, so no lock and no
+# snapshot outlives a batch however big the backlog.
+PRUNE_TASKS_BATCH: LiteralString = """
+    SELECT ledgerq.prune_tasks_batch(older_than => %s::interval, batch_size => %s)
+"""
 CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
 RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
 RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
@@ -149,7 +162,7 @@ LIST_TASKS: LiteralString = """
     LIMIT %(limit)s
 """  # the plan asks for one row more than the page: whether another page follows
 # Live statuses only, one partial index each (tasks_dispatch_idx, tasks_queued_idx,
-# tasks_lease_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
+# tasks_running_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
 # count over SUCCEEDED rows would scan the whole table.
 QUEUE_DEPTHS: LiteralString = """
     SELECT queue, 'PENDING', count(*),
@@ -163,20 +176,40 @@ QUEUE_DEPTHS: LiteralString = """
     UNION ALL
     SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
 """
-# Every status of every queue in one pass: a full scan, for operators (GET /queues,
-# `ledgerq stats`), not for anything scraped on a timer.
+# Every status of every queue, for operators (GET /queues, `ledgerq stats`), in
+# index-sized reads: the live statuses through their partial indexes, finished
+# tasks counted index-only on tasks_queue_status_idx (few distinct keys, so a
+# small index), the last minute's finishes on tasks_finished_idx. Counting
+# finished tasks still reads one index entry per task: retention keeps that
+# bounded. (A plain GROUP BY over the table was 300 ms at 1,000,000 rows.)
 QUEUE_SUMMARY: LiteralString = """
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'PENDING'),
-           count(*) FILTER (WHERE status = 'QUEUED'),
-           count(*) FILTER (WHERE status = 'RUNNING'),
-           count(*) FILTER (WHERE status = 'SUCCEEDED'),
-           count(*) FILTER (WHERE status = 'DEAD'),
-           count(*) FILTER (WHERE status = 'CANCELLED'),
-           extract(epoch FROM now() - min(run_at)
-               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
-           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
-    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
+    WITH counts (queue, status, n, oldest_due) AS (
+        SELECT queue, 'PENDING', count(*), min(run_at) FILTER (WHERE run_at <= now())
+        FROM ledgerq.tasks WHERE status = 'PENDING' GROUP BY queue
+        UNION ALL
+        SELECT queue, 'QUEUED', count(*), min(run_at) FILTER (WHERE run_at <= now())
+        FROM ledgerq.tasks WHERE status = 'QUEUED' GROUP BY queue
+        UNION ALL
+        SELECT queue, 'RUNNING', count(*), NULL
+        FROM ledgerq.tasks WHERE status = 'RUNNING' GROUP BY queue
+        UNION ALL
+        SELECT queue, status, count(*), NULL
+        FROM ledgerq.tasks WHERE finished_at IS NOT NULL GROUP BY queue, status
+    ), recent AS (
+        SELECT queue, count(*) AS n FROM ledgerq.tasks
+        WHERE finished_at >= now() - interval '60 seconds' GROUP BY queue
+    )
+    SELECT c.queue,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'PENDING'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'QUEUED'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'RUNNING'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'SUCCEEDED'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'DEAD'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'CANCELLED'), 0),
+           extract(epoch FROM now() - min(c.oldest_due))::float8,
+           coalesce(max(r.n), 0)
+    FROM counts c LEFT JOIN recent r USING (queue)
+    GROUP BY c.queue ORDER BY c.queue
 """
 GET_ATTEMPTS_MANY: LiteralString = """
     SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
@@ -381,6 +414,16 @@ def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:
 def reap() -> Plan[int]:
     ((moved,),) = yield Call(REAP)
     return int(moved)
+
+
+def churned_tables(dead_rows: int) -> Plan[list[str]]:
+    rows = yield Call(CHURNED_TABLES, (dead_rows,))
+    return [str(r[0]) for r in rows]
+
+
+def prune_tasks_batch(older_than: str, batch_size: int) -> Plan[int]:
+    ((deleted,),) = yield Call(PRUNE_TASKS_BATCH, (older_than, batch_size))
+    return int(deleted)
 
 
 def cancel(task_id: int) -> Plan[types.TaskStatus]:

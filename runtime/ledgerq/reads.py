@@ -86,7 +86,7 @@ DEAD_COUNT: LiteralString = """
 """
 # tasks_idempotency_key_idx (unique, partial on keys that are set).
 TASK_BY_KEY: LiteralString = "SELECT id FROM ledgerq.tasks WHERE idempotency_key = %s"
-# Registrations by workers_last_seen_idx; running tasks by tasks_lease_idx
+# Registrations by workers_last_seen_idx; running tasks by tasks_running_idx
 # (partial on RUNNING); attempts finished lately through the tasks that
 # finished lately (tasks_finished_idx), then attempts' primary key. An attempt
 # whose task went back to PENDING for a retry is not counted: its worker shows

@@ -31,6 +31,7 @@ GUARANTEES = [
     "5. Bad input gets a clear error or goes DEAD with a reason; the rest flows",
     "6. Flow-control limits hold fleet-wide; a paused queue starts nothing",
     "6. Keys take turns: a small tenant is not held back by a big one's backlog",
+    "4. A schedule's slot becomes exactly one task",
 ]
 
 
@@ -81,7 +82,10 @@ def test_demo_upholds_every_guarantee_and_leaves_nothing_running(
     assert "flaky email" in out and "3 attempts, 1 email sent" in out
     assert "paused while 44 tasks were enqueued: 0 started in 1 s" in out
     assert "44 tasks: 44 SUCCEEDED, 44 in exactly one attempt" in out
-    assert "all 6 processes the demo started have exited" in out
+    assert re.search(r"schedule demo\.tick \(@every 2 seconds\), fired by 2 dispatchers: "
+                     r"\S+Z -> task \d+, \S+Z -> task \d+, \S+Z -> task \d+", out), out  # fmt: skip
+    assert re.search(r"(\d+) slots in that span, \1 with a task, \1 tasks", out), out
+    assert "all 7 processes the demo started have exited" in out
     # The demo cites the README (SPEC.md is not in the repository), and its
     # services' log tells the run's story: one line per task outcome.
     assert "guarantee (README)" in out and "SPEC.md" not in out

@@ -46,7 +46,7 @@ from psycopg import sql
 from ledgerq import config, display, errors, migrations
 from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
-from ledgerq.cli.demo import checks, flow, workload
+from ledgerq.cli.demo import checks, flow, periodic, workload
 from ledgerq.ledger import AsyncLedger, probe
 
 DATABASE_NAME_DEFAULT = "ledgerq_demo"
@@ -195,7 +195,8 @@ async def _demo(
     port = free_port()
     # INFO: services.log then tells the run's story (one line per task outcome).
     group.start("api", ["api", "--port", str(port), "--log-level", "INFO"])
-    group.start("dispatcher", ["dispatcher", "--log-level", "INFO"])
+    for n in range(1, periodic.DISPATCHERS + 1):  # two: each schedule slot still fires once
+        group.start(f"dispatcher-{n}", ["dispatcher", "--log-level", "INFO"])
     group.start(
         "reaper", ["reaper", "--interval", str(checks.REAPER_INTERVAL_S), "--log-level", "INFO"]
     )
@@ -206,9 +207,10 @@ async def _demo(
     try:
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             await workload.wait_ready(http, group, deadline)
+            await periodic.register(ledger)
             pids = ", ".join(str(c.pid) for c in group.children)
             screen.step(
-                f"started api (:{port}), dispatcher, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
+                f"started api (:{port}), {periodic.DISPATCHERS} dispatchers, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
                 f"2 workers (lease {checks.LEASE_S} s); pids {pids}"
             )
             run = checks.Run()
@@ -216,8 +218,10 @@ async def _demo(
             await workload.submit_workload(http, screen, run)
             tenants = await flow.submit(http, ledger, screen, run)
             await workload.watch(http, group, screen, run, deadline)
+            await periodic.wait_slots(settings, screen, deadline)
         results, extra = await checks.verify(ledger, settings, run)
         results += await flow.verify(ledger, tenants)
+        results.append(await asyncio.to_thread(periodic.check, settings))
     finally:
         await ledger.close()
     screen.block("")
