@@ -71,12 +71,12 @@ RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %
 # flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
 # simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority
+    SELECT d.id, d.queue, d.priority, d.run_at
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
 """
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
 QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+    SELECT id, queue, priority, run_at FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
@@ -282,7 +282,7 @@ def effect_unlock(effect_key: str) -> Plan[None]:
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(TAKE_DUE, (batch_size,))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [_due(r) for r in rows]
 
 
 def next_run_at() -> Plan[datetime | None]:
@@ -292,7 +292,11 @@ def next_run_at() -> Plan[datetime | None]:
 
 def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(QUEUED_STALE, (older_than_s, batch_size))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [_due(r) for r in rows]
+
+
+def _due(row: Sequence[Any]) -> types.DueTask:
+    return types.DueTask(types.TaskId(row[0]), row[1], row[2], run_at=row[3])
 
 
 def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:

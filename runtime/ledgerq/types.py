@@ -184,11 +184,16 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DueTask:
-    """A task the dispatcher hands to Redis."""
+    """A task the dispatcher hands to Redis, with what orders it in its queue:
+    priority (higher first), then turn (flow control's fairness, lower first),
+    then run_at (earlier first), then id (older first). None for run_at sorts
+    as the earliest time (for callers that only know an id)."""
 
     id: TaskId
     queue: str
     priority: int
+    run_at: datetime | None = None
+    turn: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

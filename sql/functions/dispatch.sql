@@ -1,5 +1,9 @@
 -- Internal helpers for the dispatcher (not part of the public SQL API).
 
+-- The rows now carry run_at: Redis orders a queue by priority, then run_at, then id.
+DROP FUNCTION IF EXISTS ledgerq.task_take_due(integer, timestamptz);
+DROP FUNCTION IF EXISTS ledgerq.task_queued_stale(interval, integer, timestamptz);
+
 -- task_take_due: the dispatcher's hot query. Takes up to batch_size due PENDING
 -- tasks in priority, run_at, creation order and marks them QUEUED. The caller
 -- pushes the ids to Redis before committing, so a failed push rolls the batch
@@ -8,7 +12,7 @@
 CREATE OR REPLACE FUNCTION ledgerq.task_take_due(
     batch_size integer DEFAULT 100,
     as_of timestamptz DEFAULT NULL
-) RETURNS TABLE(id bigint, queue text, priority integer)
+) RETURNS TABLE(id bigint, queue text, priority integer, run_at timestamptz)
 LANGUAGE sql AS $$
     WITH due AS (
         SELECT t.id FROM ledgerq.tasks t
@@ -22,7 +26,7 @@ LANGUAGE sql AS $$
     SET status = 'QUEUED', queued_at = now()
     FROM due
     WHERE t.id = due.id
-    RETURNING t.id, t.queue, t.priority;
+    RETURNING t.id, t.queue, t.priority, t.run_at;
 $$;
 
 -- task_next_run_at: when the next PENDING task falls due, so an idle
@@ -38,9 +42,9 @@ CREATE OR REPLACE FUNCTION ledgerq.task_queued_stale(
     older_than interval,
     batch_size integer DEFAULT 1000,
     as_of timestamptz DEFAULT NULL
-) RETURNS TABLE(id bigint, queue text, priority integer)
+) RETURNS TABLE(id bigint, queue text, priority integer, run_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    SELECT t.id, t.queue, t.priority FROM ledgerq.tasks t
+    SELECT t.id, t.queue, t.priority, t.run_at FROM ledgerq.tasks t
     WHERE t.status = 'QUEUED' AND t.queued_at < coalesce(as_of, now()) - older_than
     ORDER BY t.queued_at
     LIMIT batch_size;
