@@ -5,17 +5,31 @@
     task.id, task.created, task.status
 
 ``enqueue(..., conn=my_psycopg_connection)`` runs inside the caller's
-transaction: the task exists only if that transaction commits. Given a
+transaction: the task exists only if that transaction commits.
+
+Hand-off: an enqueue on the client's own connection marks the tasks it creates
+that are due at once QUEUED in the same statement and, right after the commit,
+pushes them to Redis itself, so a worker can take them without waiting for the
+dispatcher's round trip. The ledger stays the truth: a push that fails (Redis
+down, this process killed in between) leaves QUEUED tasks that the
+dispatcher's redelivery sweep pushes again. Tasks of a paused queue, of a queue
+with flow-control settings, or with a concurrency key are left PENDING for the
+dispatcher. After a failed push the client leaves every task to the dispatcher
+for HAND_OFF_PAUSE_S. ``hand_off=False`` turns it off. Given a
 ``registry=``, a task type's declared queue and max_attempts are the defaults.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from ledgerq import config, errors, jsonvalue, metrics, storable, types
+from ledgerq.dispatch import Dispatch, HandOff
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -96,6 +110,31 @@ def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) 
             metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
 
 
+# After a failed hand-off, how long enqueues leave their tasks to the dispatcher
+# before trying Redis again (an unreachable Redis must not slow every enqueue).
+HAND_OFF_PAUSE_S = 5.0
+
+log = logging.getLogger("ledgerq.client")
+
+
+class _HandOffPause:
+    """Whether to hand off now, and the pause after a failed push."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._resume_at = 0.0
+
+    def ready(self) -> bool:
+        return self.enabled and time.monotonic() >= self._resume_at
+
+    def failed(self, tasks: Sequence[types.DueTask], exc: errors.DispatchError) -> None:
+        self._resume_at = time.monotonic() + HAND_OFF_PAUSE_S
+        log.warning(
+            "dispatch.unavailable handing off %d task(s): %s; the dispatcher delivers them",
+            len(tasks), exc.message,
+        )  # fmt: skip
+
+
 class Client:
     """Synchronous client of the ledger."""
 
@@ -105,10 +144,13 @@ class Client:
         *,
         registry: types.TaskTypes | None = None,
         ledger: Ledger | None = None,
+        hand_off: bool = True,
     ) -> None:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._hand_off = _HandOffPause(hand_off)
+        self._redis: HandOff | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -120,6 +162,27 @@ class Client:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    def _enqueue(
+        self, news: Sequence[types.NewTask], conn: SyncConn | None, *, many: bool
+    ) -> list[types.Task]:
+        if conn is not None or not self._hand_off.ready():
+            if many:
+                return self.ledger.enqueue_tasks(news, conn)
+            return [self.ledger.enqueue_task(news[0], conn)]
+        tasks, handed = self.ledger.enqueue_handing_off(news, many=many)
+        if handed:
+            if self._redis is None:
+                s = self.settings
+                self._redis = HandOff.connect(s.redis_url, s.redis_prefix, cluster=s.redis_cluster)
+            try:
+                self._redis.push(handed)
+            except errors.DispatchError as exc:
+                self._hand_off.failed(handed, exc)
+        return tasks
 
     def __enter__(self) -> Client:
         return self
@@ -145,7 +208,7 @@ class Client:
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
         )  # fmt: skip
-        task = self.ledger.enqueue_task(new, conn)
+        (task,) = self._enqueue([new], conn, many=False)
         _count_enqueued([new], [task])
         return task
 
@@ -154,7 +217,9 @@ class Client:
     ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
-        results = self.ledger.enqueue_tasks(news, conn)
+        results = (
+            self._enqueue(news, conn, many=True) if news else self.ledger.enqueue_tasks(news, conn)
+        )
         _count_enqueued(news, results)
         return results
 
@@ -182,10 +247,17 @@ class AsyncClient:
         *,
         registry: types.TaskTypes | None = None,
         ledger: AsyncLedger | None = None,
+        dispatch: Dispatch | None = None,
+        hand_off: bool = True,
     ) -> None:
+        """Given a ``dispatch`` (a process that has one already), hand-offs go
+        through it, and close() leaves it open, like a given ledger."""
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._hand_off = _HandOffPause(hand_off)
+        self._redis = dispatch
+        self._owns_redis = dispatch is None
 
     async def ledger(self) -> AsyncLedger:
         if self._ledger is None:
@@ -196,6 +268,34 @@ class AsyncClient:
         if self._ledger is not None:
             await self._ledger.close()
             self._ledger = None
+        if self._redis is not None and self._owns_redis:
+            await self._redis.close()
+            self._redis = None
+
+    async def _enqueue(
+        self, news: Sequence[types.NewTask], conn: AsyncConn | None, *, many: bool
+    ) -> list[types.Task]:
+        ledger = await self.ledger()
+        if conn is not None or not self._hand_off.ready():
+            if many:
+                return await ledger.enqueue_tasks(news, conn)
+            return [await ledger.enqueue_task(news[0], conn)]
+        tasks, handed = await ledger.enqueue_handing_off(news, many=many)
+        if handed:
+            if self._redis is None:
+                s = self.settings
+                self._redis = Dispatch.connect(
+                    s.redis_url, s.redis_prefix, cluster=s.redis_cluster,
+                    timeout_s=HandOff.TIMEOUT_S,
+                )  # fmt: skip
+            try:
+                async with asyncio.timeout(HandOff.TIMEOUT_S):
+                    await self._redis.push(handed)
+            except TimeoutError:
+                self._hand_off.failed(handed, errors.DispatchUnavailable("Redis did not answer"))
+            except errors.DispatchError as exc:
+                self._hand_off.failed(handed, exc)
+        return tasks
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -221,8 +321,7 @@ class AsyncClient:
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
         )  # fmt: skip
-        ledger = await self.ledger()
-        task = await ledger.enqueue_task(new, conn)
+        (task,) = await self._enqueue([new], conn, many=False)
         _count_enqueued([new], [task])
         return task
 
@@ -231,8 +330,10 @@ class AsyncClient:
     ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
-        ledger = await self.ledger()
-        results = await ledger.enqueue_tasks(news, conn)
+        if news:
+            results = await self._enqueue(news, conn, many=True)
+        else:
+            results = await (await self.ledger()).enqueue_tasks(news, conn)
         _count_enqueued(news, results)
         return results
 

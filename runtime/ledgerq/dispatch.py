@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
@@ -127,6 +128,17 @@ def _wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and "WRONGTYPE" in str(exc)
 
 
+def queue_key(prefix: str, queue: str) -> str:
+    return f"{{{prefix}}}:queue:{queue}"
+
+
+def _members_by_queue(tasks: Sequence[types.DueTask]) -> dict[str, dict[str, int]]:
+    by_queue: dict[str, dict[str, int]] = defaultdict(dict)
+    for task in tasks:
+        by_queue[task.queue][task_member(task)] = task_score(task.priority)
+    return by_queue
+
+
 class Dispatch:
     """Task ids on their way from the dispatcher to the workers."""
 
@@ -164,7 +176,7 @@ class Dispatch:
 
     # keys
     def queue_key(self, queue: str) -> str:
-        return f"{{{self.prefix}}}:queue:{queue}"
+        return queue_key(self.prefix, queue)
 
     def epoch_key(self) -> str:
         return f"{{{self.prefix}}}:epoch"
@@ -216,9 +228,7 @@ class Dispatch:
         Returns how many were new (after a quarantine's retry, those of the second try)."""
         if not tasks:
             return 0
-        by_queue: dict[str, dict[str, int]] = defaultdict(dict)
-        for task in tasks:
-            by_queue[task.queue][task_member(task)] = task_score(task.priority)
+        by_queue = _members_by_queue(tasks)
 
         async def add() -> int:
             if len(by_queue) == 1:
@@ -307,6 +317,47 @@ class Dispatch:
 
         counts = await self._call([self.queue_key(q) for q in queues], "zset", count)
         return {q: int(n) for q, n in zip(queues, counts, strict=True)}
+
+
+class HandOff:
+    """The one Redis call an enqueuing process makes, blocking: push the tasks it
+    has just committed as QUEUED (``task_hand_off``), so they skip the
+    dispatcher's round trip. Short timeouts: the ledger already holds the tasks,
+    and a push that fails only leaves them to the dispatcher's sweep."""
+
+    TIMEOUT_S = 1.0
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    @classmethod
+    def connect(cls, redis_url: str, prefix: str, *, cluster: bool = False) -> HandOff:
+        client: redis.Redis | redis.RedisCluster
+        if cluster:
+            client = redis.RedisCluster.from_url(
+                redis_url, socket_connect_timeout=cls.TIMEOUT_S, socket_timeout=cls.TIMEOUT_S
+            )
+        else:
+            client = redis.Redis.from_url(
+                redis_url, socket_connect_timeout=cls.TIMEOUT_S, socket_timeout=cls.TIMEOUT_S
+            )
+        return cls(client, prefix)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    def push(self, tasks: Sequence[types.DueTask]) -> int:
+        """Dispatch.push, blocking; how many were new. DispatchError if Redis
+        is unreachable or refuses (a junk key is left to the dispatcher)."""
+        if not tasks:
+            return 0
+        with _translated():
+            pipe = self.client.pipeline(transaction=False)
+            for queue, members in _members_by_queue(tasks).items():
+                pipe.zadd(queue_key(self.prefix, queue), members, nx=True)
+            return sum(int(n) for n in pipe.execute())
 
 
 @contextlib.asynccontextmanager

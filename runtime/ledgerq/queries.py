@@ -58,6 +58,31 @@ ENQUEUE_STAMPED: LiteralString = """
         max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
 """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
+# The enqueue, and in the same statement (one commit) the hand-off of the tasks
+# it created: those due at once are marked QUEUED and come back with what
+# their Redis member needs; the caller pushes them after the commit.
+ENQUEUE_HANDING_OFF: LiteralString = """
+    WITH e AS MATERIALIZED (
+        SELECT e.id, e.created, now() AS stamped FROM ledgerq.enqueue_task(
+            task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+            priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
+            max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s) AS e
+    ), h AS MATERIALIZED (
+        SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
+    )
+    SELECT e.id, e.created, e.stamped, h.queue, h.priority, h.run_at
+    FROM e LEFT JOIN h ON h.id = e.id
+"""
+ENQUEUE_MANY_HANDING_OFF: LiteralString = """
+    WITH e AS MATERIALIZED (
+        SELECT e.id, e.created, now() AS stamped, e.ord
+        FROM ledgerq.enqueue_tasks(%s) WITH ORDINALITY AS e(id, created, ord)
+    ), h AS MATERIALIZED (
+        SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
+    )
+    SELECT e.id, e.created, e.stamped, h.queue, h.priority, h.run_at
+    FROM e LEFT JOIN h ON h.id = e.id ORDER BY e.ord
+"""
 CLAIM: LiteralString = """
     SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
     FROM ledgerq.claim_tasks(%s, %s, %s)
@@ -215,6 +240,28 @@ def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
     if old:
         replayed = {t.id: t for t in (yield from get_many(old, history=True))}
     return _enqueued(tasks, rows, replayed)
+
+
+def enqueue_handing_off(
+    tasks: Sequence[types.NewTask], *, many: bool
+) -> Plan[tuple[list[types.Task], list[types.DueTask]]]:
+    """enqueue_task (one task) or enqueue_tasks (many), and the created tasks
+    that were due at once, now QUEUED, for the caller to push to Redis."""
+    if not many:
+        rows = yield Call(ENQUEUE_HANDING_OFF, _enqueue_params(tasks[0]))
+    else:
+        rows = yield Call(ENQUEUE_MANY_HANDING_OFF, (Jsonb([t.to_json() for t in tasks]),))
+    old = [r[0] for r in rows if not r[1]]
+    replayed: dict[types.TaskId, types.Task] = {}
+    if old:
+        replayed = {t.id: t for t in (yield from get_many(old, history=True))}
+    answers = _enqueued(tasks, rows, replayed)
+    handed: list[types.DueTask] = []
+    for index, row in enumerate(rows):
+        if row[3] is not None:
+            handed.append(types.DueTask(types.TaskId(row[0]), row[3], row[4], run_at=row[5]))
+            answers[index] = dataclasses.replace(answers[index], status=types.TaskStatus.QUEUED)
+    return answers, handed
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:

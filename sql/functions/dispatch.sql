@@ -62,3 +62,25 @@ LANGUAGE sql AS $$
     )
     SELECT count(*)::integer FROM confirmed;
 $$;
+
+-- task_hand_off: the enqueuing process's shortcut past the dispatcher. Called in
+-- the statement that created the tasks, it marks those that are due at once
+-- QUEUED (so no dispatcher takes them again) and returns them for the caller
+-- to push to Redis right after its commit. A push that never happens (the
+-- caller died, Redis was down) is what the dispatcher's redelivery sweep finds:
+-- QUEUED and missing from Redis, pushed again. A task whose queue is paused or
+-- has flow-control settings, or that has a concurrency key, is left PENDING:
+-- the dispatcher decides when it may run.
+CREATE OR REPLACE FUNCTION ledgerq.task_hand_off(task_ids bigint[])
+RETURNS TABLE(id bigint, queue text, priority integer, run_at timestamptz)
+LANGUAGE sql AS $$
+    UPDATE ledgerq.tasks t
+    SET status = 'QUEUED', queued_at = now()
+    WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
+      AND t.concurrency_key IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM ledgerq.queues q
+          WHERE q.queue = t.queue AND (q.paused OR q.settings <> '{}'::jsonb)
+      )
+    RETURNING t.id, t.queue, t.priority, t.run_at;
+$$;
