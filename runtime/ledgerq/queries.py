@@ -60,13 +60,18 @@ ENQUEUE_STAMPED: LiteralString = """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
 # The enqueue, and in the same statement (one commit) the hand-off of the tasks
 # it created: those due at once are marked QUEUED and come back with what
-# their Redis member needs; the caller pushes them after the commit.
+# their Redis member needs; the caller pushes them after the commit. The
+# one-time filter sets ledgerq.hand_off before the enqueue runs (a gating
+# qual is checked before its plan's first row), so the enqueue leaves the
+# dispatcher's wake-up to task_hand_off, which sends it only for tasks it left
+# PENDING.
 ENQUEUE_HANDING_OFF: LiteralString = """
     WITH e AS MATERIALIZED (
         SELECT e.id, e.created, now() AS stamped FROM ledgerq.enqueue_task(
             task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
             priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
             max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s) AS e
+        WHERE (SELECT set_config('ledgerq.hand_off', 'on', true)) = 'on'
     ), h AS MATERIALIZED (
         SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
     )
@@ -77,6 +82,7 @@ ENQUEUE_MANY_HANDING_OFF: LiteralString = """
     WITH e AS MATERIALIZED (
         SELECT e.id, e.created, now() AS stamped, e.ord
         FROM ledgerq.enqueue_tasks(%s) WITH ORDINALITY AS e(id, created, ord)
+        WHERE (SELECT set_config('ledgerq.hand_off', 'on', true)) = 'on'
     ), h AS MATERIALIZED (
         SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
     )

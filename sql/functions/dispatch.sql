@@ -63,24 +63,44 @@ LANGUAGE sql AS $$
     SELECT count(*)::integer FROM confirmed;
 $$;
 
+-- task_handing_off: whether this transaction hands its new tasks to Redis
+-- itself (the enqueuing client's hand-off, see task_hand_off); enqueue_task(s)
+-- then leave waking the dispatcher to task_hand_off.
+CREATE OR REPLACE FUNCTION ledgerq.task_handing_off() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(current_setting('ledgerq.hand_off', true), '') = 'on';
+$$;
+
 -- task_hand_off: the enqueuing process's shortcut past the dispatcher. Called in
 -- the statement that created the tasks, it marks those that are due at once
 -- QUEUED (so no dispatcher takes them again) and returns them for the caller
 -- to push to Redis right after its commit. A push that never happens (the
 -- caller died, Redis was down) is what the dispatcher's redelivery sweep finds:
 -- QUEUED and missing from Redis, pushed again. A task whose queue is paused or
--- has flow-control settings, or that has a concurrency key, is left PENDING:
--- the dispatcher decides when it may run.
+-- has flow-control settings, or that has a concurrency key, is left PENDING,
+-- and the dispatcher is woken for it: it decides when such a task may run.
+-- The caller sets ledgerq.hand_off to 'on' for its transaction first, so the
+-- enqueue does not wake the dispatcher for tasks it hands off.
 CREATE OR REPLACE FUNCTION ledgerq.task_hand_off(task_ids bigint[])
 RETURNS TABLE(id bigint, queue text, priority integer, run_at timestamptz)
-LANGUAGE sql AS $$
-    UPDATE ledgerq.tasks t
-    SET status = 'QUEUED', queued_at = now()
-    WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
-      AND t.concurrency_key IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM ledgerq.queues q
-          WHERE q.queue = t.queue AND (q.paused OR q.settings <> '{}'::jsonb)
-      )
-    RETURNING t.id, t.queue, t.priority, t.run_at;
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        UPDATE ledgerq.tasks t
+        SET status = 'QUEUED', queued_at = now()
+        WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
+          AND t.concurrency_key IS NULL
+          AND NOT EXISTS (
+              SELECT 1 FROM ledgerq.queues q
+              WHERE q.queue = t.queue AND (q.paused OR q.settings <> '{}'::jsonb)
+          )
+        RETURNING t.id, t.queue, t.priority, t.run_at;
+    IF EXISTS (
+        SELECT 1 FROM ledgerq.tasks t
+        WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
+    ) THEN
+        PERFORM pg_notify('ledgerq_tasks', '');
+    END IF;
+END;
 $$;

@@ -214,3 +214,25 @@ async def test_hand_off_can_be_turned_off(
     assert task.status == TaskStatus.PENDING
     assert _status(db, task.id) == "PENDING"
     assert await dispatch.queue_lengths(["default"]) == {"default": 0}
+
+
+def test_the_dispatcher_is_woken_only_for_tasks_left_pending(
+    settings: config.Settings, db_url: str, db: Conn
+) -> None:
+    db.execute("INSERT INTO ledgerq.queues (queue, paused) VALUES ('held', true)")
+    with (
+        psycopg.connect(db_url, autocommit=True) as listener,
+        Client(settings) as client,
+        Client(settings, hand_off=False) as plain_client,
+    ):
+        listener.execute("LISTEN ledgerq_tasks")
+        handed = client.enqueue("job")
+        held = client.enqueue("job", queue="held")
+        plain = plain_client.enqueue("job")
+        # Notifications arrive in commit order: a wake-up for the handed-off
+        # task would make three.
+        woken = list(listener.notifies(timeout=1, stop_after=3))
+    assert (handed.status, held.status, plain.status) == (
+        TaskStatus.QUEUED, TaskStatus.PENDING, TaskStatus.PENDING
+    )  # fmt: skip
+    assert [n.channel for n in woken] == ["ledgerq_tasks"] * 2
