@@ -8,6 +8,7 @@ It wraps the runtime's seams (``time.monotonic()``, one clock for every process 
 the machine) and, when the command exits, writes the stamps to OUT.json as
 ``[hop, task_id or null, seconds]`` rows:
 
+- ``committed`` the enqueuing client's hand-off statement returned (committed)
 - ``notify``   the dispatcher's wake-up event was set (a NOTIFY, mostly)
 - ``due``      ``task_take_due`` returned the task (marked QUEUED, committed)
 - ``push``     the task's member is in Redis (dispatcher, or the enqueuing client's
@@ -30,7 +31,7 @@ from typing import Any
 
 from ledgerq.dispatch import Dispatch, HandOff
 from ledgerq.dispatcher import Dispatcher
-from ledgerq.ledger import AsyncLedger
+from ledgerq.ledger import AsyncLedger, Ledger
 
 STAMPS: list[tuple[str, int | None, float]] = []
 
@@ -40,8 +41,15 @@ def _stamp_ids(hop: str, ids: Any) -> None:
     STAMPS.extend((hop, int(i), now) for i in ids)
 
 
+_installed = False
+
+
 def install() -> None:
-    """Wrap the seams in this process (idempotent enough for one call)."""
+    """Wrap the seams in this process (once)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
 
     class _StampedEvent(asyncio.Event):
         def set(self) -> None:
@@ -81,6 +89,15 @@ def install() -> None:
         return added
 
     HandOff.push = hand_off_push  # type: ignore[method-assign]
+
+    enqueue_handing_off = Ledger.enqueue_handing_off
+
+    def committed(self: Ledger, tasks: Any, *, many: bool) -> Any:
+        answer = enqueue_handing_off(self, tasks, many=many)
+        _stamp_ids("committed", [t.id for t in answer[0]])
+        return answer
+
+    Ledger.enqueue_handing_off = committed  # type: ignore[method-assign]
 
 
 def main() -> None:

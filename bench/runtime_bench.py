@@ -214,8 +214,9 @@ def latency(n: int, rate: float, processes: int) -> list[float]:
 HOPS = ("call", "committed", "notify", "due", "push", "pop", "claim", "handler")
 
 
-def hops(n: int, rate: float) -> dict[str, list[float]]:
-    """Per-hop durations in ms (segment name -> sorted values) for n tasks at rate/s."""
+def hops(n: int, rate: float, hand_off: bool) -> dict[str, list[float]]:
+    """Per-hop durations in ms (segment name -> sorted values) for n tasks at rate/s,
+    enqueued with the client's hand-off or through the dispatcher."""
     import hop_stamps
     from ledgerq import Client, config
 
@@ -231,8 +232,9 @@ def hops(n: int, rate: float) -> dict[str, list[float]]:
             settings = config.Settings(
                 database_url=db_url, redis_url=REDIS_URL, redis_prefix=s.prefix
             )
-            hop_stamps.install()  # the client's own push, if it makes one
-            with Client(settings) as client:
+            hop_stamps.install()  # the client's own commit and push, if it hands off
+            hop_stamps.STAMPS.clear()
+            with Client(settings, hand_off=hand_off) as client:
                 client.enqueue("bench.hop", queue="bench")  # warm up, all the way through
                 wait_all_succeeded(conn, 1, timeout_s=30)
                 stamps: dict[int, dict[str, float]] = {}
@@ -241,7 +243,7 @@ def hops(n: int, rate: float) -> dict[str, list[float]]:
                 for _ in range(n):
                     called = time.monotonic()
                     task = client.enqueue("bench.hop", queue="bench")
-                    stamps[task.id] = {"call": called, "committed": time.monotonic()}
+                    stamps[task.id] = {"call": called, "returned": time.monotonic()}
                     next_at += interval
                     pause = next_at - time.perf_counter()
                     if pause > 0:
@@ -264,6 +266,8 @@ def hops(n: int, rate: float) -> dict[str, list[float]]:
                 stamps[task_id].setdefault(hop, at)  # the first time each hop happened
         notifies.sort()
         for task_stamps in stamps.values():
+            # Without a hand-off the enqueue call returns right after its commit.
+            task_stamps.setdefault("committed", task_stamps["returned"])
             # The first wake-up after the commit, if it came before the due statement.
             committed, due = task_stamps["committed"], task_stamps.get("due")
             index = bisect.bisect_left(notifies, committed)
@@ -277,6 +281,8 @@ def hops(n: int, rate: float) -> dict[str, list[float]]:
                 segments.setdefault(key, []).append(
                     (task_stamps[after] - task_stamps[before]) * 1000
                 )
+            returned = (task_stamps["returned"] - task_stamps["call"]) * 1000
+            segments.setdefault("call -> returned (enqueue)", []).append(returned)
             if "handler" in task_stamps:
                 total = (task_stamps["handler"] - task_stamps["call"]) * 1000
                 segments.setdefault("call -> handler (total)", []).append(total)
@@ -288,11 +294,12 @@ def hops(n: int, rate: float) -> dict[str, list[float]]:
         stamp_dir.rmdir()
 
 
-def hop_table(n: int, rate: float, segments: dict[str, list[float]]) -> str:
+def hop_table(n: int, rate: float, hand_off: bool, segments: dict[str, list[float]]) -> str:
     order = [f"{a} -> {b}" for a, b in itertools.combinations(HOPS, 2)]
     keys = sorted(segments, key=lambda k: order.index(k) if k in order else len(order))
     lines = [
-        f"hops at {rate:,.0f} tasks/s ({n} tasks through ledgerq.Client)",
+        f"hops at {rate:,.0f} tasks/s ({n} tasks through ledgerq.Client, "
+        f"{'hand-off' if hand_off else 'through the dispatcher'})",
         f"| {'segment'.ljust(26)} | tasks | p50 ms | p99 ms |",
         f"|{'-' * 28}|------:|-------:|-------:|",
     ]
@@ -346,7 +353,9 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     if "hops" in args.which:
         for rate in rates:
-            print(hop_table(args.latency_tasks, rate, hops(args.latency_tasks, rate)), flush=True)
+            for hand_off in (False, True):
+                segments = hops(args.latency_tasks, rate, hand_off)
+                print(hop_table(args.latency_tasks, rate, hand_off, segments), flush=True)
     for rate in rates if "latency" in args.which else []:
         lat = latency(args.latency_tasks, rate, 2)
         results.append((

@@ -21,15 +21,12 @@ for HAND_OFF_PAUSE_S. ``hand_off=False`` turns it off. Given a
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from ledgerq import config, errors, jsonvalue, metrics, storable, types
-from ledgerq.dispatch import Dispatch, HandOff
+from ledgerq.dispatch import Dispatch, HandOff, HandOffGate
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -110,31 +107,6 @@ def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) 
             metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
 
 
-# After a failed hand-off, how long enqueues leave their tasks to the dispatcher
-# before trying Redis again (an unreachable Redis must not slow every enqueue).
-HAND_OFF_PAUSE_S = 5.0
-
-log = logging.getLogger("ledgerq.client")
-
-
-class _HandOffPause:
-    """Whether to hand off now, and the pause after a failed push."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._resume_at = 0.0
-
-    def ready(self) -> bool:
-        return self.enabled and time.monotonic() >= self._resume_at
-
-    def failed(self, tasks: Sequence[types.DueTask], exc: errors.DispatchError) -> None:
-        self._resume_at = time.monotonic() + HAND_OFF_PAUSE_S
-        log.warning(
-            "dispatch.unavailable handing off %d task(s): %s; the dispatcher delivers them",
-            len(tasks), exc.message,
-        )  # fmt: skip
-
-
 class Client:
     """Synchronous client of the ledger."""
 
@@ -149,7 +121,7 @@ class Client:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
-        self._hand_off = _HandOffPause(hand_off)
+        self._hand_off = HandOffGate(hand_off)
         self._redis: HandOff | None = None
 
     @property
@@ -181,7 +153,7 @@ class Client:
             try:
                 self._redis.push(handed)
             except errors.DispatchError as exc:
-                self._hand_off.failed(handed, exc)
+                self._hand_off.failed(len(handed), exc.message)
         return tasks
 
     def __enter__(self) -> Client:
@@ -255,7 +227,7 @@ class AsyncClient:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
-        self._hand_off = _HandOffPause(hand_off)
+        self._hand_off = HandOffGate(hand_off)
         self._redis = dispatch
         self._owns_redis = dispatch is None
 
@@ -288,13 +260,7 @@ class AsyncClient:
                     s.redis_url, s.redis_prefix, cluster=s.redis_cluster,
                     timeout_s=HandOff.TIMEOUT_S,
                 )  # fmt: skip
-            try:
-                async with asyncio.timeout(HandOff.TIMEOUT_S):
-                    await self._redis.push(handed)
-            except TimeoutError:
-                self._hand_off.failed(handed, errors.DispatchUnavailable("Redis did not answer"))
-            except errors.DispatchError as exc:
-                self._hand_off.failed(handed, exc)
+            await self._hand_off.push(self._redis, handed)
         return tasks
 
     async def __aenter__(self) -> AsyncClient:

@@ -23,9 +23,11 @@ Lua scripts work unchanged on a cluster):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -358,6 +360,41 @@ class HandOff:
             for queue, members in _members_by_queue(tasks).items():
                 pipe.zadd(queue_key(self.prefix, queue), members, nx=True)
             return sum(int(n) for n in pipe.execute())
+
+
+# After a failed hand-off, how long enqueues leave their tasks to the dispatcher
+# before trying Redis again (an unreachable Redis must not slow every enqueue).
+HAND_OFF_PAUSE_S = 5.0
+
+
+class HandOffGate:
+    """Whether an enqueuing process hands its tasks to Redis now: not when turned
+    off, nor for HAND_OFF_PAUSE_S after a push failed (the dispatcher, which
+    retries with backoff, delivers meanwhile)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._resume_at = 0.0
+
+    def ready(self) -> bool:
+        return self.enabled and time.monotonic() >= self._resume_at
+
+    def failed(self, count: int, reason: str) -> None:
+        self._resume_at = time.monotonic() + HAND_OFF_PAUSE_S
+        log.warning(
+            "dispatch.unavailable handing off %d task(s): %s; the dispatcher delivers them",
+            count, reason,
+        )  # fmt: skip
+
+    async def push(self, dispatch: Dispatch, tasks: Sequence[types.DueTask]) -> None:
+        """Push tasks the ledger already holds as QUEUED; a failure only pauses."""
+        try:
+            async with asyncio.timeout(HandOff.TIMEOUT_S):
+                await dispatch.push(tasks)
+        except TimeoutError:
+            self.failed(len(tasks), f"Redis did not answer within {HandOff.TIMEOUT_S:g} s")
+        except errors.DispatchError as exc:
+            self.failed(len(tasks), exc.message)
 
 
 @contextlib.asynccontextmanager

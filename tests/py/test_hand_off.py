@@ -5,6 +5,7 @@ flow control holds back is never handed off."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -18,10 +19,11 @@ import pytest
 import redis
 
 from ledgerq import AsyncClient, Client, Context, Registry, config
+from ledgerq.api.batcher import EnqueueBatcher
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import Dispatcher
 from ledgerq.ledger import AsyncLedger
-from ledgerq.types import TaskStatus
+from ledgerq.types import NewTask, TaskStatus
 
 Conn = psycopg.Connection[Any]
 
@@ -120,7 +122,7 @@ async def test_a_task_whose_push_fails_is_delivered_by_the_sweep_and_runs_once(
     db: Conn,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, "ledgerq.client"):
+    with caplog.at_level(logging.WARNING, "ledgerq.dispatch"):
         async with AsyncClient(_unreachable(settings)) as client:
             started = time.monotonic()
             lost = await client.enqueue("job")
@@ -236,3 +238,22 @@ def test_the_dispatcher_is_woken_only_for_tasks_left_pending(
         TaskStatus.QUEUED, TaskStatus.PENDING, TaskStatus.PENDING
     )  # fmt: skip
     assert [n.channel for n in woken] == ["ledgerq_tasks"] * 2
+
+
+async def test_the_apis_batcher_hands_off_single_and_batched_enqueues(
+    ledger: AsyncLedger, dispatch: Dispatch, db: Conn
+) -> None:
+    db.execute("INSERT INTO ledgerq.queues (queue, paused) VALUES ('held', true)")
+    batcher = EnqueueBatcher(ledger, dispatch=dispatch, max_in_flight=1)
+    news = [NewTask("job", queue="held" if i == 3 else "default") for i in range(6)]
+    # One in flight at a time: the first goes alone, the rest gather into a batch.
+    tasks = await asyncio.gather(*(batcher.enqueue(new) for new in news))
+
+    statuses = [t.status for t in tasks]
+    assert statuses == [TaskStatus.QUEUED] * 3 + [TaskStatus.PENDING] + [TaskStatus.QUEUED] * 2
+    assert [_status(db, t.id) for t in tasks] == [s.value for s in statuses]
+
+    async def pushed() -> bool:
+        return await dispatch.queue_lengths(["default", "held"]) == {"default": 5, "held": 0}
+
+    await helpers.eventually(pushed, what="the background pushes")
