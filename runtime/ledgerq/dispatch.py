@@ -82,10 +82,10 @@ def _member_id(member: Any) -> int:
     """The task id a member names; 0 when it names none."""
     text = member.decode() if isinstance(member, bytes) else str(member)
     if len(text) == _MEMBER_LENGTH and text[16] == "|" and text[33] == "|":
-        field = text[34:]
-        if all(c in "0123456789abcdef" for c in field):
-            return int(field, 16)
-        return 0
+        try:
+            return int(text[34:], 16)
+        except ValueError:
+            return 0
     # A bare decimal id: what a dispatcher of an earlier version pushed.
     return int(text) if text.isdigit() and text.isascii() else 0
 
