@@ -1,25 +1,40 @@
 -- enqueue_task / enqueue_tasks: durable PENDING tasks, inside the caller's
 -- transaction, with idempotency keys that never create two tasks.
 
+-- Callers use named notation: the older signature (no concurrency_key,
+-- queue 'default' and max_attempts 5 as defaults) goes, or a call naming
+-- only its first arguments could match both.
+DROP FUNCTION IF EXISTS ledgerq.enqueue_task(text, jsonb, text, integer, timestamptz, integer, text);
+
+-- queue and max_attempts: NULL (the default) takes the task type's
+-- registered values, else 'default' and 5 (task_defaults in types.sql).
 CREATE OR REPLACE FUNCTION ledgerq.enqueue_task(
     task_type text,
     payload jsonb DEFAULT '{}',
-    queue text DEFAULT 'default',
+    queue text DEFAULT NULL,
     priority integer DEFAULT 0,
     run_at timestamptz DEFAULT now(),
-    max_attempts integer DEFAULT 5,
-    idempotency_key text DEFAULT NULL
+    max_attempts integer DEFAULT NULL,
+    idempotency_key text DEFAULT NULL,
+    concurrency_key text DEFAULT NULL
 ) RETURNS TABLE(id bigint, created boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     problem text;
     due_at timestamptz := coalesce(enqueue_task.run_at, now());
+    task_queue text := enqueue_task.queue;
+    task_max_attempts integer := enqueue_task.max_attempts;
     existing ledgerq.tasks%ROWTYPE;
 BEGIN
+    IF task_queue IS NULL OR task_max_attempts IS NULL THEN
+        SELECT coalesce(task_queue, d.queue), coalesce(task_max_attempts, d.max_attempts)
+        INTO task_queue, task_max_attempts
+        FROM ledgerq.task_defaults(ARRAY[enqueue_task.task_type]) d;
+    END IF;
     problem := ledgerq.task_args_problem(enqueue_task.task_type, enqueue_task.payload,
-        enqueue_task.queue, enqueue_task.priority, enqueue_task.max_attempts,
-        enqueue_task.idempotency_key);
+        task_queue, enqueue_task.priority, due_at, task_max_attempts,
+        enqueue_task.idempotency_key, enqueue_task.concurrency_key);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
     END IF;
@@ -27,17 +42,18 @@ BEGIN
     IF enqueue_task.idempotency_key IS NULL THEN
         -- Nothing to conflict with: a plain INSERT spares the speculative
         -- insertion that ON CONFLICT costs.
-        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts)
-        VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
-                enqueue_task.priority, due_at, enqueue_task.max_attempts)
+        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
+                                        concurrency_key)
+        VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
+                due_at, task_max_attempts, enqueue_task.concurrency_key)
         RETURNING t.id INTO id;
     ELSE
         -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
         -- commit or roll back, so racing callers see exactly one winner.
-        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at,
-                                        max_attempts, idempotency_key)
-        VALUES (enqueue_task.task_type, enqueue_task.payload, enqueue_task.queue,
-                enqueue_task.priority, due_at, enqueue_task.max_attempts,
+        INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
+                                        concurrency_key, idempotency_key)
+        VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
+                due_at, task_max_attempts, enqueue_task.concurrency_key,
                 enqueue_task.idempotency_key)
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING t.id INTO id;
@@ -54,6 +70,9 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The key names the work: the same type and payload is the same task,
+    -- whatever the other arguments (queue, priority, run_at, concurrency_key)
+    -- say this time; the task keeps the ones it was created with.
     SELECT * INTO existing FROM ledgerq.tasks t WHERE t.idempotency_key = enqueue_task.idempotency_key;
     IF existing.task_type IS DISTINCT FROM enqueue_task.task_type
        OR existing.payload IS DISTINCT FROM enqueue_task.payload THEN
@@ -68,13 +87,16 @@ BEGIN
 END;
 $$;
 
--- The batch form: a JSON array of objects with enqueue_task's fields. One row
--- per input in input order; all or nothing. Ids are drawn before the insert so
--- each input maps to its own row without relying on RETURNING order.
+-- The batch form: a JSON array of objects with enqueue_task's fields (a
+-- missing or null queue or max_attempts takes the type's registered value,
+-- as in enqueue_task). One row per input in input order; all or nothing. Ids
+-- are drawn before the insert so each input maps to its own row without
+-- relying on RETURNING order.
 --
 -- Built for batches of thousands: the array is read once, into one array per
--- column, by a single query that also checks every element; a batch without
--- idempotency keys then needs one plain INSERT and nothing else.
+-- column, by a single query that also checks every element and applies the
+-- defaults (one task_defaults lookup for all the batch's types); a batch
+-- without idempotency keys then needs one plain INSERT and nothing else.
 CREATE OR REPLACE FUNCTION ledgerq.enqueue_tasks(tasks jsonb)
 RETURNS TABLE(id bigint, created boolean)
 LANGUAGE plpgsql AS $$
@@ -91,6 +113,7 @@ DECLARE
     run_ats timestamptz[];
     max_attempts_list integer[];
     keys text[];
+    concurrency_keys text[];
     any_due boolean;
     any_key boolean;
     inserted bigint;
@@ -109,33 +132,38 @@ BEGIN
         SELECT min(v.ord) FILTER (WHERE NOT v.ok), array_agg(nextval(id_seq)),
                array_agg(v.task_type), array_agg(v.payload), array_agg(v.queue),
                array_agg(v.priority), array_agg(v.run_at), array_agg(v.max_attempts),
-               array_agg(v.idempotency_key), bool_or(v.run_at <= now()),
-               bool_or(v.idempotency_key IS NOT NULL)
+               array_agg(v.idempotency_key), array_agg(v.concurrency_key),
+               bool_or(v.run_at <= now()), bool_or(v.idempotency_key IS NOT NULL)
         INTO first_bad, new_ids, task_types, payloads, queues, priorities, run_ats,
-             max_attempts_list, keys, any_due, any_key
+             max_attempts_list, keys, concurrency_keys, any_due, any_key
         FROM (
             SELECT c.*, coalesce(
                        jsonb_typeof(c.e) = 'object'
-                       AND c.e - '{task_type,payload,queue,priority,run_at,max_attempts,idempotency_key}'::text[] = '{}'::jsonb
+                       AND c.e - '{task_type,payload,queue,priority,run_at,max_attempts,idempotency_key,concurrency_key}'::text[] = '{}'::jsonb
                        AND jsonb_typeof(c.e -> 'task_type') = 'string'
                        AND coalesce(jsonb_typeof(c.e -> 'queue'), 'null') IN ('string', 'null')
                        AND coalesce(jsonb_typeof(c.e -> 'idempotency_key'), 'null') IN ('string', 'null')
+                       AND coalesce(jsonb_typeof(c.e -> 'concurrency_key'), 'null') IN ('string', 'null')
                        AND coalesce(jsonb_typeof(c.e -> 'priority'), 'null') IN ('number', 'null')
                        AND coalesce(jsonb_typeof(c.e -> 'max_attempts'), 'null') IN ('number', 'null')
                        AND coalesce(jsonb_typeof(c.e -> 'run_at'), 'null') IN ('string', 'null')
-                       AND c.max_attempts <= 999999999  -- task_json_problem allows nine digits
                        AND ledgerq.task_args_problem(c.task_type, c.payload, c.queue, c.priority,
-                                                     c.max_attempts, c.idempotency_key) IS NULL,
+                                                     c.run_at, c.max_attempts, c.idempotency_key,
+                                                     c.concurrency_key) IS NULL,
                        false) AS ok
             FROM (
                 SELECT x.ord, x.e, x.e ->> 'task_type' AS task_type,
                        coalesce(x.e -> 'payload', '{}') AS payload,
-                       coalesce(x.e ->> 'queue', 'default') AS queue,
+                       coalesce(x.e ->> 'queue', d.queue) AS queue,
                        coalesce((x.e ->> 'priority')::integer, 0) AS priority,
                        coalesce((x.e ->> 'run_at')::timestamptz, now()) AS run_at,
-                       coalesce((x.e ->> 'max_attempts')::integer, 5) AS max_attempts,
-                       x.e ->> 'idempotency_key' AS idempotency_key
+                       coalesce((x.e ->> 'max_attempts')::integer, d.max_attempts) AS max_attempts,
+                       x.e ->> 'idempotency_key' AS idempotency_key,
+                       x.e ->> 'concurrency_key' AS concurrency_key
                 FROM jsonb_array_elements(tasks) WITH ORDINALITY AS x(e, ord)
+                LEFT JOIN ledgerq.task_defaults(
+                    ARRAY(SELECT y ->> 'task_type' FROM jsonb_array_elements(tasks) AS y)
+                ) d ON d.task_type = x.e ->> 'task_type'
                 OFFSET 0  -- convert each field once, not once per check that reads it
             ) c
             -- A sorted subquery feeding the aggregates with no join between keeps
@@ -159,19 +187,22 @@ BEGIN
     END IF;
 
     IF NOT any_key THEN
-        INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts)
+        INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts,
+                                   concurrency_key)
         SELECT * FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats,
-                             max_attempts_list);
+                             max_attempts_list, concurrency_keys);
         inserted := cardinality(new_ids);
     ELSE
         -- An input whose key is taken, earlier or by an earlier input of this
         -- batch (rows go in in input order), is skipped and answered below.
         INSERT INTO ledgerq.tasks AS t (id, task_type, payload, queue, priority, run_at,
-                                        max_attempts, idempotency_key)
-        SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts, u.key
+                                        max_attempts, concurrency_key, idempotency_key)
+        SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts,
+               u.concurrency_key, u.key
         FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats, max_attempts_list,
-                    keys) WITH ORDINALITY
-             AS u(id, task_type, payload, queue, priority, run_at, max_attempts, key, ord)
+                    concurrency_keys, keys) WITH ORDINALITY
+             AS u(id, task_type, payload, queue, priority, run_at, max_attempts, concurrency_key,
+                  key, ord)
         ORDER BY u.ord
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
         GET DIAGNOSTICS inserted = ROW_COUNT;
@@ -187,7 +218,8 @@ BEGIN
     END IF;
 
     -- Inputs that hit an existing key must carry the same type and payload as
-    -- the task that holds the key.
+    -- the task that holds the key (as in enqueue_task, the other fields may
+    -- differ: the task keeps its own).
     SELECT u.ord, u.key, h.id AS holder
     INTO clash
     FROM unnest(new_ids, keys, task_types, payloads) WITH ORDINALITY

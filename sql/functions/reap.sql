@@ -12,6 +12,34 @@
 -- The redelivery timeout is the setting ledgerq.redelivery_timeout (default
 -- 30 s), e.g. ALTER DATABASE app SET ledgerq.redelivery_timeout = '60s'.
 
+-- The setting, read leniently: PostgreSQL accepts any text for a custom
+-- setting, and a typo there must not stop recovery. A value that is not a
+-- positive interval gives the default, with a WARNING naming the setting.
+CREATE OR REPLACE FUNCTION ledgerq.redelivery_timeout_setting() RETURNS interval
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    fallback CONSTANT interval := interval '30 seconds';
+    raw text := nullif(btrim(current_setting('ledgerq.redelivery_timeout', true)), '');
+    value interval;
+BEGIN
+    IF raw IS NULL THEN
+        RETURN fallback;
+    END IF;
+    BEGIN
+        value := raw::interval;
+    EXCEPTION WHEN data_exception OR feature_not_supported THEN
+        value := NULL;
+    END;
+    IF value IS NULL OR value <= interval '0' THEN
+        RAISE WARNING 'ledgerq.redelivery_timeout = %: not a positive interval; using %',
+            quote_literal(raw), fallback
+            USING HINT = 'Set it to an interval such as ''60s'', or RESET it.';
+        RETURN fallback;
+    END IF;
+    RETURN value;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION ledgerq.task_reap(
     as_of timestamptz DEFAULT NULL,
     redelivery_timeout interval DEFAULT NULL
@@ -20,9 +48,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     cutoff timestamptz := coalesce(as_of, now());
     timeout interval := coalesce(
-        redelivery_timeout,
-        nullif(current_setting('ledgerq.redelivery_timeout', true), '')::interval,
-        interval '30 seconds');
+        redelivery_timeout, ledgerq.redelivery_timeout_setting());
     expired_count integer;
     requeued_count integer;
 BEGIN

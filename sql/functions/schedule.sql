@@ -303,7 +303,15 @@ DECLARE
     batch jsonb;
     batch_ids bigint[];
     batch_created boolean[];
+    problem text;
 BEGIN
+    -- Slots become tasks' run_at, so as_of keeps to the times a task may have
+    -- (an infinite one would also send the cron evaluator past its range).
+    problem := ledgerq.run_at_problem(due_by, 'as_of');
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
+    END IF;
+
     -- The dispatcher asks every second and the answer is almost always "no".
     -- The earliest cursor is one step down the partial index whatever the
     -- table holds (min() over an index needs no parameter, so no generic plan

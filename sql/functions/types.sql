@@ -46,10 +46,11 @@ BEGIN
                 OR btrim(t.item ->> 'task_type') = '' THEN 'task_type must be a non-empty string'
             WHEN jsonb_typeof(t.item -> 'queue') IS DISTINCT FROM 'string'
                 OR btrim(t.item ->> 'queue') = '' THEN 'queue must be a non-empty string'
+            WHEN length(t.item ->> 'queue') > 200 THEN 'queue must be at most 200 characters'
             WHEN jsonb_typeof(t.item -> 'max_attempts') IS DISTINCT FROM 'number'
-                OR (t.item ->> 'max_attempts')::numeric < 1
+                OR (t.item ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 2147483647
                 OR (t.item ->> 'max_attempts')::numeric <> trunc((t.item ->> 'max_attempts')::numeric)
-                THEN 'max_attempts must be an integer >= 1'
+                THEN 'max_attempts must be an integer from 1 to 2147483647'
             WHEN coalesce(jsonb_typeof(t.item -> 'timeout_seconds'), 'null') NOT IN ('null', 'number')
                 OR (t.item ->> 'timeout_seconds')::float8 <= 0
                 THEN 'timeout_seconds must be a number > 0 or null'
@@ -61,8 +62,9 @@ BEGIN
         OR btrim(t.item ->> 'task_type') = ''
         OR jsonb_typeof(t.item -> 'queue') IS DISTINCT FROM 'string'
         OR btrim(t.item ->> 'queue') = ''
+        OR length(t.item ->> 'queue') > 200
         OR jsonb_typeof(t.item -> 'max_attempts') IS DISTINCT FROM 'number'
-        OR (t.item ->> 'max_attempts')::numeric < 1
+        OR (t.item ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 2147483647
         OR (t.item ->> 'max_attempts')::numeric <> trunc((t.item ->> 'max_attempts')::numeric)
         OR coalesce(jsonb_typeof(t.item -> 'timeout_seconds'), 'null') NOT IN ('null', 'number')
         OR (t.item ->> 'timeout_seconds')::float8 <= 0
@@ -212,3 +214,22 @@ SELECT d.task_type,
 FROM ledgerq.task_type_defaults d
 LEFT JOIN ledgerq.workers w ON d.task_type = ANY (w.task_types)
 GROUP BY d.task_type, d.queue, d.max_attempts, d.timeout_seconds;
+
+-- The queue and max_attempts a task of each given type gets when its enqueue
+-- names none: the type's registration, else 'default' and 5. One row per
+-- distinct type, in no particular order. enqueue_task and enqueue_tasks apply
+-- it (a caller's explicit value always wins); the runtime asks it too, so that
+-- the task it answers with is the one stored.
+--
+-- When registrations disagree (two versions of a worker during a deploy), the
+-- latest registration wins: worker_register overwrites the type's row, so the
+-- worker that started last decides. A registration outlives its workers: a
+-- type whose workers are all stopped keeps its queue, so tasks enqueued while
+-- nothing runs wait where the next worker will look.
+CREATE OR REPLACE FUNCTION ledgerq.task_defaults(task_types text[])
+RETURNS TABLE(task_type text, queue text, max_attempts integer)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT t.task_type, coalesce(d.queue, 'default'), coalesce(d.max_attempts, 5)
+    FROM (SELECT DISTINCT u.task_type FROM unnest(task_defaults.task_types) AS u(task_type)) t
+    LEFT JOIN ledgerq.task_type_defaults d ON d.task_type = t.task_type
+$$;

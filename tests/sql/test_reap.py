@@ -369,3 +369,26 @@ def test_reap_stuck_ignores_tasks_in_other_states_even_far_in_the_future(
     assert reap(db, ahead="1 day") == 0
 
     assert task(db, task_id) == before
+
+
+@pytest.mark.parametrize("setting", ["banana", "-5 minutes", "0"])
+def test_reap_stuck_with_a_bad_redelivery_timeout_setting_warns_and_uses_30_seconds(
+    db_url: str, setting: str
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        warnings: list[str] = []
+        conn.add_notice_handler(
+            lambda d: warnings.append(d.message_primary or "") if d.severity == "WARNING" else None
+        )
+        task_id = enqueue(conn)
+        take_due(conn)
+        conn.execute("SELECT set_config('ledgerq.redelivery_timeout', %s, false)", (setting,))
+
+        assert call_value(conn, "reap_stuck") == 0
+        assert task(conn, task_id)["status"] == "QUEUED"
+        age_queued(conn, task_id, "31 seconds")
+        assert call_value(conn, "reap_stuck") == 1
+        assert task(conn, task_id)["status"] == "PENDING"
+
+    assert len(warnings) == 2
+    assert all("ledgerq.redelivery_timeout" in w and setting in w for w in warnings)

@@ -19,9 +19,10 @@ from .helpers import Conn, call_value, claimed, complete, db_now, enqueue
 # named notation.
 SPEC_FUNCTIONS = {
     "enqueue_task": (
-        "task_type text, payload jsonb DEFAULT '{}'::jsonb, queue text DEFAULT 'default'::text, "
+        "task_type text, payload jsonb DEFAULT '{}'::jsonb, queue text DEFAULT NULL::text, "
         "priority integer DEFAULT 0, run_at timestamp with time zone DEFAULT now(), "
-        "max_attempts integer DEFAULT 5, idempotency_key text DEFAULT NULL::text",
+        "max_attempts integer DEFAULT NULL::integer, idempotency_key text DEFAULT NULL::text, "
+        "concurrency_key text DEFAULT NULL::text",
         "TABLE(id bigint, created boolean)",
     ),
     "enqueue_tasks": ("tasks jsonb", "TABLE(id bigint, created boolean)"),
