@@ -12,9 +12,9 @@ that are due at once QUEUED in the same statement and, right after the commit,
 pushes them to Redis itself, so a worker can take them without waiting for the
 dispatcher's round trip. The ledger stays the truth: a push that fails (Redis
 down, this process killed in between) leaves QUEUED tasks that the
-dispatcher's redelivery sweep pushes again. Tasks of a paused queue, of a queue
-with flow-control settings, or with a concurrency key are left PENDING for the
-dispatcher. After a failed push the client leaves every task to the dispatcher
+dispatcher's redelivery sweep pushes again. Tasks of a queue under flow control
+(one with a row in ledgerq.queues: paused, limited or configured), or with a
+concurrency key, are left PENDING for the dispatcher. After a failed push the client leaves every task to the dispatcher
 for HAND_OFF_PAUSE_S. ``hand_off=False`` turns it off. Given a
 ``registry=``, a task type's declared queue and max_attempts are the defaults.
 """

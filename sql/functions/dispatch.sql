@@ -76,9 +76,10 @@ $$;
 -- QUEUED (so no dispatcher takes them again) and returns them for the caller
 -- to push to Redis right after its commit. A push that never happens (the
 -- caller died, Redis was down) is what the dispatcher's redelivery sweep finds:
--- QUEUED and missing from Redis, pushed again. A task whose queue is paused or
--- has flow-control settings, or that has a concurrency key, is left PENDING,
--- and the dispatcher is woken for it: it decides when such a task may run.
+-- QUEUED and missing from Redis, pushed again. A task whose queue has a row in
+-- ledgerq.queues (paused, limited or configured), or that has a concurrency
+-- key (its turn orders it among its queue's keys), is left PENDING, and the
+-- dispatcher is woken for it: it decides when such a task may run.
 -- The caller sets ledgerq.hand_off to 'on' for its transaction first, so the
 -- enqueue does not wake the dispatcher for tasks it hands off.
 CREATE OR REPLACE FUNCTION ledgerq.task_hand_off(task_ids bigint[])
@@ -91,10 +92,9 @@ BEGIN
         SET status = 'QUEUED', queued_at = now()
         WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
           AND t.concurrency_key IS NULL
-          AND NOT EXISTS (
-              SELECT 1 FROM ledgerq.queues q
-              WHERE q.queue = t.queue AND (q.paused OR q.settings <> '{}'::jsonb)
-          )
+          -- Any row for the queue (paused, limited, or only configured) sends its
+          -- claims through flow control: the dispatcher hands those out.
+          AND NOT EXISTS (SELECT 1 FROM ledgerq.queues q WHERE q.queue = t.queue)
         RETURNING t.id, t.queue, t.priority, t.run_at;
     IF EXISTS (
         SELECT 1 FROM ledgerq.tasks t
