@@ -173,7 +173,7 @@ async def test_a_hand_off_redis_forgets_right_after_still_runs_once(
 @pytest.mark.parametrize(
     ("paused", "queue_settings"),
     # Any row sends the queue's claims through flow control, even one that limits nothing.
-    [(True, "{}"), (False, '{"concurrency": 1}'), (False, "{}")],
+    [(True, "{}"), (False, '{"max_running": 1}'), (False, "{}")],
 )
 async def test_a_queue_flow_control_holds_back_is_not_handed_off(
     settings: config.Settings,
