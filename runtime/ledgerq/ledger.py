@@ -544,6 +544,12 @@ class AsyncLedger:
     ) -> list[types.ClaimedTask]:
         return await self._run(queries.claim(task_ids, worker_id, lease_s))
 
+    async def claim_reporting(
+        self, task_ids: Sequence[int], worker_id: str, lease_s: int
+    ) -> tuple[list[types.ClaimedTask], list[types.Deferral]]:
+        """claim, with the tasks flow control deferred (see types.Deferral)."""
+        return await self._run(queries.claim_reporting(task_ids, worker_id, lease_s))
+
     async def heartbeat(
         self, leases: Sequence[tuple[int, int]], lease_s: int
     ) -> list[tuple[types.TaskId, int, str]]:
@@ -593,6 +599,14 @@ class AsyncLedger:
 
     async def next_run_at(self) -> datetime | None:
         return await self._run(queries.next_run_at())
+
+    async def flow_wake_due(self) -> int:
+        """Wake tasks parked on rate buckets that refilled; how many."""
+        return await self._run(queries.flow_wake_due())
+
+    async def flow_rescue(self) -> int:
+        """Wake parked tasks whose limit has room although no event said so; how many."""
+        return await self._run(queries.flow_rescue())
 
     async def queued_stale(self, older_than_s: float, batch_size: int) -> list[types.DueTask]:
         return await self._run(queries.queued_stale(older_than_s, batch_size))

@@ -89,9 +89,12 @@ ENQUEUE_MANY_HANDING_OFF: LiteralString = """
     SELECT e.id, e.created, e.stamped, h.queue, h.priority, h.run_at
     FROM e LEFT JOIN h ON h.id = e.id ORDER BY e.ord
 """
+# task_claim: claim_tasks with the refusals of flow control (limits.sql):
+# a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
-    FROM ledgerq.claim_tasks(%s, %s, %s)
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at, status,
+           waiting_on
+    FROM ledgerq.task_claim(%s, %s, %s)
 """
 HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
 COMPLETE: LiteralString = """
@@ -102,12 +105,18 @@ RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %
 # flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
 # simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority, d.run_at
+    SELECT d.id, d.queue, d.priority, d.turn, d.run_at
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
 """
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
+# Flow control (limits.sql): wake tasks parked on a rate bucket that refilled,
+# before taking due tasks; and, with the sweep, the safety net that wakes
+# parked tasks whose limit has room although no event said so.
+FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
+FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority, run_at FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+    SELECT id, queue, priority, turn, run_at
+    FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
@@ -271,8 +280,18 @@ def enqueue_handing_off(
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
+    claimed, _ = yield from claim_reporting(task_ids, worker_id, lease_s)
+    return claimed
+
+
+def claim_reporting(
+    task_ids: Sequence[int], worker_id: str, lease_s: int
+) -> Plan[tuple[list[types.ClaimedTask], list[types.Deferral]]]:
+    """The claimed tasks, and those flow control deferred (parked in the ledger)."""
     rows = yield Call(CLAIM, (list(task_ids), worker_id, lease_s))
-    return [_decode_claimed(r) for r in rows]
+    claimed = [_decode_claimed(r) for r in rows if r[8] == "RUNNING"]
+    deferred = [types.Deferral(types.TaskId(r[0]), r[2], r[9]) for r in rows if r[8] != "RUNNING"]
+    return claimed, deferred
 
 
 def heartbeat(
@@ -338,6 +357,16 @@ def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     return [_due(r) for r in rows]
 
 
+def flow_wake_due() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_WAKE_DUE)
+    return int(woken)
+
+
+def flow_rescue() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_RESCUE)
+    return int(woken)
+
+
 def next_run_at() -> Plan[datetime | None]:
     ((value,),) = yield Call(NEXT_RUN_AT)
     return value  # type: ignore[no-any-return]
@@ -349,7 +378,8 @@ def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTas
 
 
 def _due(row: Sequence[Any]) -> types.DueTask:
-    return types.DueTask(types.TaskId(row[0]), row[1], row[2], run_at=row[3])
+    """A row of task_take_due or task_queued_stale: id, queue, priority, turn, run_at."""
+    return types.DueTask(types.TaskId(row[0]), row[1], row[2], turn=int(row[3]), run_at=row[4])
 
 
 def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:

@@ -184,16 +184,28 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DueTask:
-    """A task the dispatcher hands to Redis, with what orders it in its queue:
-    priority (higher first), then turn (flow control's fairness, lower first),
-    then run_at (earlier first), then id (older first). None for run_at sorts
-    as the earliest time (for callers that only know an id)."""
+    """A task the dispatcher hands to Redis. Its place in line: priority (higher
+    first), then turn (lower first: concurrency keys take turns), then run_at,
+    then id. turn and run_at are known when the task comes from task_take_due."""
 
     id: TaskId
     queue: str
     priority: int
-    run_at: datetime | None = None
     turn: int = 0
+    run_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deferral:
+    """A delivered task the claim refused, for now, because of its queue's flow
+    control: ``reason`` is the setting that held it (``max_running``,
+    ``per_key_max_running``, ``rate_per_second``, ``per_key_rate_per_second``,
+    ``retry_rate_per_second``) or ``paused``. The ledger parked it, with its
+    attempt budget untouched, and hands it out again when the limit allows."""
+
+    id: TaskId
+    queue: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -133,7 +133,9 @@ async def test_pop_takes_equal_priorities_by_turn_then_run_at_then_id(backend: B
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
 
     def at(task_id: int, queue: str, priority: int, seconds: float, turn: int = 0) -> DueTask:
-        return DueTask(TaskId(task_id), queue, priority, t0 + timedelta(seconds=seconds), turn)
+        return DueTask(
+            TaskId(task_id), queue, priority, turn=turn, run_at=t0 + timedelta(seconds=seconds)
+        )
 
     # A retried task keeps its old id but gets a later run_at: it goes behind.
     await d.push([at(1, "a", 0, 30), at(2, "a", 0, 10), at(3, "b", 0, 20), at(4, "a", 5, 99)])

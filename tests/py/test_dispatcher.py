@@ -292,10 +292,10 @@ def _in(seconds: float) -> datetime:
 def _due(db: Conn, task_id: int) -> DueTask:
     """The task as the dispatcher hands it out (Redis's member spells its run_at)."""
     row = db.execute(
-        "SELECT queue, priority, run_at FROM ledgerq.tasks WHERE id = %s", (task_id,)
+        "SELECT queue, priority, turn, run_at FROM ledgerq.tasks WHERE id = %s", (task_id,)
     ).fetchone()
     assert row is not None
-    return DueTask(TaskId(task_id), row[0], row[1], run_at=row[2])
+    return DueTask(TaskId(task_id), row[0], row[1], turn=row[2], run_at=row[3])
 
 
 def _queued_at(db: Conn, task_id: int) -> datetime:
