@@ -80,6 +80,8 @@ def install() -> None:
     after(Dispatch, "pop", "pop", lambda ids, _: ids)
     after(Dispatch, "pop_wait", "pop", lambda one, _: [one] if one is not None else [])
     after(AsyncLedger, "claim", "claim", lambda rows, _: [r.id for r in rows])
+    # The worker claims through claim_reporting (flow control's deferrals too).
+    after(AsyncLedger, "claim_reporting", "claim", lambda answer, _: [r.id for r in answer[0]])
 
     blocking_push = HandOff.push
 
