@@ -10,6 +10,10 @@ migrated, and dropped afterwards) and measures:
    several keep-alive connections from a separate load process;
 3. tasks/s through ``POST /tasks/batch`` with 1,000-task batches.
 
+Before them, the floor: the same latency run against bench/floor_app.py, a bare
+FastAPI endpoint that INSERTs into a plain table with psycopg, served by the same
+code as ``ledgerq api``; the table gives POST /tasks's p50 as a multiple of it.
+
 Every request is a real enqueue committed to PostgreSQL (synchronous_commit as
 the server has it). The machine's cores are shared by the load process, the
 API process and PostgreSQL, so the throughput numbers are a floor for a
@@ -63,6 +67,9 @@ TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
 TARGET_SINGLE_RPS = 3000
 TARGET_BATCH_TPS = 50_000
+# POST /tasks p50 within this of the floor, a bare FastAPI + psycopg INSERT endpoint
+# on the same machine in the same run (bench/floor_app.py).
+TARGET_FLOOR_RATIO = 1.15
 
 
 def _free_port() -> int:
@@ -100,8 +107,10 @@ def synchronous_commit(url: str) -> str:
 
 
 @contextlib.contextmanager
-def api_process(database_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """``ledgerq api`` on port, up and answering /healthz."""
+def api_process(
+    database_url: str, port: int, *, floor: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``ledgerq api`` on port (or, with floor, bench/floor_app.py), up and answering /healthz."""
     env = {
         **os.environ,
         "LEDGERQ_DATABASE_URL": database_url,
@@ -109,9 +118,11 @@ def api_process(database_url: str, port: int) -> Iterator[subprocess.Popen[bytes
         "LEDGERQ_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
     }
     env.pop("LEDGERQ_API_TOKEN", None)
-    proc = subprocess.Popen(
-        [LEDGERQ, "api", "--port", str(port), "--log-level", "WARNING"], env=env, cwd=REPO
-    )
+    if floor:
+        command = [sys.executable, str(REPO / "bench" / "floor_app.py"), database_url, str(port)]
+    else:
+        command = [LEDGERQ, "api", "--port", str(port), "--log-level", "WARNING"]
+    proc = subprocess.Popen(command, env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -304,6 +315,11 @@ def main() -> None:
 
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
+    # The floor first: a bare FastAPI + psycopg INSERT, on a database of its own.
+    with bench_database() as database_url, api_process(database_url, port, floor=True):
+        floor = sorted(steady_latency(base_url, args.rate, args.seconds))
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
     with bench_database() as database_url, api_process(database_url, port) as api:
         latencies = steady_latency(base_url, args.rate, args.seconds)
         cpu_before, started = cpu_seconds(api.pid), time.perf_counter()
@@ -320,7 +336,12 @@ def main() -> None:
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     mean = statistics.fmean(latencies)
     other = {k: v for k, v in counts.items() if k != 201}
+    floor_p50 = floor[len(floor) // 2]
+    floor_p99 = floor[min(len(floor) - 1, int(len(floor) * 0.99))]
     rows = [
+        (f"floor (bare FastAPI + INSERT) @ {args.rate:g}/s, p50", _ms(floor_p50), "", ""),
+        (f"floor (bare FastAPI + INSERT) @ {args.rate:g}/s, p99", _ms(floor_p99), "", ""),
+        ("POST /tasks p50 / floor p50", f"{p50 / floor_p50:.2f}x", f"<= {TARGET_FLOOR_RATIO:g}x", p50 / floor_p50 <= TARGET_FLOOR_RATIO),
         (f"POST /tasks latency @ {args.rate:g}/s, mean", _ms(mean), "", ""),
         (f"POST /tasks latency @ {args.rate:g}/s, p50", _ms(p50), f"< {TARGET_P50_MS:g} ms", p50 * 1e3 < TARGET_P50_MS),
         (f"POST /tasks latency @ {args.rate:g}/s, p99", _ms(p99), f"< {TARGET_P99_MS:g} ms", p99 * 1e3 < TARGET_P99_MS),

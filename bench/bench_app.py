@@ -24,3 +24,10 @@ async def sleep(ctx: Context, payload: dict[str, float]) -> None:
 async def stamp(ctx: Context, payload: dict[str, object]) -> float:
     """Returns when the handler started, for pickup latency."""
     return time.time()
+
+
+@tasks.task("bench.hop", queue="bench")
+async def hop(ctx: Context, payload: dict[str, object]) -> float:
+    """Returns when the handler started on the machine-wide monotonic clock,
+    for the per-hop stamps of runtime_bench.py hops."""
+    return time.monotonic()

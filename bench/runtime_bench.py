@@ -10,12 +10,20 @@ processes against the local PostgreSQL and Redis.
 - sleep:   N tasks that each `await asyncio.sleep(0.01)`, 2 processes, at
            several concurrencies.
 - latency: pickup latency (enqueue committed -> handler starts) at a steady
-           200 tasks/s into idle workers: p50, p90, p99, max.
+           200 and 1,000 tasks/s into idle workers: p50, p90, p99, max.
+- hops:    where that time goes: tasks enqueued through ``ledgerq.Client`` at
+           200 and 1,000 tasks/s into a dispatcher and one worker process run
+           under bench/hop_stamps.py; p50/p99 of each hop (enqueue call, commit ->
+           NOTIFY -> due statement -> Redis push -> pop -> claim committed ->
+           handler entered), and of the whole path.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
+import json
 import os
 import signal
 import statistics
@@ -69,10 +77,16 @@ class Stack:
         }
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str, stamps: Path | None = None) -> None:
+        """``ledgerq ARGS``; with stamps, under hop_stamps.py writing there at exit."""
+        command = (
+            [LEDGERQ]
+            if stamps is None
+            else [sys.executable, str(HERE / "hop_stamps.py"), str(stamps)]
+        )
         self.procs.append(
             subprocess.Popen(
-                [LEDGERQ, *args, "--log-level", "WARNING"],
+                [*command, *args, "--log-level", "WARNING"],
                 cwd=HERE,
                 env=self.env,
                 stdout=subprocess.DEVNULL,
@@ -197,6 +211,107 @@ def latency(n: int, rate: float, processes: int) -> list[float]:
         drop_database(name)
 
 
+HOPS = ("call", "committed", "notify", "due", "push", "pop", "claim", "handler")
+
+
+def hops(n: int, rate: float, hand_off: bool) -> dict[str, list[float]]:
+    """Per-hop durations in ms (segment name -> sorted values) for n tasks at rate/s,
+    enqueued with the client's hand-off or through the dispatcher."""
+    import hop_stamps
+    from ledgerq import Client, config
+
+    name = f"ledgerq_bench_hops_{os.getpid()}"
+    db_url = fresh_database(name)
+    stamp_dir = Path(f"/tmp/{name}")
+    stamp_dir.mkdir(exist_ok=True)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn, stack(db_url) as s:
+            s.start("dispatcher", stamps=stamp_dir / "dispatcher.json")
+            s.start("worker", "--app", "bench_app:tasks", "--queues", "bench",
+                    "--concurrency", "20", stamps=stamp_dir / "worker.json")  # fmt: skip
+            settings = config.Settings(
+                database_url=db_url, redis_url=REDIS_URL, redis_prefix=s.prefix
+            )
+            hop_stamps.install()  # the client's own commit and push, if it hands off
+            hop_stamps.STAMPS.clear()
+            with Client(settings, hand_off=hand_off) as client:
+                client.enqueue("bench.hop", queue="bench")  # warm up, all the way through
+                wait_all_succeeded(conn, 1, timeout_s=30)
+                stamps: dict[int, dict[str, float]] = {}
+                interval = 1.0 / rate
+                next_at = time.perf_counter()
+                for _ in range(n):
+                    called = time.monotonic()
+                    task = client.enqueue("bench.hop", queue="bench")
+                    stamps[task.id] = {"call": called, "returned": time.monotonic()}
+                    next_at += interval
+                    pause = next_at - time.perf_counter()
+                    if pause > 0:
+                        time.sleep(pause)
+                wait_all_succeeded(conn, n + 1)
+            rows = conn.execute(
+                "SELECT id, (result #>> '{}')::float8 FROM ledgerq.tasks WHERE id = ANY(%s)",
+                (list(stamps),),
+            ).fetchall()
+            for task_id, entered in rows:
+                stamps[task_id]["handler"] = entered
+        notifies: list[float] = []
+        recorded = [(h, t, at) for h, t, at in hop_stamps.STAMPS]
+        for process in ("dispatcher", "worker"):
+            recorded += json.loads((stamp_dir / f"{process}.json").read_text())
+        for hop, task_id, at in recorded:
+            if task_id is None:
+                notifies.append(at)
+            elif task_id in stamps:
+                stamps[task_id].setdefault(hop, at)  # the first time each hop happened
+        notifies.sort()
+        for task_stamps in stamps.values():
+            # Without a hand-off the enqueue call returns right after its commit.
+            task_stamps.setdefault("committed", task_stamps["returned"])
+            # The first wake-up after the commit, if it came before the due statement.
+            committed, due = task_stamps["committed"], task_stamps.get("due")
+            index = bisect.bisect_left(notifies, committed)
+            if due is not None and index < len(notifies) and notifies[index] <= due:
+                task_stamps["notify"] = notifies[index]
+        segments: dict[str, list[float]] = {}
+        for task_stamps in stamps.values():
+            present = [hop for hop in HOPS if hop in task_stamps]
+            for before, after in itertools.pairwise(present):
+                key = f"{before} -> {after}"
+                segments.setdefault(key, []).append(
+                    (task_stamps[after] - task_stamps[before]) * 1000
+                )
+            returned = (task_stamps["returned"] - task_stamps["call"]) * 1000
+            segments.setdefault("call -> returned (enqueue)", []).append(returned)
+            if "handler" in task_stamps:
+                total = (task_stamps["handler"] - task_stamps["call"]) * 1000
+                segments.setdefault("call -> handler (total)", []).append(total)
+        return {key: sorted(values) for key, values in segments.items()}
+    finally:
+        drop_database(name)
+        for path in stamp_dir.glob("*.json"):
+            path.unlink()
+        stamp_dir.rmdir()
+
+
+def hop_table(n: int, rate: float, hand_off: bool, segments: dict[str, list[float]]) -> str:
+    order = [f"{a} -> {b}" for a, b in itertools.combinations(HOPS, 2)]
+    keys = sorted(segments, key=lambda k: order.index(k) if k in order else len(order))
+    lines = [
+        f"hops at {rate:,.0f} tasks/s ({n} tasks through ledgerq.Client, "
+        f"{'hand-off' if hand_off else 'through the dispatcher'})",
+        f"| {'segment'.ljust(26)} | tasks | p50 ms | p99 ms |",
+        f"|{'-' * 28}|------:|-------:|-------:|",
+    ]
+    for key in keys:
+        values = segments[key]
+        lines.append(
+            f"| {key.ljust(26)} | {len(values):5d} | {percentile(values, 50):6.2f} "
+            f"| {percentile(values, 99):6.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
@@ -205,10 +320,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", nargs="*", default=["drain", "sleep", "latency"])
+    parser.add_argument("which", nargs="*", default=["drain", "sleep", "latency", "hops"])
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency-tasks", type=int, default=2000)
+    parser.add_argument("--rates", default="200,1000", help="offered rates for latency and hops")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -234,14 +350,22 @@ def main() -> None:
                 )
             )
             print(results[-1], flush=True)
-    if "latency" in args.which:
-        lat = latency(args.latency_tasks, 200.0, 2)
+    rates = [float(r) for r in args.rates.split(",")]
+    if "hops" in args.which:
+        for rate in rates:
+            for hand_off in (False, True):
+                segments = hops(args.latency_tasks, rate, hand_off)
+                print(hop_table(args.latency_tasks, rate, hand_off, segments), flush=True)
+    for rate in rates if "latency" in args.which else []:
+        lat = latency(args.latency_tasks, rate, 2)
         results.append((
-            f"pickup latency at 200 tasks/s ({len(lat)} tasks)",
+            f"pickup latency at {rate:,.0f} tasks/s ({len(lat)} tasks)",
             f"p50 {percentile(lat, 50):.2f} ms, p90 {percentile(lat, 90):.2f} ms, "
             f"p99 {percentile(lat, 99):.2f} ms, max {lat[-1]:.2f} ms, mean {statistics.fmean(lat):.2f} ms",
         ))  # fmt: skip
         print(results[-1], flush=True)
+    if not results:
+        return
     width = max(len(name) for name, _ in results)
     print()
     print(f"{'benchmark'.ljust(width)}  result")

@@ -205,7 +205,7 @@ def bench_hot_query(run: Run, conn: Conn) -> None:
             with plans.transaction(force_rollback=True):
                 started = time.perf_counter()
                 plans.execute(
-                    "SELECT id, queue, priority FROM ledgerq.task_take_due(100)"
+                    "SELECT id, queue, priority, run_at FROM ledgerq.task_take_due(100)"
                 ).fetchall()
                 calls.append((time.perf_counter() - started) * 1000)
 

@@ -13,6 +13,17 @@ A task's queue and max_attempts, when the call gives none: the ledger's rule
 (the task type's registered values, else ``default`` and 5), except that a
 client given a ``registry=`` sends the values that registry declares for the
 types it holds (the code this process would run is the best witness).
+
+Hand-off: an enqueue on the client's own connection marks the tasks it creates
+that are due at once QUEUED in the same statement and, right after the commit,
+pushes them to Redis itself, so a worker can take them without waiting for the
+dispatcher's round trip. The ledger stays the truth: a push that fails (Redis
+down, this process killed in between) leaves QUEUED tasks that the
+dispatcher's redelivery sweep pushes again. Tasks of a queue under flow control
+(one with a row in ledgerq.queues: paused, limited or configured), or with a
+concurrency key, are left PENDING for the dispatcher. After a failed push the
+client leaves every task to the dispatcher for HAND_OFF_PAUSE_S.
+``hand_off=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ledgerq import config, errors, jsonvalue, metrics, storable, types
+from ledgerq.dispatch import Dispatch, HandOff, HandOffGate
 from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
@@ -152,10 +164,13 @@ class Client:
         *,
         registry: types.TaskTypes | None = None,
         ledger: Ledger | None = None,
+        hand_off: bool = True,
     ) -> None:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._hand_off = HandOffGate(hand_off)
+        self._redis: HandOff | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -167,6 +182,27 @@ class Client:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    def _enqueue(
+        self, news: Sequence[types.NewTask], conn: SyncConn | None, *, many: bool
+    ) -> list[types.Task]:
+        if conn is not None or not self._hand_off.ready():
+            if many:
+                return self.ledger.enqueue_tasks(news, conn)
+            return [self.ledger.enqueue_task(news[0], conn)]
+        tasks, handed = self.ledger.enqueue_handing_off(news, many=many)
+        if handed:
+            if self._redis is None:
+                s = self.settings
+                self._redis = HandOff.connect(s.redis_url, s.redis_prefix, cluster=s.redis_cluster)
+            try:
+                self._redis.push(handed)
+            except errors.DispatchError as exc:
+                self._hand_off.failed(len(handed), exc.message)
+        return tasks
 
     def __enter__(self) -> Client:
         return self
@@ -194,7 +230,7 @@ class Client:
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
             concurrency_key=concurrency_key,
         )  # fmt: skip
-        task = self.ledger.enqueue_task(new, conn)
+        (task,) = self._enqueue([new], conn, many=False)
         _count_enqueued([task])
         return task
 
@@ -203,7 +239,9 @@ class Client:
     ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
-        results = self.ledger.enqueue_tasks(news, conn)
+        results = (
+            self._enqueue(news, conn, many=True) if news else self.ledger.enqueue_tasks(news, conn)
+        )
         _count_enqueued(results)
         return results
 
@@ -245,10 +283,17 @@ class AsyncClient:
         *,
         registry: types.TaskTypes | None = None,
         ledger: AsyncLedger | None = None,
+        dispatch: Dispatch | None = None,
+        hand_off: bool = True,
     ) -> None:
+        """Given a ``dispatch`` (a process that has one already), hand-offs go
+        through it, and close() leaves it open, like a given ledger."""
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._hand_off = HandOffGate(hand_off)
+        self._redis = dispatch
+        self._owns_redis = dispatch is None
 
     async def ledger(self) -> AsyncLedger:
         if self._ledger is None:
@@ -259,6 +304,28 @@ class AsyncClient:
         if self._ledger is not None:
             await self._ledger.close()
             self._ledger = None
+        if self._redis is not None and self._owns_redis:
+            await self._redis.close()
+            self._redis = None
+
+    async def _enqueue(
+        self, news: Sequence[types.NewTask], conn: AsyncConn | None, *, many: bool
+    ) -> list[types.Task]:
+        ledger = await self.ledger()
+        if conn is not None or not self._hand_off.ready():
+            if many:
+                return await ledger.enqueue_tasks(news, conn)
+            return [await ledger.enqueue_task(news[0], conn)]
+        tasks, handed = await ledger.enqueue_handing_off(news, many=many)
+        if handed:
+            if self._redis is None:
+                s = self.settings
+                self._redis = Dispatch.connect(
+                    s.redis_url, s.redis_prefix, cluster=s.redis_cluster,
+                    timeout_s=HandOff.TIMEOUT_S,
+                )  # fmt: skip
+            await self._hand_off.push(self._redis, handed)
+        return tasks
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -286,8 +353,7 @@ class AsyncClient:
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
             concurrency_key=concurrency_key,
         )  # fmt: skip
-        ledger = await self.ledger()
-        task = await ledger.enqueue_task(new, conn)
+        (task,) = await self._enqueue([new], conn, many=False)
         _count_enqueued([task])
         return task
 
@@ -296,8 +362,10 @@ class AsyncClient:
     ) -> list[types.Task]:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
-        ledger = await self.ledger()
-        results = await ledger.enqueue_tasks(news, conn)
+        if news:
+            results = await self._enqueue(news, conn, many=True)
+        else:
+            results = await (await self.ledger()).enqueue_tasks(news, conn)
         _count_enqueued(results)
         return results
 

@@ -9,8 +9,12 @@ Key layout (``P`` is LEDGERQ_REDIS_PREFIX; the braces are a Redis Cluster hash
 tag that puts every key of one deployment in one slot, so multi-queue pops and
 Lua scripts work unchanged on a cluster):
 
-- ``{P}:queue:NAME``  sorted set of task ids; the score orders by priority
-  (higher first) and then by task id (older first)
+- ``{P}:queue:NAME``  sorted set of tasks waiting for a worker, in the order
+  they must run: the score is minus the priority (higher first); among equal
+  scores Redis compares members byte by byte, and a member is
+  ``TURN|RUN_AT|ID`` (``task_member``), three fixed-width lowercase hex
+  fields, so ties go to the lower flow-control turn, then the earlier run_at,
+  then the older id. Workers read the id from the member's last field.
 - ``{P}:epoch``       random token; a new one means Redis lost its data
 - ``{P}:quarantine:NAME:TOKEN``  a key found under a queue's (or the epoch's)
   name holding another type of value, moved aside so it cannot stop dispatch
@@ -19,24 +23,33 @@ Lua scripts work unchanged on a cluster):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
 from ledgerq import errors, types
 
-# Priorities take 16 bits above 37 bits of task id: 2^53, the exact range of
-# the double Redis stores scores in.
-_ID_BITS = 37
 TASK_ID_MAX = 2**63 - 1
+# A member's fields: 16 hex digits each (64 bits), so byte order is numeric
+# order. The turn is a signed bigint, shifted to be unsigned; run_at is
+# counted in microseconds from the first instant the ledger accepts.
+_FIELD_MAX = 2**64 - 1
+_TURN_BIAS = 2**63
+_RUN_AT_ORIGIN = datetime(1, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_MEMBER_LENGTH = 16 * 3 + 2
 
 # The longest a blocking pop waits in Redis. Every read on a connection may
 # take this long plus a margin before it counts as a timeout: a socket timeout
@@ -49,10 +62,32 @@ log = logging.getLogger("ledgerq.dispatch")
 T = TypeVar("T")
 
 
-def task_score(priority: int, task_id: int) -> int:
-    """Lower pops first: higher priority, then lower (older) id."""
-    clamped = min(max(priority, types.PRIORITY_MIN), types.PRIORITY_MAX)
-    return ((types.PRIORITY_MAX - clamped) << _ID_BITS) + (task_id & ((1 << _ID_BITS) - 1))
+def task_score(priority: int) -> int:
+    """Lower pops first: minus the priority (bounded to the ledger's range)."""
+    return -min(max(priority, types.PRIORITY_MIN), types.PRIORITY_MAX)
+
+
+def task_member(task: types.DueTask) -> str:
+    """The task's member in its queue: ``TURN|RUN_AT|ID``, fixed-width lowercase
+    hex, so that among equal priorities Redis's byte order is the contract's
+    order (turn, then run_at, then id)."""
+    turn = min(max(task.turn + _TURN_BIAS, 0), _FIELD_MAX)
+    run_at = 0
+    if task.run_at is not None:
+        run_at = min(max((task.run_at - _RUN_AT_ORIGIN) // _MICROSECOND, 0), _FIELD_MAX)
+    return f"{turn:016x}|{run_at:016x}|{task.id:016x}"
+
+
+def _member_id(member: Any) -> int:
+    """The task id a member names; 0 when it names none."""
+    text = member.decode() if isinstance(member, bytes) else str(member)
+    if len(text) == _MEMBER_LENGTH and text[16] == "|" and text[33] == "|":
+        try:
+            return int(text[34:], 16)
+        except ValueError:
+            return 0
+    # A bare decimal id: what a dispatcher of an earlier version pushed.
+    return int(text) if text.isdigit() and text.isascii() else 0
 
 
 def _task_ids(members: Any) -> list[types.TaskId]:
@@ -60,10 +95,7 @@ def _task_ids(members: Any) -> list[types.TaskId]:
     (the ledger, not Redis, says what needs running)."""
     ids: list[types.TaskId] = []
     for member in members:
-        try:
-            task_id = int(member)
-        except (TypeError, ValueError):
-            task_id = 0
+        task_id = _member_id(member)
         if 1 <= task_id <= TASK_ID_MAX:
             ids.append(types.TaskId(task_id))
         else:
@@ -96,6 +128,17 @@ def _translated() -> Any:
 
 def _wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and "WRONGTYPE" in str(exc)
+
+
+def queue_key(prefix: str, queue: str) -> str:
+    return f"{{{prefix}}}:queue:{queue}"
+
+
+def _members_by_queue(tasks: Sequence[types.DueTask]) -> dict[str, dict[str, int]]:
+    by_queue: dict[str, dict[str, int]] = defaultdict(dict)
+    for task in tasks:
+        by_queue[task.queue][task_member(task)] = task_score(task.priority)
+    return by_queue
 
 
 class Dispatch:
@@ -135,7 +178,7 @@ class Dispatch:
 
     # keys
     def queue_key(self, queue: str) -> str:
-        return f"{{{self.prefix}}}:queue:{queue}"
+        return queue_key(self.prefix, queue)
 
     def epoch_key(self) -> str:
         return f"{{{self.prefix}}}:epoch"
@@ -182,14 +225,12 @@ class Dispatch:
             await self.client.ping()
 
     async def push(self, tasks: Sequence[types.DueTask]) -> int:
-        """Add task ids to their queues; an id already waiting is not added twice.
+        """Add tasks to their queues; a task already waiting is not added twice.
 
         Returns how many were new (after a quarantine's retry, those of the second try)."""
         if not tasks:
             return 0
-        by_queue: dict[str, dict[str, int]] = defaultdict(dict)
-        for task in tasks:
-            by_queue[task.queue][str(task.id)] = task_score(task.priority, task.id)
+        by_queue = _members_by_queue(tasks)
 
         async def add() -> int:
             if len(by_queue) == 1:
@@ -245,7 +286,7 @@ class Dispatch:
         async def scores() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for queue, indexes in order:
-                    pipe.zmscore(self.queue_key(queue), [str(tasks[i].id) for i in indexes])
+                    pipe.zmscore(self.queue_key(queue), [task_member(tasks[i]) for i in indexes])
                 replies: list[Any] = await pipe.execute()
             return replies
 
@@ -278,6 +319,82 @@ class Dispatch:
 
         counts = await self._call([self.queue_key(q) for q in queues], "zset", count)
         return {q: int(n) for q, n in zip(queues, counts, strict=True)}
+
+
+class HandOff:
+    """The one Redis call an enqueuing process makes, blocking: push the tasks it
+    has just committed as QUEUED (``task_hand_off``), so they skip the
+    dispatcher's round trip. Short timeouts: the ledger already holds the tasks,
+    and a push that fails only leaves them to the dispatcher's sweep."""
+
+    TIMEOUT_S = 1.0
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    @classmethod
+    def connect(cls, redis_url: str, prefix: str, *, cluster: bool = False) -> HandOff:
+        client: redis.Redis | redis.RedisCluster
+        if cluster:
+            client = redis.RedisCluster.from_url(
+                redis_url, socket_connect_timeout=cls.TIMEOUT_S, socket_timeout=cls.TIMEOUT_S
+            )
+        else:
+            client = redis.Redis.from_url(
+                redis_url, socket_connect_timeout=cls.TIMEOUT_S, socket_timeout=cls.TIMEOUT_S
+            )
+        return cls(client, prefix)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    def push(self, tasks: Sequence[types.DueTask]) -> int:
+        """Dispatch.push, blocking; how many were new. DispatchError if Redis
+        is unreachable or refuses (a junk key is left to the dispatcher)."""
+        if not tasks:
+            return 0
+        with _translated():
+            pipe = self.client.pipeline(transaction=False)
+            for queue, members in _members_by_queue(tasks).items():
+                pipe.zadd(queue_key(self.prefix, queue), members, nx=True)
+            return sum(int(n) for n in pipe.execute())
+
+
+# After a failed hand-off, how long enqueues leave their tasks to the dispatcher
+# before trying Redis again (an unreachable Redis must not slow every enqueue).
+HAND_OFF_PAUSE_S = 5.0
+
+
+class HandOffGate:
+    """Whether an enqueuing process hands its tasks to Redis now: not when turned
+    off, nor for HAND_OFF_PAUSE_S after a push failed (the dispatcher, which
+    retries with backoff, delivers meanwhile)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._resume_at = 0.0
+
+    def ready(self) -> bool:
+        return self.enabled and time.monotonic() >= self._resume_at
+
+    def failed(self, count: int, reason: str) -> None:
+        self._resume_at = time.monotonic() + HAND_OFF_PAUSE_S
+        log.warning(
+            "dispatch.unavailable handing off %d task(s): %s; the dispatcher delivers them",
+            count, reason,
+        )  # fmt: skip
+
+    async def push(self, dispatch: Dispatch, tasks: Sequence[types.DueTask]) -> None:
+        """Push tasks the ledger already holds as QUEUED; a failure only pauses."""
+        try:
+            async with asyncio.timeout(HandOff.TIMEOUT_S):
+                await dispatch.push(tasks)
+        except TimeoutError:
+            self.failed(len(tasks), f"Redis did not answer within {HandOff.TIMEOUT_S:g} s")
+        except errors.DispatchError as exc:
+            self.failed(len(tasks), exc.message)
 
 
 @contextlib.asynccontextmanager

@@ -553,6 +553,13 @@ class AsyncLedger:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
         return await self._run(queries.enqueue_tasks(tasks), conn)
 
+    async def enqueue_handing_off(
+        self, tasks: Sequence[types.NewTask], *, many: bool
+    ) -> tuple[list[types.Task], list[types.DueTask]]:
+        """Enqueue in one statement, marking the created tasks that are due at
+        once QUEUED for the caller to push to Redis (see task_hand_off)."""
+        return await self._run(queries.enqueue_handing_off(tasks, many=many))
+
     # worker
     async def claim(
         self, task_ids: Sequence[int], worker_id: str, lease_s: int
@@ -830,6 +837,13 @@ class Ledger:
     ) -> list[types.Task]:
         """enqueue_task for many tasks in one transaction (all or nothing), in order."""
         return self._run(queries.enqueue_tasks(tasks), conn)
+
+    def enqueue_handing_off(
+        self, tasks: Sequence[types.NewTask], *, many: bool
+    ) -> tuple[list[types.Task], list[types.DueTask]]:
+        """Enqueue in one statement, marking the created tasks that are due at
+        once QUEUED for the caller to push to Redis (see task_hand_off)."""
+        return self._run(queries.enqueue_handing_off(tasks, many=many))
 
     def cancel(self, task_id: int) -> types.TaskStatus:
         return self._run(queries.cancel(task_id))

@@ -69,6 +69,45 @@ ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.en
 TASK_DEFAULTS: LiteralString = """
     SELECT task_type, queue, max_attempts FROM ledgerq.task_defaults(%s::text[])
 """
+# The enqueue, and in the same statement (one commit) the hand-off of the tasks
+# it created: those due at once are marked QUEUED and come back with what
+# their Redis member needs; the caller pushes them after the commit. The
+# one-time filter sets ledgerq.hand_off before the enqueue runs (a gating
+# qual is checked before its plan's first row), so the enqueue leaves the
+# dispatcher's wake-up to task_hand_off, which sends it only for tasks it left
+# PENDING.
+# Like ENQUEUE_STAMPED, the queue and max_attempts are settled in the same
+# statement and returned last, so the answer says what was stored.
+ENQUEUE_HANDING_OFF: LiteralString = """
+    WITH r AS MATERIALIZED (
+        SELECT coalesce(%(queue)s::text, d.queue) AS queue,
+               coalesce(%(max_attempts)s::integer, d.max_attempts) AS max_attempts
+        FROM ledgerq.task_defaults(ARRAY[%(task_type)s::text]) d
+    ), e AS MATERIALIZED (
+        SELECT e.id, e.created, now() AS stamped, r.queue, r.max_attempts
+        FROM r CROSS JOIN LATERAL ledgerq.enqueue_task(
+            task_type => %(task_type)s, payload => %(payload)s, queue => r.queue,
+            priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
+            max_attempts => r.max_attempts, idempotency_key => %(idempotency_key)s,
+            concurrency_key => %(concurrency_key)s) AS e
+        WHERE (SELECT set_config('ledgerq.hand_off', 'on', true)) = 'on'
+    ), h AS MATERIALIZED (
+        SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
+    )
+    SELECT e.id, e.created, e.stamped, h.queue, h.priority, h.run_at, e.queue, e.max_attempts
+    FROM e LEFT JOIN h ON h.id = e.id
+"""
+ENQUEUE_MANY_HANDING_OFF: LiteralString = """
+    WITH e AS MATERIALIZED (
+        SELECT e.id, e.created, now() AS stamped, e.ord
+        FROM ledgerq.enqueue_tasks(%s) WITH ORDINALITY AS e(id, created, ord)
+        WHERE (SELECT set_config('ledgerq.hand_off', 'on', true)) = 'on'
+    ), h AS MATERIALIZED (
+        SELECT * FROM ledgerq.task_hand_off(ARRAY(SELECT e.id FROM e WHERE e.created))
+    )
+    SELECT e.id, e.created, e.stamped, h.queue, h.priority, h.run_at
+    FROM e LEFT JOIN h ON h.id = e.id ORDER BY e.ord
+"""
 # task_claim: claim_tasks with the refusals of flow control (limits.sql):
 # a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
@@ -95,7 +134,8 @@ NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
 FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
 FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+    SELECT id, queue, priority, turn, run_at
+    FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
@@ -308,6 +348,30 @@ def settle_defaults(tasks: Sequence[types.NewTask]) -> Plan[Sequence[types.NewTa
     return settled
 
 
+def enqueue_handing_off(
+    tasks: Sequence[types.NewTask], *, many: bool
+) -> Plan[tuple[list[types.Task], list[types.DueTask]]]:
+    """enqueue_task (one task) or enqueue_tasks (many), and the created tasks
+    that were due at once, now QUEUED, for the caller to push to Redis."""
+    if not many:
+        rows = yield Call(ENQUEUE_HANDING_OFF, _enqueue_params(tasks[0]))
+        tasks = [dataclasses.replace(tasks[0], queue=rows[0][6], max_attempts=rows[0][7])]
+    else:
+        tasks = yield from settle_defaults(tasks)
+        rows = yield Call(ENQUEUE_MANY_HANDING_OFF, (Jsonb([t.to_json() for t in tasks]),))
+    old = [r[0] for r in rows if not r[1]]
+    replayed: dict[types.TaskId, types.Task] = {}
+    if old:
+        replayed = {t.id: t for t in (yield from get_many(old, history=True))}
+    answers = _enqueued(tasks, rows, replayed)
+    handed: list[types.DueTask] = []
+    for index, row in enumerate(rows):
+        if row[3] is not None:
+            handed.append(types.DueTask(types.TaskId(row[0]), row[3], row[4], run_at=row[5]))
+            answers[index] = dataclasses.replace(answers[index], status=types.TaskStatus.QUEUED)
+    return answers, handed
+
+
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
     claimed, _ = yield from claim_reporting(task_ids, worker_id, lease_s)
     return claimed
@@ -383,7 +447,7 @@ def effect_unlock(effect_key: str) -> Plan[None]:
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(TAKE_DUE, (batch_size,))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
+    return [_due(r) for r in rows]
 
 
 def flow_wake_due() -> Plan[int]:
@@ -403,7 +467,12 @@ def next_run_at() -> Plan[datetime | None]:
 
 def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(QUEUED_STALE, (older_than_s, batch_size))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [_due(r) for r in rows]
+
+
+def _due(row: Sequence[Any]) -> types.DueTask:
+    """A row of task_take_due or task_queued_stale: id, queue, priority, turn, run_at."""
+    return types.DueTask(types.TaskId(row[0]), row[1], row[2], turn=int(row[3]), run_at=row[4])
 
 
 def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:

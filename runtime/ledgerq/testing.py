@@ -63,7 +63,8 @@ async def run_task(
     **enqueue_options: Any,
 ) -> Task:
     """Enqueue a task of task_type and run its handler once, in this process."""
-    task = await AsyncClient(ledger=ledger).enqueue(task_type, payload, **enqueue_options)
+    client = AsyncClient(ledger=ledger, hand_off=False)  # no Redis: it runs here
+    task = await client.enqueue(task_type, payload, **enqueue_options)
     return await run_enqueued(registry, ledger, task.id, raise_errors=raise_errors)
 
 
@@ -130,7 +131,7 @@ class EagerClient(AsyncClient):
     (one attempt), and returns it afterwards. For unit tests of code that enqueues."""
 
     def __init__(self, registry: Registry, settings: Settings | None = None, **kw: Any) -> None:
-        super().__init__(settings, **kw)
+        super().__init__(settings, **{"hand_off": False, **kw})  # no Redis: tasks run here
         self.eager_registry = registry
 
     async def enqueue(self, task_type: str, payload: object = None, **options: Any) -> Task:
@@ -153,7 +154,7 @@ class SyncEagerClient(Client):
     Call it where no event loop is running (it runs one per task)."""
 
     def __init__(self, registry: Registry, settings: Settings | None = None, **kw: Any) -> None:
-        super().__init__(settings, **kw)
+        super().__init__(settings, **{"hand_off": False, **kw})  # no Redis: tasks run here
         self.eager_registry = registry
 
     def enqueue(self, task_type: str, payload: object = None, **options: Any) -> Task:

@@ -1,5 +1,7 @@
 -- Internal helpers for the dispatcher (not part of the public SQL API).
 
+-- The rows carry turn and run_at: Redis keeps each queue in that order.
+DROP FUNCTION IF EXISTS ledgerq.task_queued_stale(interval, integer, timestamptz);
 DROP FUNCTION IF EXISTS ledgerq.task_take_due(integer, timestamptz);
 
 -- task_take_due: the dispatcher's hot query. Takes up to batch_size ready
@@ -69,14 +71,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- task_queued_stale: QUEUED tasks handed to Redis longer than older_than ago,
--- oldest first, for the dispatcher to check against Redis.
+-- oldest first, for the dispatcher to check against Redis (with their turn and
+-- run_at, so a task pushed again gets the same place in line).
 CREATE OR REPLACE FUNCTION ledgerq.task_queued_stale(
     older_than interval,
     batch_size integer DEFAULT 1000,
     as_of timestamptz DEFAULT NULL
-) RETURNS TABLE(id bigint, queue text, priority integer)
+) RETURNS TABLE(id bigint, queue text, priority integer, turn bigint, run_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    SELECT t.id, t.queue, t.priority FROM ledgerq.tasks t
+    SELECT t.id, t.queue, t.priority, t.turn, t.run_at FROM ledgerq.tasks t
     WHERE t.status = 'QUEUED' AND t.queued_at < coalesce(as_of, now()) - older_than
     ORDER BY t.queued_at
     LIMIT batch_size;
@@ -93,4 +96,46 @@ LANGUAGE sql AS $$
         RETURNING 1
     )
     SELECT count(*)::integer FROM confirmed;
+$$;
+
+-- task_handing_off: whether this transaction hands its new tasks to Redis
+-- itself (the enqueuing client's hand-off, see task_hand_off); enqueue_task(s)
+-- then leave waking the dispatcher to task_hand_off.
+CREATE OR REPLACE FUNCTION ledgerq.task_handing_off() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(current_setting('ledgerq.hand_off', true), '') = 'on';
+$$;
+
+-- task_hand_off: the enqueuing process's shortcut past the dispatcher. Called in
+-- the statement that created the tasks, it marks those that are due at once
+-- QUEUED (so no dispatcher takes them again) and returns them for the caller
+-- to push to Redis right after its commit. A push that never happens (the
+-- caller died, Redis was down) is what the dispatcher's redelivery sweep finds:
+-- QUEUED and missing from Redis, pushed again. A task whose queue has a row in
+-- ledgerq.queues (paused, limited or configured), or that has a concurrency
+-- key (its turn orders it among its queue's keys), is left PENDING, and the
+-- dispatcher is woken for it: it decides when such a task may run.
+-- The caller sets ledgerq.hand_off to 'on' for its transaction first, so the
+-- enqueue does not wake the dispatcher for tasks it hands off.
+CREATE OR REPLACE FUNCTION ledgerq.task_hand_off(task_ids bigint[])
+RETURNS TABLE(id bigint, queue text, priority integer, run_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        UPDATE ledgerq.tasks t
+        SET status = 'QUEUED', queued_at = now()
+        WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
+          AND t.concurrency_key IS NULL
+          -- Any row for the queue (paused, limited, or only configured) sends its
+          -- claims through flow control: the dispatcher hands those out.
+          AND NOT EXISTS (SELECT 1 FROM ledgerq.queues q WHERE q.queue = t.queue)
+        RETURNING t.id, t.queue, t.priority, t.run_at;
+    IF EXISTS (
+        SELECT 1 FROM ledgerq.tasks t
+        WHERE t.id = ANY (task_ids) AND t.status = 'PENDING' AND t.run_at <= now()
+    ) THEN
+        PERFORM pg_notify('ledgerq_tasks', '');
+    END IF;
+END;
 $$;

@@ -61,7 +61,9 @@ BEGIN
     END IF;
 
     IF id IS NOT NULL THEN
-        IF due_at <= now() THEN
+        -- A caller handing its tasks to Redis itself (task_hand_off) wakes
+        -- the dispatcher only for those it leaves PENDING.
+        IF due_at <= now() AND NOT ledgerq.task_handing_off() THEN
             PERFORM pg_notify('ledgerq_tasks', '');
         END IF;
         created := true;
@@ -211,7 +213,7 @@ BEGIN
         GET DIAGNOSTICS inserted = ROW_COUNT;
     END IF;
 
-    IF any_due THEN
+    IF any_due AND NOT ledgerq.task_handing_off() THEN
         PERFORM pg_notify('ledgerq_tasks', '');
     END IF;
 

@@ -227,7 +227,8 @@ async def running(
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
     )
-    services = Services(ledger, dispatch, AsyncClient(settings, registry=registry, ledger=ledger))
+    client = AsyncClient(settings, registry=registry, ledger=ledger, dispatch=dispatch)
+    services = Services(ledger, dispatch, client)
     try:
         if dispatcher:
             services.dispatcher = Dispatcher(

@@ -264,14 +264,12 @@ async def test_enqueued_counter_counts_tasks_the_api_created(client: httpx.Async
 
 
 async def test_queue_depth_gauges_follow_the_ledger_at_each_scrape(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, db: Db
 ) -> None:
     queue = f"q-{uuid.uuid4().hex[:8]}"
     pending = ("ledgerq_queue_depth", frozenset({("queue", queue), ("status", "PENDING")}))
-    cancelled_ids = []
-    for _ in range(3):
-        response = await client.post("/tasks", json={"type": "a", "queue": queue})
-        cancelled_ids.append(response.json()["id"])
+    # Through SQL: POST /tasks would hand these due tasks off (QUEUED) at once.
+    cancelled_ids = [_enqueue_pending(db, queue) for _ in range(3)]
     await client.post(f"/tasks/{cancelled_ids[0]}/cancel")
 
     first = await scrape(client)
@@ -305,12 +303,10 @@ async def test_queue_paused_gauge_follows_pause_and_resume(client: httpx.AsyncCl
 
 
 async def test_queues_reports_counts_age_and_last_minutes_finishes(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, db: Db
 ) -> None:
-    ids = [
-        (await client.post("/tasks", json={"type": "a", "queue": "mail"})).json()["id"]
-        for _ in range(3)
-    ]
+    # Through SQL: POST /tasks would hand these due tasks off (QUEUED) at once.
+    ids = [_enqueue_pending(db, "mail") for _ in range(3)]
     await client.post("/tasks", json={"type": "a", "queue": "later", "delay_seconds": 600})
     await client.post(f"/tasks/{ids[0]}/cancel")
 
@@ -350,3 +346,10 @@ async def test_app_opens_and_closes_its_own_connections_when_given_none(
     assert created.status_code == 201
     assert app.state.services is None
     assert services.ledger.closed
+
+
+def _enqueue_pending(db: Db, queue: str) -> int:
+    """A due PENDING task (enqueue_task, which leaves it to the dispatcher)."""
+    row = db.execute("SELECT id FROM ledgerq.enqueue_task('a', queue => %s)", (queue,)).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -54,7 +54,7 @@ async def test_post_task_creates_a_pending_task_and_answers_201(
     body = response.json()
     assert set(body) == TASK_KEYS | {"created"}
     assert body["created"] is True
-    assert body["status"] == "PENDING"
+    assert body["status"] == "QUEUED"  # due at once: handed off to Redis
     assert (body["type"], body["queue"], body["priority"], body["max_attempts"]) == (
         "email.send", "mail", 7, 3,
     )  # fmt: skip
@@ -65,7 +65,7 @@ async def test_post_task_creates_a_pending_task_and_answers_201(
     row = db.execute(
         "SELECT status, task_type, queue FROM ledgerq.tasks WHERE id = %s", (body["id"],)
     ).fetchone()
-    assert row == ("PENDING", "email.send", "mail")
+    assert row == ("QUEUED", "email.send", "mail")
 
 
 async def test_post_task_answer_is_the_task_get_returns(client: httpx.AsyncClient) -> None:
@@ -369,7 +369,7 @@ async def test_listing_filters_by_status_queue_and_type(client: httpx.AsyncClien
     assert await ids(queue="q1") == [b["id"], a["id"]]
     assert await ids(type="a") == [c["id"], a["id"]]
     assert await ids(status="CANCELLED") == [c["id"]]
-    assert await ids(status="PENDING", type="a") == [a["id"]]
+    assert await ids(status="QUEUED", type="a") == [a["id"]]  # handed off at once
     assert await ids(queue="nowhere") == []
 
 
@@ -444,7 +444,7 @@ async def test_retrying_a_task_that_is_not_dead_or_cancelled_is_409(
 
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "invalid_transition"
-    assert "PENDING" in response.json()["error"]["message"]
+    assert "QUEUED" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("action", ["cancel", "retry"])

@@ -90,7 +90,8 @@ def test_enqueue_prints_the_new_task_and_a_replayed_key_returns_it(
         ["enqueue", "email.send", '{"to": "a@b.c"}', "--idempotency-key", "welcome-1"], settings
     )
     assert first.exit_code == 0, first.output
-    assert first.stdout.startswith("task 1 created: email.send on queue default, PENDING")
+    # Due at once: the client handed it off to Redis.
+    assert first.stdout.startswith("task 1 created: email.send on queue default, QUEUED")
 
     again = cli_support.invoke(
         ["enqueue", "email.send", '{"to": "a@b.c"}', "--idempotency-key", "welcome-1", "--json"],
@@ -98,7 +99,7 @@ def test_enqueue_prints_the_new_task_and_a_replayed_key_returns_it(
     )
     assert again.exit_code == 0, again.output
     body = json.loads(again.stdout)
-    assert (body["id"], body["created"], body["status"]) == (1, False, "PENDING")
+    assert (body["id"], body["created"], body["status"]) == (1, False, "QUEUED")
     assert body["payload"] == {"to": "a@b.c"}
     assert db.execute("SELECT count(*) FROM ledgerq.tasks").fetchone() == (1,)
 

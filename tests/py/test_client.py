@@ -49,14 +49,14 @@ def test_enqueue_returns_the_new_task(client: Client, db: Conn) -> None:
     before = datetime.now(UTC)
     task = client.enqueue("report.build", {"month": "2024-05"}, priority=3)
     assert task.created is True
-    assert task.status == TaskStatus.PENDING
+    assert task.status == TaskStatus.QUEUED  # due at once: handed off to Redis
     assert (task.type, task.queue, task.priority, task.payload) == (
         "report.build", "default", 3, {"month": "2024-05"},
     )  # fmt: skip
     assert (task.attempts, task.max_attempts, task.result, task.last_error) == (0, 5, None, None)
     assert before - timedelta(seconds=1) <= task.created_at <= datetime.now(UTC)
     assert task.run_at == task.created_at
-    assert db.execute("SELECT id, status FROM ledgerq.tasks").fetchall() == [(task.id, "PENDING")]
+    assert db.execute("SELECT id, status FROM ledgerq.tasks").fetchall() == [(task.id, "QUEUED")]
 
 
 def test_idempotency_key_replays_the_same_task(client: Client, db: Conn) -> None:
@@ -104,7 +104,7 @@ def test_enqueue_many_returns_tasks_in_input_order(client: Client) -> None:
     assert tasks[0].id < tasks[2].id < tasks[3].id
     assert (tasks[2].queue, tasks[2].priority, tasks[2].payload) == ("q", 4, {})
     assert (tasks[3].queue, tasks[3].max_attempts) == ("mail", 7)  # registry defaults
-    assert all(t.status == TaskStatus.PENDING for t in tasks)
+    assert all(t.status == TaskStatus.QUEUED for t in tasks)  # due at once: handed off
 
 
 def test_enqueue_many_is_all_or_nothing(client: Client, db: Conn) -> None:
@@ -134,7 +134,7 @@ def test_get_cancel_and_retry(client: Client) -> None:
     task = client.enqueue("report.build")
     got = client.get(task.id)
     assert (got.id, got.status, got.created, got.attempt_history) == (
-        task.id, TaskStatus.PENDING, None, (),
+        task.id, TaskStatus.QUEUED, None, (),
     )  # fmt: skip
     assert client.cancel(task.id) == TaskStatus.CANCELLED
     cancelled = client.get(task.id)
@@ -199,7 +199,7 @@ def test_bad_arguments_raise_invalid_input(
 
 async def test_async_enqueue_replay_and_conflict(aclient: AsyncClient, db: Conn) -> None:
     task = await aclient.enqueue("email.send", {"to": "a@b.c"}, idempotency_key="k1")
-    assert task.created is True and task.status == TaskStatus.PENDING
+    assert task.created is True and task.status == TaskStatus.QUEUED
     assert (task.queue, task.max_attempts) == ("mail", 7)
     again = await aclient.enqueue("email.send", {"to": "a@b.c"}, idempotency_key="k1")
     assert (again.id, again.created) == (task.id, False)

@@ -13,9 +13,9 @@ import helpers
 import psycopg
 import pytest
 
-from ledgerq import Context, Registry, config
+from ledgerq import Client, Context, Registry, config
 from ledgerq.dispatch import Dispatch
-from ledgerq.types import DueTask, TaskId
+from ledgerq.types import DueTask, TaskId, TaskStatus
 from ledgerq.worker import POP_WAIT_S
 
 pytestmark = pytest.mark.cluster
@@ -84,3 +84,17 @@ async def test_idle_blocking_pop_outlasts_the_cluster_clients_default_read_timeo
     finally:
         await d.close()
         redis_cluster.delete_prefix(prefix)
+
+
+async def test_the_blocking_clients_hand_off_reaches_a_cluster(
+    cluster_settings: config.Settings,
+) -> None:
+    with Client(cluster_settings) as client:
+        task = client.enqueue("mail.send", {"n": 1}, queue="mail")
+    assert task.status == TaskStatus.QUEUED
+    s = cluster_settings
+    d = Dispatch.connect(s.redis_url, s.redis_prefix, cluster=True)
+    try:
+        assert await d.pop(["mail"], 10) == [task.id]
+    finally:
+        await d.close()

@@ -9,6 +9,7 @@ import dataclasses
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
 
 import helpers
 import pytest
@@ -18,7 +19,7 @@ import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
 
 from ledgerq import errors
-from ledgerq.dispatch import Dispatch, task_score
+from ledgerq.dispatch import Dispatch, task_member, task_score
 from ledgerq.types import PRIORITY_MAX, PRIORITY_MIN, DueTask, TaskId
 
 
@@ -125,6 +126,23 @@ async def test_pop_takes_higher_priority_first_then_older_ids(backend: Backend) 
     assert added == 5
     assert await d.pop(["default"], 10) == [4, 1, 3, 5, 9]
     assert await d.pop(["default"], 10) == []
+
+
+async def test_pop_takes_equal_priorities_by_turn_then_run_at_then_id(backend: Backend) -> None:
+    d = backend.dispatch
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(task_id: int, queue: str, priority: int, seconds: float, turn: int = 0) -> DueTask:
+        return DueTask(
+            TaskId(task_id), queue, priority, turn=turn, run_at=t0 + timedelta(seconds=seconds)
+        )
+
+    # A retried task keeps its old id but gets a later run_at: it goes behind.
+    await d.push([at(1, "a", 0, 30), at(2, "a", 0, 10), at(3, "b", 0, 20), at(4, "a", 5, 99)])
+    await d.push([at(5, "b", 0, 10), at(6, "b", 0, 0, turn=1), at(7, "a", 0, -5)])
+    assert await d.pop(["a"], 1) == [4]
+    assert await d.pop(["a", "b"], 2) == [7, 2]
+    assert await d.pop(["b", "a"], 10) == [5, 3, 1, 6]
 
 
 async def test_push_does_not_add_an_id_already_waiting(backend: Backend) -> None:
@@ -246,20 +264,30 @@ async def test_unreachable_redis_raises_dispatch_unavailable(cluster: bool) -> N
 # --- the score --------------------------------------------------------------------
 
 
-def test_task_score_orders_by_priority_then_id() -> None:
-    scores = [
-        task_score(10, 500),
-        task_score(0, 1),
-        task_score(0, 2),
-        task_score(-5, 1),
+def test_task_score_is_minus_the_priority_clamped_to_the_ledgers_range() -> None:
+    assert [task_score(p) for p in (10, 0, -5)] == [-10, 0, 5]
+    assert task_score(PRIORITY_MAX + 100) == task_score(PRIORITY_MAX) == -PRIORITY_MAX
+    assert task_score(PRIORITY_MIN - 100) == task_score(PRIORITY_MIN) == -PRIORITY_MIN
+
+
+def test_task_member_sorts_bytewise_by_turn_then_run_at_then_id() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    ordered = [
+        DueTask(TaskId(9), "q", 0, run_at=datetime(1, 1, 1, tzinfo=UTC), turn=-(2**63)),
+        DueTask(TaskId(8), "q", 0, run_at=t0, turn=-1),
+        DueTask(TaskId(7), "q", 0, run_at=datetime(1969, 12, 31, tzinfo=UTC)),
+        DueTask(TaskId(5), "q", 0, run_at=t0),
+        DueTask(TaskId(6), "q", 0, run_at=t0),
+        DueTask(TaskId(1), "q", 0, run_at=t0 + timedelta(microseconds=1)),
+        DueTask(TaskId(2**63 - 1), "q", 0, run_at=datetime(9999, 12, 31, 23, 59, tzinfo=UTC)),
+        DueTask(TaskId(3), "q", 0, run_at=t0, turn=1),
+        DueTask(TaskId(4), "q", 0, run_at=t0, turn=2**63 - 1),
     ]
-    assert scores == sorted(scores)
-    assert len(set(scores)) == 4
-
-
-def test_task_score_clamps_priority_and_stays_exact_in_a_double() -> None:
-    assert task_score(PRIORITY_MAX + 100, 7) == task_score(PRIORITY_MAX, 7)
-    assert task_score(PRIORITY_MIN - 100, 7) == task_score(PRIORITY_MIN, 7)
-    worst = task_score(PRIORITY_MIN, 2**37 - 1)
-    assert worst < 2**53
-    assert float(worst) == worst
+    members = [task_member(t) for t in ordered]
+    assert [m.encode() for m in members] == sorted(m.encode() for m in members)
+    assert len(set(members)) == len(members)
+    assert {len(m) for m in members} == {50}
+    assert members[3] == "8000000000000000|00e30747454c0000|0000000000000005"
+    # The same instant in another zone is the same member.
+    east = timezone(timedelta(hours=14))
+    assert task_member(DueTask(TaskId(5), "q", 0, run_at=t0.astimezone(east))) == members[3]

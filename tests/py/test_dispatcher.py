@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from ledgerq import config, errors
-from ledgerq.dispatch import Dispatch
+from ledgerq.dispatch import Dispatch, task_member
 from ledgerq.dispatcher import Dispatcher
 from ledgerq.ledger import AsyncLedger
 from ledgerq.types import DueTask, NewTask, TaskId
@@ -101,7 +101,7 @@ async def test_failed_push_is_kept_and_pushed_when_redis_is_back(
     # QUEUED in the ledger but nowhere in Redis: the dispatcher remembers them.
     assert statuses(db) == {"QUEUED": 3}
     assert dispatcher.dispatched == 0
-    due = [DueTask(TaskId(t), "default", 0) for t in task_ids]
+    due = [_due(db, t) for t in task_ids]
     assert await dispatch.waiting(due) == [False, False, False]
 
     dispatcher.dispatch = dispatch  # Redis is back
@@ -142,7 +142,7 @@ async def test_sleeps_only_until_the_next_task_is_due(
         task = await helpers.wait_for_status(ledger, task_id, "QUEUED", deadline_s=5)
     elapsed = time.monotonic() - started
     assert 0.2 < elapsed < 2
-    assert await dispatch.waiting([_due(task_id)]) == [True]
+    assert await dispatch.waiting([_due(db, task_id)]) == [True]
     assert _queued_at(db, task_id) >= task.run_at
 
 
@@ -200,7 +200,7 @@ async def test_sweep_pushes_missing_tasks_again_and_refreshes_waiting_ones(
     dispatcher = Dispatcher(ledger, dispatch, database_url=settings.database_url)
     assert await dispatcher.run_once() == 3
     # A worker popped `lost` and died before claiming it; the others still wait.
-    await dispatch.client.zrem(dispatch.queue_key("default"), str(lost))
+    await dispatch.client.zrem(dispatch.queue_key("default"), task_member(_due(db, lost)))
     db.execute(
         "UPDATE ledgerq.tasks SET queued_at = now() - interval '60 seconds' WHERE id = ANY(%s)",
         ([lost, waiting],),
@@ -209,7 +209,9 @@ async def test_sweep_pushes_missing_tasks_again_and_refreshes_waiting_ones(
 
     assert await dispatcher.sweep() == (1, 1)
     assert dispatcher.redelivered == 1
-    assert await dispatch.waiting([_due(lost), _due(waiting), _due(fresh)]) == [True] * 3
+    assert (
+        await dispatch.waiting([_due(db, lost), _due(db, waiting), _due(db, fresh)]) == [True] * 3
+    )
     assert await dispatch.queue_lengths(["default"]) == {"default": 3}
     age = db.execute(
         "SELECT id, now() - queued_at < interval '5 seconds' FROM ledgerq.tasks ORDER BY id"
@@ -287,8 +289,13 @@ def _in(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
-def _due(task_id: int) -> DueTask:
-    return DueTask(TaskId(task_id), "default", 0)
+def _due(db: Conn, task_id: int) -> DueTask:
+    """The task as the dispatcher hands it out (Redis's member spells its run_at)."""
+    row = db.execute(
+        "SELECT queue, priority, turn, run_at FROM ledgerq.tasks WHERE id = %s", (task_id,)
+    ).fetchone()
+    assert row is not None
+    return DueTask(TaskId(task_id), row[0], row[1], turn=row[2], run_at=row[3])
 
 
 def _queued_at(db: Conn, task_id: int) -> datetime:

@@ -242,8 +242,8 @@ def test_task_queued_stale_lists_queued_tasks_older_than_given_age_oldest_first(
     rows = call_rows(db, "task_queued_stale", older_than="1 minute")
 
     assert rows == [
-        {"id": older, "queue": "c", "priority": 0},
-        {"id": old, "queue": "b", "priority": 4},
+        {"id": older, "queue": "c", "priority": 0, "turn": 0, "run_at": task(db, older)["run_at"]},
+        {"id": old, "queue": "b", "priority": 4, "turn": 0, "run_at": task(db, old)["run_at"]},
     ]
     assert [
         r["id"] for r in call_rows(db, "task_queued_stale", older_than="1 minute", batch_size=1)
@@ -277,7 +277,9 @@ def test_task_take_due_queues_due_tasks_by_priority_then_run_at_then_creation(db
         stored = task(db, row["id"])
         assert stored["status"] == "QUEUED"
         assert stored["queued_at"] is not None
-        assert (row["queue"], row["priority"]) == (stored["queue"], stored["priority"])
+        assert (row["queue"], row["priority"], row["run_at"]) == (
+            stored["queue"], stored["priority"], stored["run_at"]
+        )  # fmt: skip
     assert take_due(db, batch_size=1) == [same_run_at_created_later]
     assert take_due(db, batch_size=1) == [low]
     assert take_due(db) == []

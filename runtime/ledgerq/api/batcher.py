@@ -14,6 +14,12 @@ with other content, say) would fail its batch-mates: when a batch is refused,
 each of its tasks is sent again on its own and gets its own answer, exactly as
 if it had come alone. A batch that fails because PostgreSQL is unavailable
 fails every request in it.
+
+Given the app's ``Dispatch``, it hands due tasks off to Redis as the clients do
+(``task_hand_off``, see ``ledgerq.client``): the enqueue marks them QUEUED in
+its own statement and, once it has committed, a background push puts them in
+Redis while the request is answered. A push that fails or never happens (the
+process dies) leaves QUEUED tasks that the dispatcher's sweep pushes again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 
 from ledgerq import errors, types
+from ledgerq.dispatch import Dispatch, HandOffGate
 from ledgerq.ledger import AsyncLedger
 
 MAX_BATCH_DEFAULT = 500
@@ -36,10 +43,14 @@ class EnqueueBatcher:
         self,
         ledger: AsyncLedger,
         *,
+        dispatch: Dispatch | None = None,
         max_batch: int = MAX_BATCH_DEFAULT,
         max_in_flight: int = MAX_IN_FLIGHT_DEFAULT,
     ) -> None:
         self.ledger = ledger
+        self.dispatch = dispatch
+        self._hand_off = HandOffGate(dispatch is not None)
+        self._pushes: set[asyncio.Task[None]] = set()  # referenced until done
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self._waiting: list[_Pending] = []
@@ -53,7 +64,8 @@ class EnqueueBatcher:
             # without a task and a future in between.
             self._in_flight += 1
             try:
-                return await self.ledger.enqueue_task(task)
+                (result,) = await self._enqueue([task], many=False)
+                return result
             finally:
                 self._in_flight -= 1
                 self._send()
@@ -82,7 +94,7 @@ class EnqueueBatcher:
                 await self._one(*batch[0])
                 return
             try:
-                tasks = await self.ledger.enqueue_tasks([task for task, _ in batch])
+                tasks = await self._enqueue([task for task, _ in batch], many=True)
             except errors.LedgerUnavailable:
                 raise
             except errors.LedgerError:
@@ -99,10 +111,23 @@ class EnqueueBatcher:
 
     async def _one(self, task: types.NewTask, future: asyncio.Future[types.Task]) -> None:
         try:
-            result = await self.ledger.enqueue_task(task)
+            (result,) = await self._enqueue([task], many=False)
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
         else:
             if not future.done():
                 future.set_result(result)
+
+    async def _enqueue(self, tasks: list[types.NewTask], *, many: bool) -> list[types.Task]:
+        """enqueue_task (many=False) or enqueue_tasks, handing off what it can."""
+        if self.dispatch is None or not self._hand_off.ready():
+            if many:
+                return await self.ledger.enqueue_tasks(tasks)
+            return [await self.ledger.enqueue_task(tasks[0])]
+        results, handed = await self.ledger.enqueue_handing_off(tasks, many=many)
+        if handed:
+            push = asyncio.create_task(self._hand_off.push(self.dispatch, handed))
+            self._pushes.add(push)
+            push.add_done_callback(self._pushes.discard)
+        return results

@@ -27,7 +27,7 @@ class Services:
     paused_series: set[str] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.enqueuer = EnqueueBatcher(self.ledger)
+        self.enqueuer = EnqueueBatcher(self.ledger, dispatch=self.dispatch)
 
 
 def services(request: Request) -> Services:

@@ -1,9 +1,13 @@
--- task_pop: take up to COUNT task ids with the lowest scores across several
--- queues at once, so a worker serving queues a,b honours priority across them.
+-- task_pop: take up to COUNT members with the lowest (score, member) across
+-- several queues at once, so a worker serving queues a,b honours the order
+-- across them: the score is minus the priority, and members of equal score
+-- compare byte by byte (fixed-width hex: turn, run_at, id), as Redis orders
+-- them inside one sorted set.
 --
 -- KEYS[1..n]  queue sorted sets ({prefix}:queue:NAME), all in one hash slot
 -- ARGV[1]     COUNT, the most ids to take
--- returns     the ids taken, best first (lowest score; ties by KEYS order)
+-- returns     the members taken, best first (lowest score, then lowest
+--             member; ties by KEYS order)
 -- touches     KEYS[1..n] (ZRANGE, ZREM)
 local count = tonumber(ARGV[1])
 local candidates = {}
@@ -15,6 +19,7 @@ for k, key in ipairs(KEYS) do
 end
 table.sort(candidates, function(a, b)
     if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[3] ~= b[3] then return a[3] < b[3] end
     return a[2] < b[2]
 end)
 local taken = {}
