@@ -1,8 +1,10 @@
-"""Client and AsyncClient: enqueue, get, cancel and retry tasks from Python.
+"""Client and AsyncClient: enqueue, get, cancel and retry tasks from Python, and
+configure, pause and resume queues.
 
     client = Client()                 # reads LEDGERQ_* from the environment
     task = client.enqueue("email.send", {"to": "a@b.c"}, idempotency_key="welcome-42")
     task.id, task.created, task.status
+    client.configure_queue("email", max_running=20, per_key_max_running=2)
 
 ``enqueue(..., conn=my_psycopg_connection)`` runs inside the caller's
 transaction: the task exists only if that transaction commits.
@@ -118,6 +120,23 @@ def _seconds(timeout: float | timedelta | None) -> float | None:
     return timeout
 
 
+def queue_settings(settings: Mapping[str, object]) -> types.JsonObject:
+    """configure_queue's keyword arguments as the JSON object the ledger takes.
+
+    A ``timedelta`` (``retention``) becomes interval text; None stays None (it
+    removes the setting). Which keys exist and which values they allow is the
+    ledger's to say (LQ422 naming the key); values that are not JSON at all
+    (NaN, a set) are refused here, naming the key, before anything is sent.
+    """
+    out: types.JsonObject = {}
+    for key, value in settings.items():
+        if isinstance(value, timedelta):
+            seconds = value.total_seconds()
+            value = f"{int(seconds) if seconds.is_integer() else seconds!r} seconds"
+        out[key] = jsonvalue.plain(value, strict=True, where=key)
+    return out
+
+
 def _count_enqueued(tasks: Iterable[types.Task]) -> None:
     for task in tasks:
         if task.created:
@@ -202,6 +221,20 @@ class Client:
     def retry(self, task_id: int) -> types.TaskStatus:
         return self.ledger.retry(task_id)
 
+    def configure_queue(self, queue: str, **settings: object) -> types.JsonObject:
+        """Set some of queue's settings (a None removes one; the others stay);
+        returns all of them. InvalidInput names an unknown key or a bad value."""
+        return self.ledger.configure_queue(queue, queue_settings(settings))
+
+    def pause_queue(self, queue: str) -> bool:
+        """No task of queue starts until it is resumed (running ones finish);
+        enqueues are still accepted. False if it was paused already."""
+        return self.ledger.pause_queue(queue).changed
+
+    def resume_queue(self, queue: str) -> bool:
+        """Tasks of queue start again. False if it was not paused."""
+        return self.ledger.resume_queue(queue).changed
+
 
 class AsyncClient:
     """Asynchronous client of the ledger: the same calls as Client, awaited."""
@@ -283,3 +316,17 @@ class AsyncClient:
 
     async def retry(self, task_id: int) -> types.TaskStatus:
         return await (await self.ledger()).retry(task_id)
+
+    async def configure_queue(self, queue: str, **settings: object) -> types.JsonObject:
+        """Set some of queue's settings (a None removes one; the others stay);
+        returns all of them. InvalidInput names an unknown key or a bad value."""
+        return await (await self.ledger()).configure_queue(queue, queue_settings(settings))
+
+    async def pause_queue(self, queue: str) -> bool:
+        """No task of queue starts until it is resumed (running ones finish);
+        enqueues are still accepted. False if it was paused already."""
+        return (await (await self.ledger()).pause_queue(queue)).changed
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Tasks of queue start again. False if it was not paused."""
+        return (await (await self.ledger()).resume_queue(queue)).changed

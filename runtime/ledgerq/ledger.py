@@ -556,6 +556,12 @@ class AsyncLedger:
     ) -> list[types.ClaimedTask]:
         return await self._run(queries.claim(task_ids, worker_id, lease_s))
 
+    async def claim_reporting(
+        self, task_ids: Sequence[int], worker_id: str, lease_s: int
+    ) -> tuple[list[types.ClaimedTask], list[types.Deferral]]:
+        """claim, with the tasks flow control deferred (see types.Deferral)."""
+        return await self._run(queries.claim_reporting(task_ids, worker_id, lease_s))
+
     async def heartbeat(
         self, leases: Sequence[tuple[int, int]], lease_s: int
     ) -> list[tuple[types.TaskId, int, str]]:
@@ -605,6 +611,14 @@ class AsyncLedger:
 
     async def next_run_at(self) -> datetime | None:
         return await self._run(queries.next_run_at())
+
+    async def flow_wake_due(self) -> int:
+        """Wake tasks parked on rate buckets that refilled; how many."""
+        return await self._run(queries.flow_wake_due())
+
+    async def flow_rescue(self) -> int:
+        """Wake parked tasks whose limit has room although no event said so; how many."""
+        return await self._run(queries.flow_rescue())
 
     async def queued_stale(self, older_than_s: float, batch_size: int) -> list[types.DueTask]:
         return await self._run(queries.queued_stale(older_than_s, batch_size))
@@ -663,6 +677,23 @@ class AsyncLedger:
         """The effects these tasks recorded, by effect key."""
         return await self._run(queries.effects_of(task_ids))
 
+    # flow control
+    async def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now.
+        InvalidInput (LQ422) names an unknown key or a bad value."""
+        return await self._run(queries.configure_queue(queue, settings))
+
+    async def pause_queue(self, queue: str) -> types.QueuePaused:
+        """No task of queue starts until it is resumed; whether this changed it."""
+        return await self._run(queries.pause_queue(queue))
+
+    async def resume_queue(self, queue: str) -> types.QueuePaused:
+        return await self._run(queries.resume_queue(queue))
+
+    async def queue_settings(self) -> list[types.QueueSettings]:
+        """Every queue that was configured or paused: its pause and its settings."""
+        return await self._run(queries.queue_settings())
+
     # schedules
     async def schedule_task(self, schedule: types.NewSchedule) -> None:
         """Create or replace a schedule (unchanged: nothing written); InvalidInput if bad."""
@@ -686,10 +717,6 @@ class AsyncLedger:
         """Tasks that reached a final status, per queue, status and minute, lately."""
         return await self._run(reads.finished_per_minute(minutes))
 
-    async def queue_settings(self) -> list[reads.QueueSettings]:
-        """Every configured queue's pause flag and settings (needs the flow-control view)."""
-        return await self._run(reads.queue_settings())
-
     async def dead_count(self, queue: str | None = None) -> int:
         """How many tasks are DEAD (in queue, if given)."""
         return await self._run(reads.dead_count(queue))
@@ -703,16 +730,6 @@ class AsyncLedger:
     ) -> list[reads.WorkerSeen]:
         """Workers that registered, heartbeat or finished an attempt within window_s."""
         return await self._run(reads.workers_seen(window_s))
-
-    async def pause_queue(self, queue: str) -> bool:
-        return await self._run(reads.pause_queue(queue))
-
-    async def resume_queue(self, queue: str) -> bool:
-        return await self._run(reads.resume_queue(queue))
-
-    async def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
-        """Merge settings into queue's (a key set to None removes it); all of them now."""
-        return await self._run(reads.configure_queue(queue, settings))
 
     async def pause_schedule(self, name: str) -> bool:
         """False for an unknown schedule."""
@@ -822,6 +839,18 @@ class Ledger:
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
         return self._run(queries.queue_summary())
+
+    def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now.
+        InvalidInput (LQ422) names an unknown key or a bad value."""
+        return self._run(queries.configure_queue(queue, settings))
+
+    def pause_queue(self, queue: str) -> types.QueuePaused:
+        """No task of queue starts until it is resumed; whether this changed it."""
+        return self._run(queries.pause_queue(queue))
+
+    def resume_queue(self, queue: str) -> types.QueuePaused:
+        return self._run(queries.resume_queue(queue))
 
     def list_schedules(self) -> list[types.Schedule]:
         return self._run(queries.list_schedules())

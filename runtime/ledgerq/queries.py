@@ -69,9 +69,12 @@ ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.en
 TASK_DEFAULTS: LiteralString = """
     SELECT task_type, queue, max_attempts FROM ledgerq.task_defaults(%s::text[])
 """
+# task_claim: claim_tasks with the refusals of flow control (limits.sql):
+# a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
-    FROM ledgerq.claim_tasks(%s, %s, %s)
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at, status,
+           waiting_on
+    FROM ledgerq.task_claim(%s, %s, %s)
 """
 HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
 COMPLETE: LiteralString = """
@@ -82,10 +85,15 @@ RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %
 # flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
 # simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority
+    SELECT d.id, d.queue, d.priority, d.turn, d.run_at
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
 """
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
+# Flow control (limits.sql): wake tasks parked on a rate bucket that refilled,
+# before taking due tasks; and, with the sweep, the safety net that wakes
+# parked tasks whose limit has room although no event said so.
+FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
+FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
     SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
@@ -194,6 +202,16 @@ LIST_SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# Flow control (queues.sql): a queue's settings and its pause. pause_queue and
+# resume_queue answer whether they changed the queue; the view reads back its
+# state, so a caller knows where the queue stands either way.
+CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
+PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
+RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
+QUEUE_SETTINGS: LiteralString = """
+    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
+"""
+
 PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
@@ -258,8 +276,18 @@ def settle_defaults(tasks: Sequence[types.NewTask]) -> Plan[Sequence[types.NewTa
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
+    claimed, _ = yield from claim_reporting(task_ids, worker_id, lease_s)
+    return claimed
+
+
+def claim_reporting(
+    task_ids: Sequence[int], worker_id: str, lease_s: int
+) -> Plan[tuple[list[types.ClaimedTask], list[types.Deferral]]]:
+    """The claimed tasks, and those flow control deferred (parked in the ledger)."""
     rows = yield Call(CLAIM, (list(task_ids), worker_id, lease_s))
-    return [_decode_claimed(r) for r in rows]
+    claimed = [_decode_claimed(r) for r in rows if r[8] == "RUNNING"]
+    deferred = [types.Deferral(types.TaskId(r[0]), r[2], r[9]) for r in rows if r[8] != "RUNNING"]
+    return claimed, deferred
 
 
 def heartbeat(
@@ -322,7 +350,17 @@ def effect_unlock(effect_key: str) -> Plan[None]:
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(TAKE_DUE, (batch_size,))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
+
+
+def flow_wake_due() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_WAKE_DUE)
+    return int(woken)
+
+
+def flow_rescue() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_RESCUE)
+    return int(woken)
 
 
 def next_run_at() -> Plan[datetime | None]:
@@ -385,7 +423,18 @@ def queue_depths() -> Plan[list[types.QueueDepth]]:
 
 
 def queue_summary() -> Plan[list[types.QueueSummary]]:
-    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+    """Every queue with tasks, and every queue that was configured or paused
+    (with no tasks, its counts are zero), with its pause and settings."""
+    counted = {q.queue: q for q in map(_decode_queue_summary, (yield Call(QUEUE_SUMMARY)))}
+    configured = {s.queue: s for s in (yield from queue_settings())}
+    summary = []
+    for name in sorted(counted.keys() | configured.keys()):
+        queue = counted.get(name) or types.QueueSummary(name, {}, None, 0)
+        flow = configured.get(name)
+        if flow is not None:
+            queue = dataclasses.replace(queue, paused=flow.paused, settings=flow.settings)
+        summary.append(queue)
+    return summary
 
 
 def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
@@ -433,6 +482,26 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
     ((known,),) = yield Call(text, (name,))
     if not known:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
+
+
+def configure_queue(queue: str, settings: types.JsonObject) -> Plan[types.JsonObject]:
+    """Merge settings into queue's (a key set to None removes it); all of them now."""
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return types.QueuePaused(queue, True, bool(changed))
+
+
+def resume_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(RESUME_QUEUE, (queue,))
+    return types.QueuePaused(queue, False, bool(changed))
+
+
+def queue_settings() -> Plan[list[types.QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
 
 
 def hand_back(
@@ -627,6 +696,10 @@ _SUMMARY_STATUSES = (
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
     return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:
+    return types.QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:
