@@ -50,14 +50,25 @@ PING: LiteralString = "SELECT 1"
 
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
 # With the transaction's now(): the created_at (and default run_at) the new row
-# got, so the caller can answer with the task without reading it back.
+# got, so the caller can answer with the task without reading it back. The
+# queue and max_attempts the task gets are settled first, by the ledger's rule
+# (task_defaults), and passed on explicitly: the answer is then what was stored,
+# even if a worker registers the type again in between.
 ENQUEUE_STAMPED: LiteralString = """
-    SELECT id, created, now() FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+    SELECT e.id, e.created, now(), r.queue, r.max_attempts
+    FROM (SELECT coalesce(%(queue)s::text, d.queue) AS queue,
+                 coalesce(%(max_attempts)s::integer, d.max_attempts) AS max_attempts
+          FROM ledgerq.task_defaults(ARRAY[%(task_type)s::text]) d) r
+    CROSS JOIN LATERAL ledgerq.enqueue_task(
+        task_type => %(task_type)s, payload => %(payload)s, queue => r.queue,
         priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
+        max_attempts => r.max_attempts, idempotency_key => %(idempotency_key)s,
+        concurrency_key => %(concurrency_key)s) e
 """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
+TASK_DEFAULTS: LiteralString = """
+    SELECT task_type, queue, max_attempts FROM ledgerq.task_defaults(%s::text[])
+"""
 # task_claim: claim_tasks with the refusals of flow control (limits.sql):
 # a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
@@ -88,6 +99,19 @@ QUEUED_STALE: LiteralString = """
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
+# The ledger's churning tables with more dead row versions than a bound: the
+# reaper vacuums them itself (ledger.vacuum) rather than wait for autovacuum,
+# which looks at a database at most once per autovacuum_naptime (1 min).
+CHURNED_TABLES: LiteralString = """
+    SELECT relname FROM pg_stat_user_tables
+    WHERE schemaname = 'ledgerq' AND relname IN ('tasks', 'attempts') AND n_dead_tup > %s
+    ORDER BY relname
+"""
+# One batch per statement (retention.sql): the reaper loops, so no lock and no
+# snapshot outlives a batch however big the backlog.
+PRUNE_TASKS_BATCH: LiteralString = """
+    SELECT ledgerq.prune_tasks_batch(older_than => %s::interval, batch_size => %s)
+"""
 CANCEL: LiteralString = "SELECT ledgerq.cancel_task(%s)"
 RETRY: LiteralString = "SELECT ledgerq.retry_task(%s)"
 RECORD_EFFECT: LiteralString = "SELECT ledgerq.record_effect(%s, %s, %s)"
@@ -112,13 +136,13 @@ TASK_TYPES: LiteralString = """
 GET_TASK: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = %s
 """
 GET_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = ANY(%s)
 """
 GET_ATTEMPTS: LiteralString = """
@@ -128,7 +152,7 @@ GET_ATTEMPTS: LiteralString = """
 LIST_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks
     WHERE (%(status)s::text IS NULL OR status = %(status)s)
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -138,7 +162,7 @@ LIST_TASKS: LiteralString = """
     LIMIT %(limit)s
 """  # the plan asks for one row more than the page: whether another page follows
 # Live statuses only, one partial index each (tasks_dispatch_idx, tasks_queued_idx,
-# tasks_lease_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
+# tasks_running_idx, tasks_dead_idx): /metrics reads this at every scrape, and a
 # count over SUCCEEDED rows would scan the whole table.
 QUEUE_DEPTHS: LiteralString = """
     SELECT queue, 'PENDING', count(*),
@@ -152,20 +176,40 @@ QUEUE_DEPTHS: LiteralString = """
     UNION ALL
     SELECT queue, 'DEAD', count(*), NULL FROM ledgerq.tasks WHERE status = 'DEAD' GROUP BY queue
 """
-# Every status of every queue in one pass: a full scan, for operators (GET /queues,
-# `ledgerq stats`), not for anything scraped on a timer.
+# Every status of every queue, for operators (GET /queues, `ledgerq stats`), in
+# index-sized reads: the live statuses through their partial indexes, finished
+# tasks counted index-only on tasks_queue_status_idx (few distinct keys, so a
+# small index), the last minute's finishes on tasks_finished_idx. Counting
+# finished tasks still reads one index entry per task: retention keeps that
+# bounded. (A plain GROUP BY over the table was 300 ms at 1,000,000 rows.)
 QUEUE_SUMMARY: LiteralString = """
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'PENDING'),
-           count(*) FILTER (WHERE status = 'QUEUED'),
-           count(*) FILTER (WHERE status = 'RUNNING'),
-           count(*) FILTER (WHERE status = 'SUCCEEDED'),
-           count(*) FILTER (WHERE status = 'DEAD'),
-           count(*) FILTER (WHERE status = 'CANCELLED'),
-           extract(epoch FROM now() - min(run_at)
-               FILTER (WHERE status IN ('PENDING', 'QUEUED') AND run_at <= now()))::float8,
-           count(*) FILTER (WHERE finished_at >= now() - interval '60 seconds')
-    FROM ledgerq.tasks GROUP BY queue ORDER BY queue
+    WITH counts (queue, status, n, oldest_due) AS (
+        SELECT queue, 'PENDING', count(*), min(run_at) FILTER (WHERE run_at <= now())
+        FROM ledgerq.tasks WHERE status = 'PENDING' GROUP BY queue
+        UNION ALL
+        SELECT queue, 'QUEUED', count(*), min(run_at) FILTER (WHERE run_at <= now())
+        FROM ledgerq.tasks WHERE status = 'QUEUED' GROUP BY queue
+        UNION ALL
+        SELECT queue, 'RUNNING', count(*), NULL
+        FROM ledgerq.tasks WHERE status = 'RUNNING' GROUP BY queue
+        UNION ALL
+        SELECT queue, status, count(*), NULL
+        FROM ledgerq.tasks WHERE finished_at IS NOT NULL GROUP BY queue, status
+    ), recent AS (
+        SELECT queue, count(*) AS n FROM ledgerq.tasks
+        WHERE finished_at >= now() - interval '60 seconds' GROUP BY queue
+    )
+    SELECT c.queue,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'PENDING'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'QUEUED'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'RUNNING'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'SUCCEEDED'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'DEAD'), 0),
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'CANCELLED'), 0),
+           extract(epoch FROM now() - min(c.oldest_due))::float8,
+           coalesce(max(r.n), 0)
+    FROM counts c LEFT JOIN recent r USING (queue)
+    GROUP BY c.queue ORDER BY c.queue
 """
 GET_ATTEMPTS_MANY: LiteralString = """
     SELECT task_id, attempt, worker_id, started_at, finished_at, outcome, error
@@ -191,6 +235,16 @@ LIST_SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# Flow control (queues.sql): a queue's settings and its pause. pause_queue and
+# resume_queue answer whether they changed the queue; the view reads back its
+# state, so a caller knows where the queue stands either way.
+CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
+PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
+RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
+QUEUE_SETTINGS: LiteralString = """
+    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
+"""
+
 PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
@@ -203,26 +257,55 @@ def ping() -> Plan[None]:
     yield Call(PING)
 
 
-def enqueue_many(tasks: Sequence[types.NewTask]) -> Plan[list[tuple[types.TaskId, bool]]]:
+def enqueue_many(
+    tasks: Sequence[types.NewTask],
+) -> Plan[list[tuple[types.TaskId, bool, str]]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY, (Jsonb([t.to_json() for t in tasks]),))
-    return [(types.TaskId(r[0]), bool(r[1])) for r in rows]
+    return [
+        (types.TaskId(r[0]), bool(r[1]), t.queue or types.QUEUE_DEFAULT)
+        for t, r in zip(tasks, rows, strict=True)
+    ]
 
 
 def enqueue_task(task: types.NewTask) -> Plan[types.Task]:
     rows = yield Call(ENQUEUE_STAMPED, _enqueue_params(task))
+    (task_id, created, stamp, queue, max_attempts) = rows[0]
+    task = dataclasses.replace(task, queue=queue, max_attempts=max_attempts)
     replayed: dict[types.TaskId, types.Task] = {}
-    if not rows[0][1]:
-        replayed[rows[0][0]] = yield from get(rows[0][0])
-    return _enqueued([task], rows, replayed)[0]
+    if not created:
+        replayed[task_id] = yield from get(task_id)
+    return _enqueued([task], [(task_id, created, stamp)], replayed)[0]
 
 
 def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),))
     old = [r[0] for r in rows if not r[1]]
     replayed: dict[types.TaskId, types.Task] = {}
     if old:
         replayed = {t.id: t for t in (yield from get_many(old, history=True))}
     return _enqueued(tasks, rows, replayed)
+
+
+def settle_defaults(tasks: Sequence[types.NewTask]) -> Plan[Sequence[types.NewTask]]:
+    """tasks with the queue and max_attempts the ledger gives those that name
+    none (task_defaults), settled before the enqueue so the answer can say them."""
+    open_types = sorted({t.task_type for t in tasks if t.queue is None or t.max_attempts is None})
+    if not open_types:
+        return tasks
+    defaults = {r[0]: (r[1], r[2]) for r in (yield Call(TASK_DEFAULTS, (open_types,)))}
+    settled = []
+    for task in tasks:
+        if task.queue is None or task.max_attempts is None:
+            queue, max_attempts = defaults[task.task_type]
+            task = dataclasses.replace(
+                task,
+                queue=queue if task.queue is None else task.queue,
+                max_attempts=max_attempts if task.max_attempts is None else task.max_attempts,
+            )
+        settled.append(task)
+    return settled
 
 
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
@@ -333,6 +416,16 @@ def reap() -> Plan[int]:
     return int(moved)
 
 
+def churned_tables(dead_rows: int) -> Plan[list[str]]:
+    rows = yield Call(CHURNED_TABLES, (dead_rows,))
+    return [str(r[0]) for r in rows]
+
+
+def prune_tasks_batch(older_than: str, batch_size: int) -> Plan[int]:
+    ((deleted,),) = yield Call(PRUNE_TASKS_BATCH, (older_than, batch_size))
+    return int(deleted)
+
+
 def cancel(task_id: int) -> Plan[types.TaskStatus]:
     ((status,),) = yield Call(CANCEL, (task_id,))
     return types.TaskStatus(status)
@@ -373,7 +466,18 @@ def queue_depths() -> Plan[list[types.QueueDepth]]:
 
 
 def queue_summary() -> Plan[list[types.QueueSummary]]:
-    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+    """Every queue with tasks, and every queue that was configured or paused
+    (with no tasks, its counts are zero), with its pause and settings."""
+    counted = {q.queue: q for q in map(_decode_queue_summary, (yield Call(QUEUE_SUMMARY)))}
+    configured = {s.queue: s for s in (yield from queue_settings())}
+    summary = []
+    for name in sorted(counted.keys() | configured.keys()):
+        queue = counted.get(name) or types.QueueSummary(name, {}, None, 0)
+        flow = configured.get(name)
+        if flow is not None:
+            queue = dataclasses.replace(queue, paused=flow.paused, settings=flow.settings)
+        summary.append(queue)
+    return summary
 
 
 def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
@@ -421,6 +525,26 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
     ((known,),) = yield Call(text, (name,))
     if not known:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
+
+
+def configure_queue(queue: str, settings: types.JsonObject) -> Plan[types.JsonObject]:
+    """Merge settings into queue's (a key set to None removes it); all of them now."""
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return types.QueuePaused(queue, True, bool(changed))
+
+
+def resume_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(RESUME_QUEUE, (queue,))
+    return types.QueuePaused(queue, False, bool(changed))
+
+
+def queue_settings() -> Plan[list[types.QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
 
 
 def hand_back(
@@ -475,6 +599,7 @@ def _decode_task(row: Sequence[Any], history: Sequence[types.Attempt] = ()) -> t
         started_at=row[13],
         finished_at=row[14],
         cancel_requested=row[15],
+        concurrency_key=row[16],
         attempt_history=tuple(history),
     )
 
@@ -504,7 +629,9 @@ def _decode_claimed(row: Sequence[Any]) -> types.ClaimedTask:
 
 
 def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.Task:
-    """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
+    """The row enqueue_task(s) inserted for task (its queue and max_attempts
+    settled), given its id and the transaction's now()."""
+    assert task.queue is not None and task.max_attempts is not None
     return types.Task(
         id=types.TaskId(task_id),
         type=task.task_type,
@@ -514,7 +641,7 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         payload=task.payload,
         attempts=0,
         max_attempts=task.max_attempts,
-        run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
+        run_at=_in_zone_of(task.run_at, stamp) if task.run_at else stamp,
         idempotency_key=task.idempotency_key,
         result=None,
         last_error=None,
@@ -522,7 +649,21 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         started_at=None,
         finished_at=None,
         created=True,
+        concurrency_key=task.concurrency_key,
     )
+
+
+def _in_zone_of(value: datetime, stamp: datetime) -> datetime:
+    """value in stamp's zone (the session's, as a read would give it), or as it
+    is where that zone would take it past year 9999 or before year 1 (a caller's
+    connection may be in any zone). A naive value is the session's to place, as
+    PostgreSQL placed it."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=stamp.tzinfo)
+    try:
+        return value.astimezone(stamp.tzinfo)
+    except OverflowError:
+        return value
 
 
 def _enqueued(
@@ -550,6 +691,7 @@ def _enqueue_params(task: types.NewTask) -> dict[str, Any]:
         "run_at": task.run_at,
         "max_attempts": task.max_attempts,
         "idempotency_key": task.idempotency_key,
+        "concurrency_key": task.concurrency_key,
     }
 
 
@@ -597,6 +739,10 @@ _SUMMARY_STATUSES = (
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
     return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:
+    return types.QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:

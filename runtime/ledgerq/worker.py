@@ -325,6 +325,7 @@ class Worker:
         for deferral in deferred:
             key = (deferral.queue, deferral.reason)
             self.deferred[key] = self.deferred.get(key, 0) + 1
+            metrics.CLAIMS_DEFERRED.labels(*metrics.deferral_labels(*key)).inc()
             log.debug(
                 "task.deferred id=%s queue=%s reason=%s",
                 deferral.id, deferral.queue, deferral.reason,

@@ -6,7 +6,7 @@
 -- Performance notes. The statements test RUNNING as lease_expires_at IS NOT
 -- NULL, which is the same (constraint tasks_lease_iff_running), on purpose:
 -- given status = 'RUNNING' the planner may read every RUNNING task through
--- tasks_lease_idx and match them against the input in a nested loop, and it
+-- tasks_running_idx and match them against the input in a nested loop, and it
 -- does when its statistics say few tasks run (after an ANALYZE of a quiet
 -- table): O(running x batch), 3.7 ms instead of 1.6 for a batch of 100. This
 -- way it can only look the given ids up by primary key. Generic plans and a

@@ -29,7 +29,7 @@ async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
 
 async def running_tasks(ledger: AsyncLedger, db: Conn, n: int, **fields: Any) -> list[int]:
     """n tasks claimed by a (simulated) worker whose leases have already expired."""
-    ids: list[int] = [tid for tid, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
+    ids: list[int] = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
     claimed = await ledger.claim(ids, "crashed-worker", 30)
     assert len(claimed) == n
     db.execute(
@@ -77,7 +77,7 @@ async def test_run_once_ends_a_cancel_requested_task_cancelled(
 
 
 async def test_run_once_leaves_live_leases_alone(ledger: AsyncLedger, db: Conn) -> None:
-    ids = [tid for tid, _ in await ledger.enqueue_many([NewTask("job")] * 2)]
+    ids = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job")] * 2)]
     await ledger.claim(ids, "alive-worker", 30)
     assert await Reaper(ledger).run_once() == 0
     assert {t.status for t in await ledger.get_many(ids)} == {TaskStatus.RUNNING}
@@ -86,7 +86,7 @@ async def test_run_once_leaves_live_leases_alone(ledger: AsyncLedger, db: Conn) 
 async def test_run_once_returns_an_unclaimed_delivery_to_dispatch(
     ledger: AsyncLedger, db: Conn
 ) -> None:
-    (task_id,) = [tid for tid, _ in await ledger.enqueue_many([NewTask("job")])]
+    (task_id,) = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job")])]
     due = await ledger.take_due(10)
     assert [t.id for t in due] == [task_id]
     db.execute("UPDATE ledgerq.tasks SET queued_at = now() - interval '5 seconds'")
@@ -135,3 +135,104 @@ async def test_run_serves_on_its_interval_until_stopped(ledger: AsyncLedger, db:
 def test_interval_must_be_positive(interval_s: float) -> None:
     with pytest.raises(errors.ConfigError, match="reaper interval must be > 0 seconds"):
         Reaper(None, interval_s=interval_s)  # type: ignore[arg-type]
+
+
+def old_finished_tasks(db: Conn, n: int) -> list[int]:
+    """n SUCCEEDED tasks, with an attempt each, that finished ten days ago."""
+    rows = db.execute(
+        "INSERT INTO ledgerq.tasks (task_type, queue, status, attempts, started_at, finished_at) "
+        "SELECT 'job', 'default', 'SUCCEEDED', 1, now() - interval '10 days', "
+        "now() - interval '10 days' + g * interval '1 second' "
+        "FROM generate_series(1, %s) g RETURNING id",
+        (n,),
+    ).fetchall()
+    db.execute(
+        "INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, finished_at, outcome) "
+        "SELECT id, 1, 'w', finished_at, 'succeeded' FROM ledgerq.tasks WHERE id = ANY(%s)",
+        ([r[0] for r in rows],),
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def test_prune_once_deletes_in_batches_until_one_comes_back_short(
+    ledger: AsyncLedger, db: Conn
+) -> None:
+    ids = old_finished_tasks(db, 5)
+    recent = old_finished_tasks(db, 1)
+    db.execute("UPDATE ledgerq.tasks SET finished_at = now() WHERE id = %s", (recent[0],))
+    reaper = Reaper(ledger, retention="1 day", prune_batch_size=2)
+
+    assert await reaper.prune_once(budget_s=0) == (2, True)  # one batch, then the budget is out
+    assert await reaper.prune_once() == (3, False)
+
+    assert reaper.pruned == 5
+    left = db.execute("SELECT id FROM ledgerq.tasks WHERE id = ANY(%s)", (ids + recent,))
+    assert [r[0] for r in left.fetchall()] == recent
+    assert db.execute("SELECT count(*) FROM ledgerq.attempts").fetchone() == (1,)
+
+
+async def test_run_prunes_on_its_prune_interval_and_not_with_none(
+    ledger: AsyncLedger, db: Conn
+) -> None:
+    kept = old_finished_tasks(db, 3)
+    idle = Reaper(ledger, interval_s=0.02, prune_interval_s=None, retention="1 day")
+    serving = asyncio.create_task(idle.run())
+    (stuck,) = await running_tasks(ledger, db, 1)
+    await helpers.wait_for_status(ledger, stuck, "PENDING", deadline_s=5)
+    idle.stop()
+    await asyncio.wait_for(serving, 5)
+    assert idle.pruned == 0
+    assert (
+        len(db.execute("SELECT id FROM ledgerq.tasks WHERE id = ANY(%s)", (kept,)).fetchall()) == 3
+    )
+
+    pruning = Reaper(ledger, interval_s=0.02, prune_interval_s=0.05, retention="1 day")
+    serving = asyncio.create_task(pruning.run())
+    try:
+
+        async def gone() -> bool:
+            return not db.execute(
+                "SELECT 1 FROM ledgerq.tasks WHERE id = ANY(%s)", (kept,)
+            ).fetchall()
+
+        await helpers.eventually(gone, deadline_s=5, what="the reaper to prune")
+    finally:
+        pruning.stop()
+        await asyncio.wait_for(serving, 5)
+    assert pruning.pruned == 3
+
+
+async def test_vacuum_once_vacuums_a_table_past_its_dead_rows(
+    ledger: AsyncLedger, db: Conn
+) -> None:
+    old_finished_tasks(db, 300)
+    db.execute("DELETE FROM ledgerq.tasks")  # 300 dead rows in tasks, and in attempts
+
+    def dead_and_vacuums() -> tuple[int, int]:
+        db.execute("SELECT pg_stat_clear_snapshot()")
+        row = db.execute(
+            "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
+            "WHERE relid = 'ledgerq.tasks'::regclass"
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def counted() -> bool:  # the statistics arrive within a second or so
+        return dead_and_vacuums()[0] >= 300
+
+    await helpers.eventually(counted, deadline_s=10, what="the dead rows to be counted")
+    vacuums = dead_and_vacuums()[1]
+    assert await Reaper(ledger, vacuum_dead_rows=1000).vacuum_once() == []
+    assert await Reaper(ledger, vacuum_dead_rows=0).vacuum_once() == []
+    assert "tasks" in await Reaper(ledger, vacuum_dead_rows=200).vacuum_once()
+
+    async def vacuumed() -> bool:
+        return dead_and_vacuums()[1] == vacuums + 1
+
+    await helpers.eventually(vacuumed, deadline_s=10, what="the vacuum to be counted")
+
+
+@pytest.mark.parametrize("retention", ["soon", "-1 day", "", "7 dayz"])
+def test_retention_must_be_an_interval(retention: str) -> None:
+    with pytest.raises(errors.ConfigError, match="retention must be a PostgreSQL interval"):
+        Reaper(None, retention=retention)  # type: ignore[arg-type]

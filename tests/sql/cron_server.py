@@ -1,4 +1,5 @@
-"""A private PostgreSQL with pg_cron, running ledgerq.reap_stuck() on a schedule.
+"""A private PostgreSQL with pg_cron, running ledgerq.reap_stuck(), prune_tasks() and
+run_schedules() on a schedule.
 
 pg_cron must be in shared_preload_libraries, so it cannot be tried on the shared
 server: this starts a throwaway cluster of its own (initdb in a temporary
@@ -30,6 +31,11 @@ from ledgerq import migrations
 PG_LIB = Path("/usr/lib/postgresql")
 JOB_NAME = "ledgerq-reap"
 JOB_COMMAND = "SELECT ledgerq.reap_stuck()"
+PRUNE_JOB = "ledgerq-prune"
+PRUNE_COMMAND = "SELECT ledgerq.prune_tasks()"
+SCHEDULES_JOB = "ledgerq-schedules"
+SCHEDULES_COMMAND = "SELECT ledgerq.run_schedules()"
+SCHEDULE_NAME = "cron-tick"
 SPEC_SCHEDULE = "* * * * *"
 FAST_SCHEDULE = "1 seconds"
 INSTALL_HINT = (
@@ -137,6 +143,12 @@ class CronServer:
         with self.connect() as conn:
             conn.execute("CREATE EXTENSION pg_cron")
             self._make_stuck_tasks(conn)
+            self._make_old_tasks(conn)
+            conn.execute(
+                "SELECT ledgerq.schedule_task(name => %s, cron => '@every 5 seconds',"
+                " task_type => 'report.build')",
+                (SCHEDULE_NAME,),
+            )
             self._schedule(conn)
 
     def _make_stuck_tasks(self, conn: psycopg.Connection[Any]) -> None:
@@ -164,16 +176,40 @@ class CronServer:
             " WHERE status = 'QUEUED'"
         )
 
+    def _make_old_tasks(self, conn: psycopg.Connection[Any]) -> None:
+        """Tasks that finished ten days ago, with their attempts: two SUCCEEDED (prune_tasks
+        deletes them) and a DEAD one (kept: include_dead is off by default)."""
+        for name, status in (("old-1", "SUCCEEDED"), ("old-2", "SUCCEEDED"), ("old-dead", "DEAD")):
+            row = conn.execute(
+                "INSERT INTO ledgerq.tasks (task_type, queue, status, attempts, started_at,"
+                " finished_at) VALUES ('email.send', 'default', %s, 1,"
+                " now() - interval '10 days', now() - interval '10 days') RETURNING id",
+                (status,),
+            ).fetchone()
+            assert row is not None
+            self.task_ids[name] = int(row[0])
+            conn.execute(
+                "INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, finished_at, outcome)"
+                " VALUES (%s, 1, 'old-worker', now() - interval '10 days', %s)",
+                (row[0], "succeeded" if status == "SUCCEEDED" else "failed"),
+            )
+
     def _schedule(self, conn: psycopg.Connection[Any]) -> None:
-        """Schedule the reaper: every second where pg_cron can, else SPEC.md's line."""
+        """Schedule the reaper, pruning and the schedules: every second where pg_cron can,
+        else every minute (the README's lines)."""
+        jobs = (
+            (JOB_NAME, JOB_COMMAND),
+            (PRUNE_JOB, PRUNE_COMMAND),
+            (SCHEDULES_JOB, SCHEDULES_COMMAND),
+        )
         try:
             with conn.transaction():
-                conn.execute(
-                    "SELECT cron.schedule(%s, %s, %s)", (JOB_NAME, FAST_SCHEDULE, JOB_COMMAND)
-                )
+                for name, command in jobs:
+                    conn.execute("SELECT cron.schedule(%s, %s, %s)", (name, FAST_SCHEDULE, command))
             self.schedule = FAST_SCHEDULE
         except psycopg.errors.InvalidParameterValue:
-            conn.execute("SELECT cron.schedule(%s, %s, %s)", (JOB_NAME, SPEC_SCHEDULE, JOB_COMMAND))
+            for name, command in jobs:
+                conn.execute("SELECT cron.schedule(%s, %s, %s)", (name, SPEC_SCHEDULE, command))
             self.schedule = SPEC_SCHEDULE
 
     def stop(self) -> None:

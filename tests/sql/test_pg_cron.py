@@ -1,7 +1,9 @@
-"""reap_stuck scheduled by pg_cron, as SPEC.md suggests, on a private server.
+"""reap_stuck, prune_tasks and run_schedules scheduled by pg_cron, as the README shows,
+on a private server.
 
 The server (tests/sql/cron_server.py) is started when collection ends, with
-three stuck tasks and the reaper job already scheduled; see tests/sql/conftest.py.
+three stuck tasks, three tasks finished ten days ago, a schedule, and the three
+jobs already scheduled; see tests/sql/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from .cron_server import FAST_SCHEDULE, JOB_COMMAND, JOB_NAME, SPEC_SCHEDULE, CronServer
+from .cron_server import (
+    FAST_SCHEDULE,
+    JOB_COMMAND,
+    JOB_NAME,
+    PRUNE_COMMAND,
+    PRUNE_JOB,
+    SCHEDULE_NAME,
+    SCHEDULES_COMMAND,
+    SCHEDULES_JOB,
+    SPEC_SCHEDULE,
+    CronServer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +100,11 @@ def test_pg_cron_job_runs_reap_stuck_and_recovers_stuck_tasks(cron_server: CronS
                 row["id"]: row
                 for row in cur.execute("SELECT * FROM ledgerq.tasks ORDER BY id").fetchall()
             }
-        outcomes = dict(conn.execute("SELECT task_id, outcome FROM ledgerq.attempts").fetchall())
+        outcomes = dict(
+            conn.execute(
+                "SELECT task_id, outcome FROM ledgerq.attempts WHERE worker_id = 'crashed-worker'"
+            ).fetchall()
+        )
         retry = tasks[ids["retry"]]
         assert (retry["status"], retry["lease_expires_at"]) == ("PENDING", None)
         assert "crashed-worker" in retry["last_error"]
@@ -99,3 +116,56 @@ def test_pg_cron_job_runs_reap_stuck_and_recovers_stuck_tasks(cron_server: CronS
             0,
         )
         assert outcomes == {ids["retry"]: "lost", ids["last-attempt"]: "lost"}
+
+
+def job_runs(cron_server: CronServer, name: str, command: str) -> list[dict[str, Any]]:
+    """The job's finished runs, once there is one (waiting for its first, with a deadline)."""
+    with cron_server.connect() as conn:
+        job = conn.execute(
+            "SELECT jobid, schedule, command FROM cron.job WHERE jobname = %s", (name,)
+        ).fetchone()
+        assert job is not None
+        jobid, schedule, stored = job
+        assert stored == command
+        deadline = time.monotonic() + time_until_first_run(conn, schedule) + RUN_SLACK_S
+        while not (runs := finished_runs(conn, jobid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert runs, f"no run of {name} within the deadline\n{cron_server.log_tail()}"
+        return runs
+
+
+def test_pg_cron_job_runs_prune_tasks_and_deletes_old_finished_tasks(
+    cron_server: CronServer,
+) -> None:
+    runs = job_runs(cron_server, PRUNE_JOB, PRUNE_COMMAND)
+    assert runs[0]["status"] == "succeeded", runs[0]
+    ids = cron_server.task_ids
+    with cron_server.connect() as conn:
+        left = {
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM ledgerq.tasks WHERE id = ANY(%s)",
+                ([ids["old-1"], ids["old-2"], ids["old-dead"]],),
+            ).fetchall()
+        }
+        attempts = conn.execute(
+            "SELECT count(*) FROM ledgerq.attempts WHERE worker_id = 'old-worker'"
+        ).fetchone()
+    assert left == {ids["old-dead"]}
+    assert attempts == (1,)
+
+
+def test_pg_cron_job_runs_run_schedules_and_fires_a_slot_once(cron_server: CronServer) -> None:
+    runs = job_runs(cron_server, SCHEDULES_JOB, SCHEDULES_COMMAND)
+    assert runs[0]["status"] == "succeeded", runs[0]
+    with cron_server.connect() as conn:
+        keys = [
+            r[0]
+            for r in conn.execute(
+                "SELECT idempotency_key FROM ledgerq.tasks WHERE task_type = 'report.build'"
+                " ORDER BY idempotency_key"
+            ).fetchall()
+        ]
+    assert keys, "run_schedules enqueued nothing"
+    assert all(k.startswith(f"schedule:{SCHEDULE_NAME}:") for k in keys), keys
+    assert len(set(keys)) == len(keys)

@@ -34,7 +34,7 @@ import click
 from ledgerq import config, display, errors, logs
 from ledgerq.dispatch import Dispatch
 from ledgerq.ledger import AsyncLedger, Ledger, probe
-from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S
+from ledgerq.reaper import REAPER_INTERVAL_DEFAULT_S, RETENTION_DEFAULT, check_retention
 from ledgerq.registry import Registry
 from ledgerq.worker import CONCURRENCY_DEFAULT, LEASE_DEFAULT_S
 
@@ -176,6 +176,32 @@ def reaper_interval_option(name: str, help_text: str) -> Callable[[F], F]:
         show_default=True,
         help=help_text,
     )
+
+
+class RetentionText(click.ParamType[str]):
+    """A PostgreSQL interval text such as '7 days' (reaper.check_retention): a bad one
+    is a usage error (exit 2) naming the option, before anything connects."""
+
+    name = "INTERVAL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_retention(str(value))
+        except errors.ConfigError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def retention_option(func: F) -> F:
+    """How long finished tasks are kept, as `reaper --retention` and `run --retention`."""
+    return click.option(
+        "--retention",
+        type=RetentionText(),
+        default=RETENTION_DEFAULT,
+        show_default=True,
+        help="Delete SUCCEEDED and CANCELLED tasks (with their attempts) finished longer "
+        "ago than this PostgreSQL interval, e.g. '7 days' or '2 seconds'. A queue's own "
+        "'retention' setting wins.",
+    )(func)
 
 
 # --- settings, logging, the task app -----------------------------------------------------

@@ -29,6 +29,7 @@ RUN_GRACE_DEFAULT_S = 5.0
 @click.command()
 @common.worker_options
 @common.reaper_interval_option("--reaper-interval", "Seconds between reaper sweeps.")
+@common.retention_option
 @click.option("--grace-seconds", type=click.FloatRange(0), default=RUN_GRACE_DEFAULT_S,
               show_default=True, help="On Ctrl-C, how long running tasks may finish before "
               "they are handed back (short: this is for development).")  # fmt: skip
@@ -44,6 +45,7 @@ def run(
     processes: int,
     lease_seconds: int,
     reaper_interval: float,
+    retention: str,
     grace_seconds: float,
     host: str,
     port: int,
@@ -75,7 +77,8 @@ def run(
     try:
         group.start("api", ["api", "--host", host, "--port", str(port), *level])
         group.start("dispatcher", ["dispatcher", *level])
-        group.start("reaper", ["reaper", "--interval", str(reaper_interval), *level])
+        group.start("reaper", ["reaper", "--interval", str(reaper_interval),
+                                "--retention", retention, *level])  # fmt: skip
         for n in range(1, processes + 1):
             group.start(f"worker-{n}", worker_args)
     except BaseException:

@@ -25,7 +25,7 @@ from ledgerq.cli import common, supervise
 from ledgerq.dispatch import Dispatch
 from ledgerq.dispatcher import BATCH_SIZE_DEFAULT, POLL_INTERVAL_DEFAULT_S, Dispatcher
 from ledgerq.ledger import AsyncLedger
-from ledgerq.reaper import Reaper
+from ledgerq.reaper import PRUNE_INTERVAL_DEFAULT_S, VACUUM_DEAD_ROWS_DEFAULT, Reaper
 from ledgerq.worker import GRACE_DEFAULT_S, Worker
 
 # --- migrate ------------------------------------------------------------------------------
@@ -210,20 +210,51 @@ def dispatcher(
 
 @click.command()
 @common.reaper_interval_option("--interval", "Seconds between sweeps.")
-@click.option("--once", is_flag=True, help="Sweep once, print how many tasks moved, and exit.")
+@click.option("--once", is_flag=True, help="Sweep once (and prune once, unless --no-prune), "
+              "print how many tasks moved and were deleted, and exit.")  # fmt: skip
+@click.option("--prune-interval", type=click.FloatRange(0.05), default=PRUNE_INTERVAL_DEFAULT_S,
+              show_default=True, metavar="S", help="Seconds between prunes.")  # fmt: skip
+@common.retention_option
+@click.option("--no-prune", is_flag=True, help="Never delete finished tasks (prune with "
+              "pg_cron or prune_tasks() instead).")  # fmt: skip
+@click.option("--vacuum-dead-rows", type=click.IntRange(0), default=VACUUM_DEAD_ROWS_DEFAULT,
+              show_default=True, metavar="N", help="After a sweep, VACUUM ledgerq.tasks or "
+              "ledgerq.attempts when it holds more than N dead rows (0: leave it to "
+              "autovacuum).")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(1, 65_535), metavar="PORT",
+              help="Serve this reaper's Prometheus metrics (tasks pruned) on "
+              "127.0.0.1:PORT/metrics.")  # fmt: skip
 @common.log_level_option
 @common.connection_options
-def reaper(interval: float, once: bool, log_level: str, **options: Any) -> None:
-    """Recover stuck tasks: expired leases, and deliveries never claimed."""
+def reaper(
+    interval: float, once: bool, prune_interval: float, retention: str, no_prune: bool,
+    vacuum_dead_rows: int, metrics_port: int | None, log_level: str, **options: Any,
+) -> None:  # fmt: skip
+    """Recover stuck tasks (expired leases, deliveries never claimed) every --interval,
+    delete finished tasks older than --retention every --prune-interval, and vacuum
+    the ledger's tables when they hold many dead rows."""
     settings = common.settings_from(options)
     common.setup_logging(log_level)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(
+            metrics_port, addr="127.0.0.1", registry=metrics.REGISTRY
+        )
 
     async def serve(runner: service.Runner) -> None:
         ledger = await AsyncLedger.connect(settings.database_url, max_size=2)
         try:
-            reaper = Reaper(ledger, interval_s=interval)
+            reaper = Reaper(
+                ledger, interval_s=interval, retention=retention,
+                prune_interval_s=None if no_prune else prune_interval,
+                vacuum_dead_rows=vacuum_dead_rows,
+            )  # fmt: skip
             if once:
-                click.echo(f"reaped {await reaper.run_once()} task(s)")
+                reaped = await reaper.run_once()
+                if no_prune:
+                    click.echo(f"reaped {reaped} task(s)")
+                else:
+                    pruned, _ = await reaper.prune_once()
+                    click.echo(f"reaped {reaped} task(s), pruned {pruned} task(s)")
             else:
                 await runner.serve(reaper)
         finally:

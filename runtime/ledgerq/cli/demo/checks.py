@@ -68,6 +68,7 @@ async def verify(
         if page.next_before_id is None:
             break
         before = page.next_before_id
+    tasks = [t for t in tasks if t.queue != demo_app.SCHEDULE_QUEUE]  # checked by periodic
     history = await ledger.attempts_of([t.id for t in tasks])
     tasks = [dataclasses.replace(t, attempt_history=history.get(t.id, ())) for t in tasks]
     by_id: dict[int, types.Task] = {t.id: t for t in tasks}

@@ -14,7 +14,9 @@ Against a PostgreSQL server and a Redis (the local ones by default) it
    payment submitted five times at once with one idempotency key and once more
    with other content, an email that fails twice after sending and succeeds on
    its third attempt, an invalid payload, an unknown task type, an operation
-   that exhausts its attempts, and a request the API must refuse;
+   that exhausts its attempts, and a request the API must refuse; and, in a queue
+   under flow-control limits, a big tenant's backlog beside a small tenant's few
+   tasks, enqueued while the queue is paused (``flow``);
 4. shows live progress, then a summary of each guarantee the README lists and
    whether this run upheld it, checked against what the ledger recorded (``checks``);
 5. stops every process it started (also on Ctrl-C or failure) and exits 0 only
@@ -44,7 +46,7 @@ from psycopg import sql
 from ledgerq import config, display, errors, migrations
 from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
-from ledgerq.cli.demo import checks, workload
+from ledgerq.cli.demo import checks, flow, periodic, workload
 from ledgerq.ledger import AsyncLedger, probe
 
 DATABASE_NAME_DEFAULT = "ledgerq_demo"
@@ -193,7 +195,8 @@ async def _demo(
     port = free_port()
     # INFO: services.log then tells the run's story (one line per task outcome).
     group.start("api", ["api", "--port", str(port), "--log-level", "INFO"])
-    group.start("dispatcher", ["dispatcher", "--log-level", "INFO"])
+    for n in range(1, periodic.DISPATCHERS + 1):  # two: each schedule slot still fires once
+        group.start(f"dispatcher-{n}", ["dispatcher", "--log-level", "INFO"])
     group.start(
         "reaper", ["reaper", "--interval", str(checks.REAPER_INTERVAL_S), "--log-level", "INFO"]
     )
@@ -204,16 +207,21 @@ async def _demo(
     try:
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             await workload.wait_ready(http, group, deadline)
+            await periodic.register(ledger)
             pids = ", ".join(str(c.pid) for c in group.children)
             screen.step(
-                f"started api (:{port}), dispatcher, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
+                f"started api (:{port}), {periodic.DISPATCHERS} dispatchers, reaper (every {checks.REAPER_INTERVAL_S:g} s) and "
                 f"2 workers (lease {checks.LEASE_S} s); pids {pids}"
             )
             run = checks.Run()
             await workload.kill_a_worker(http, group, workers, screen, run, deadline)
             await workload.submit_workload(http, screen, run)
+            tenants = await flow.submit(http, ledger, screen, run)
             await workload.watch(http, group, screen, run, deadline)
+            await periodic.wait_slots(settings, screen, deadline)
         results, extra = await checks.verify(ledger, settings, run)
+        results += await flow.verify(ledger, tenants)
+        results.append(await asyncio.to_thread(periodic.check, settings))
     finally:
         await ledger.close()
     screen.block("")

@@ -19,6 +19,7 @@ from typing import Any
 
 from ledgerq import errors, types
 from ledgerq.cli import render, supervise
+from ledgerq.cli.demo import app as demo_app
 from ledgerq.cli.demo import checks
 
 APP = "ledgerq.cli.demo.app:tasks"
@@ -219,7 +220,8 @@ async def watch(
         queues = (await http.get("/queues")).json()["queues"]
         counts: Counter[str] = Counter()
         for q in queues:
-            counts.update(q["counts"])
+            if q["queue"] != demo_app.SCHEDULE_QUEUE:  # the schedule's own tasks: see periodic
+                counts.update(q["counts"])
         final = sum(counts[s.value] for s in types.TaskStatus if s.is_final)
         parts = "  ".join(
             f"{render.styled_status(s)} {counts[s.value]:>3}" for s in types.TaskStatus
