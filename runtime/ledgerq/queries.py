@@ -95,7 +95,8 @@ NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
 FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
 FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+    SELECT id, queue, priority, turn, run_at
+    FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
@@ -403,7 +404,7 @@ def next_run_at() -> Plan[datetime | None]:
 
 def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(QUEUED_STALE, (older_than_s, batch_size))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
 
 
 def queued_confirm(task_ids: Sequence[int]) -> Plan[int]:

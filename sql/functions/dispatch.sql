@@ -1,6 +1,7 @@
 -- Internal helpers for the dispatcher (not part of the public SQL API).
 
 DROP FUNCTION IF EXISTS ledgerq.task_take_due(integer, timestamptz);
+DROP FUNCTION IF EXISTS ledgerq.task_queued_stale(interval, integer, timestamptz);
 
 -- task_take_due: the dispatcher's hot query. Takes up to batch_size ready
 -- PENDING tasks (due, not parked) in priority, turn, run_at, creation order
@@ -69,14 +70,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- task_queued_stale: QUEUED tasks handed to Redis longer than older_than ago,
--- oldest first, for the dispatcher to check against Redis.
+-- oldest first, for the dispatcher to check against Redis (with each task's
+-- place in line, as task_take_due returns it, so a push again is the same).
 CREATE OR REPLACE FUNCTION ledgerq.task_queued_stale(
     older_than interval,
     batch_size integer DEFAULT 1000,
     as_of timestamptz DEFAULT NULL
-) RETURNS TABLE(id bigint, queue text, priority integer)
+) RETURNS TABLE(id bigint, queue text, priority integer, turn bigint, run_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    SELECT t.id, t.queue, t.priority FROM ledgerq.tasks t
+    SELECT t.id, t.queue, t.priority, t.turn, t.run_at FROM ledgerq.tasks t
     WHERE t.status = 'QUEUED' AND t.queued_at < coalesce(as_of, now()) - older_than
     ORDER BY t.queued_at
     LIMIT batch_size;

@@ -29,7 +29,9 @@ async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
 
 async def running_tasks(ledger: AsyncLedger, db: Conn, n: int, **fields: Any) -> list[int]:
     """n tasks claimed by a (simulated) worker whose leases have already expired."""
-    ids: list[int] = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
+    ids: list[int] = [
+        tid for tid, _, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)
+    ]
     claimed = await ledger.claim(ids, "crashed-worker", 30)
     assert len(claimed) == n
     db.execute(

@@ -241,10 +241,12 @@ def test_task_queued_stale_lists_queued_tasks_older_than_given_age_oldest_first(
 
     rows = call_rows(db, "task_queued_stale", older_than="1 minute")
 
-    assert rows == [
-        {"id": older, "queue": "c", "priority": 0},
-        {"id": old, "queue": "b", "priority": 4},
+    # Each with its place in line (turn, run_at), as task_take_due gave it.
+    assert [(r["id"], r["queue"], r["priority"], r["turn"]) for r in rows] == [
+        (older, "c", 0, 0),
+        (old, "b", 4, 0),
     ]
+    assert [r["run_at"] for r in rows] == [task(db, older)["run_at"], task(db, old)["run_at"]]
     assert [
         r["id"] for r in call_rows(db, "task_queued_stale", older_than="1 minute", batch_size=1)
     ] == [older]
