@@ -17,6 +17,10 @@ tasks per second. Cases:
 * ``limits_unreached`` - the queue has every limit, none of them ever reached.
 * ``per_key_1`` - ``per_key_max_running = 1`` over 1,000 keys; also prints the most
   attempts of one key that ever overlapped (from the attempt history: must be 1).
+* ``hot_query`` - the dispatcher's query over ``--rows`` tasks (default 1,000,000) spread
+  over 10,000 keys, 90% finished, 1% parked, 1% not yet due: prints its plan (EXPLAIN
+  ANALYZE, generic plan) and the median time of ``task_take_due(100)``; fails unless
+  the plan is an index scan of ``tasks_dispatch_idx`` with no Sort and no Seq Scan.
 
 The database (``ledgerq_flow_bench``) is created afresh for each case and dropped at the end.
 """
@@ -36,7 +40,7 @@ from ledgerq import migrations
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DB_NAME = "ledgerq_flow_bench"
-CASES = ("unconfigured", "limits_unreached", "per_key_1")
+CASES = ("unconfigured", "limits_unreached", "per_key_1", "hot_query")
 EVERY_LIMIT_UNREACHED = {
     "max_running": 1_000_000,
     "per_key_max_running": 1_000_000,
@@ -157,8 +161,61 @@ def most_overlap_per_key(conn: Conn) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+HOT_ROWS = """
+INSERT INTO ledgerq.tasks (task_type, queue, concurrency_key, status, attempts, turn,
+                           run_at, finished_at, waiting_on)
+SELECT 't', CASE WHEN g %% 4 = 0 THEN 'reports' ELSE 'default' END, 'key-' || (g %% 10000),
+       s.status, CASE WHEN s.status = 'SUCCEEDED' THEN 1 ELSE 0 END, g / 10000,
+       CASE WHEN g %% 100 = 29 THEN now() + interval '1 hour' ELSE now() - interval '1 minute' END,
+       CASE WHEN s.status = 'SUCCEEDED' THEN now() END,
+       CASE WHEN g %% 100 = 19 THEN 'per_key_max_running' END
+FROM generate_series(1, %s) g
+CROSS JOIN LATERAL (SELECT CASE WHEN g %% 10 < 9 THEN 'SUCCEEDED' ELSE 'PENDING' END AS status) s
+"""
+HOT_SELECT = """
+    SELECT t.id FROM ledgerq.tasks t
+    WHERE t.status = 'PENDING' AND t.waiting_on IS NULL AND t.run_at <= coalesce($2, now())
+    ORDER BY t.priority DESC, t.turn, t.run_at, t.id
+    LIMIT $1
+    FOR NO KEY UPDATE SKIP LOCKED
+"""
+
+
+def hot_query(url: str, rows: int) -> None:
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        started = time.perf_counter()
+        conn.execute(HOT_ROWS, (rows,))  # type: ignore[arg-type]
+        conn.execute("VACUUM (ANALYZE) ledgerq.tasks")
+        print(
+            f"hot_query: {rows:,} tasks over 10,000 keys built in {time.perf_counter() - started:.1f} s"
+        )
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE hot(integer, timestamptz) AS {HOT_SELECT}")  # type: ignore[arg-type]
+        with conn.transaction(force_rollback=True):
+            plan = "\n".join(
+                r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) EXECUTE hot(100, NULL)")
+            )
+        print(plan)
+        times = []
+        for _ in range(30):
+            with conn.transaction(force_rollback=True):
+                t0 = time.perf_counter()
+                taken = conn.execute("SELECT id FROM ledgerq.task_take_due(100)").fetchall()
+                times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        print(
+            f"hot_query: task_take_due(100) took {len(taken)} tasks, median {times[len(times) // 2]:.2f} ms"
+        )
+        problems = [w for w in ("Sort", "Seq Scan") if w in plan]
+        if "tasks_dispatch_idx" not in plan or problems:
+            raise SystemExit(f"hot_query: not an index scan without sort: {problems}")
+
+
 def run_case(case: str, args: argparse.Namespace) -> None:
     url = fresh_database(args.database_url)
+    if case == "hot_query":
+        hot_query(url, args.rows)
+        return
     with psycopg.connect(url, autocommit=True) as conn:
         flow = has_column(conn, "waiting_on")
         if case != "unconfigured" and not flow:
@@ -195,6 +252,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--claim-batch", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="tasks for hot_query")
     args = parser.parse_args()
     unknown = set(args.cases) - set(CASES)
     if unknown:

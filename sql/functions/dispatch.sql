@@ -3,6 +3,7 @@
 -- The rows carry turn and run_at: Redis keeps each queue in that order.
 DROP FUNCTION IF EXISTS ledgerq.task_queued_stale(interval, integer, timestamptz);
 DROP FUNCTION IF EXISTS ledgerq.task_take_due(integer, timestamptz);
+DROP FUNCTION IF EXISTS ledgerq.task_queued_stale(interval, integer, timestamptz);
 
 -- task_take_due: the dispatcher's hot query. Takes up to batch_size ready
 -- PENDING tasks (due, not parked) in priority, turn, run_at, creation order

@@ -245,6 +245,7 @@ def test_task_queued_stale_lists_queued_tasks_older_than_given_age_oldest_first(
         {"id": older, "queue": "c", "priority": 0, "turn": 0, "run_at": task(db, older)["run_at"]},
         {"id": old, "queue": "b", "priority": 4, "turn": 0, "run_at": task(db, old)["run_at"]},
     ]
+    assert [r["run_at"] for r in rows] == [task(db, older)["run_at"], task(db, old)["run_at"]]
     assert [
         r["id"] for r in call_rows(db, "task_queued_stale", older_than="1 minute", batch_size=1)
     ] == [older]
