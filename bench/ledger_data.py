@@ -18,7 +18,9 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 def reset(conn: Conn) -> None:
     """An empty ledger, and a checkpoint so the previous benchmark's dirty pages don't bill this one."""
-    conn.execute("TRUNCATE ledgerq.effects, ledgerq.effect_starts, ledgerq.attempts, ledgerq.tasks RESTART IDENTITY")
+    conn.execute(
+        "TRUNCATE ledgerq.effects, ledgerq.effect_starts, ledgerq.attempts, ledgerq.tasks RESTART IDENTITY"
+    )
     conn.execute("CHECKPOINT")
 
 
