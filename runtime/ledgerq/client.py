@@ -1,12 +1,18 @@
-"""Client and AsyncClient: enqueue, get, cancel and retry tasks from Python.
+"""Client and AsyncClient: enqueue, get, cancel and retry tasks from Python, and
+configure, pause and resume queues.
 
     client = Client()                 # reads LEDGERQ_* from the environment
     task = client.enqueue("email.send", {"to": "a@b.c"}, idempotency_key="welcome-42")
     task.id, task.created, task.status
+    client.configure_queue("email", max_running=20, per_key_max_running=2)
 
 ``enqueue(..., conn=my_psycopg_connection)`` runs inside the caller's
-transaction: the task exists only if that transaction commits. Given a
-``registry=``, a task type's declared queue and max_attempts are the defaults.
+transaction: the task exists only if that transaction commits.
+
+A task's queue and max_attempts, when the call gives none: the ledger's rule
+(the task type's registered values, else ``default`` and 5), except that a
+client given a ``registry=`` sends the values that registry declares for the
+types it holds (the code this process would run is the best witness).
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from ledgerq.ledger import AsyncConn, AsyncLedger, Ledger, SyncConn
 
 _TASK_FIELDS = {
     "task_type", "payload", "queue", "priority", "run_at", "delay", "max_attempts",
-    "idempotency_key",
+    "idempotency_key", "concurrency_key",
 }  # fmt: skip
 
 
 class _Defaults:
-    """Turns enqueue arguments into a NewTask, with the registry's defaults."""
+    """Turns enqueue arguments into a NewTask, with the registry's defaults
+    (None, the ledger's to fill in, for a type the registry does not hold)."""
 
     def __init__(self, registry: types.TaskTypes | None) -> None:
         self.registry = registry
@@ -41,6 +48,7 @@ class _Defaults:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
     ) -> types.NewTask:
         definition = self.registry.get(task_type) if self.registry is not None else None
         if isinstance(delay, timedelta):
@@ -56,12 +64,17 @@ class _Defaults:
                 raise errors.InvalidInput(f"delay of {delay} s is past year 9999") from None
         if run_at is not None:
             run_at = storable.run_at(run_at)
+        _check_sendable(
+            texts={"task_type": task_type, "queue": queue, "idempotency_key": idempotency_key,
+                   "concurrency_key": concurrency_key},
+            integers={"priority": priority, "max_attempts": max_attempts},
+        )  # fmt: skip
         # `is None`, not `or`: an explicit "" or 0 is bad input for the ledger
         # to refuse (LQ422), not a request for the default.
-        if queue is None:
-            queue = definition.queue if definition else types.QUEUE_DEFAULT
-        if max_attempts is None:
-            max_attempts = definition.max_attempts if definition else types.MAX_ATTEMPTS_DEFAULT
+        if queue is None and definition is not None:
+            queue = definition.queue
+        if max_attempts is None and definition is not None:
+            max_attempts = definition.max_attempts
         return types.NewTask(
             task_type=task_type,
             payload=jsonvalue.payload(payload),
@@ -70,6 +83,7 @@ class _Defaults:
             run_at=run_at,
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
         )
 
     def from_mapping(self, item: Mapping[str, Any]) -> types.NewTask:
@@ -82,6 +96,22 @@ class _Defaults:
         return self.new_task(fields.pop("task_type"), fields.pop("payload", None), **fields)
 
 
+_INT32 = range(-(2**31), 2**31)
+
+
+def _check_sendable(texts: Mapping[str, str | None], integers: Mapping[str, int | None]) -> None:
+    """Refuse, naming the field, what the driver could not even send: text with
+    NUL, an integer beyond PostgreSQL's integer. The ledger checks the rest."""
+    for name, text in texts.items():
+        if text is not None and "\x00" in text:
+            raise errors.InvalidInput(f"{name} must not contain U+0000")
+    for name, number in integers.items():
+        if isinstance(number, bool) or (number is not None and not isinstance(number, int)):
+            raise errors.InvalidInput(f"{name} must be an integer, got {number!r}")
+        if number is not None and number not in _INT32:
+            raise errors.InvalidInput(f"{name} is out of range, got {number}")
+
+
 def _seconds(timeout: float | timedelta | None) -> float | None:
     if isinstance(timeout, timedelta):
         timeout = timeout.total_seconds()
@@ -90,10 +120,27 @@ def _seconds(timeout: float | timedelta | None) -> float | None:
     return timeout
 
 
-def _count_enqueued(news: Iterable[types.NewTask], tasks: Iterable[types.Task]) -> None:
-    for new, task in zip(news, tasks, strict=True):
+def queue_settings(settings: Mapping[str, object]) -> types.JsonObject:
+    """configure_queue's keyword arguments as the JSON object the ledger takes.
+
+    A ``timedelta`` (``retention``) becomes interval text; None stays None (it
+    removes the setting). Which keys exist and which values they allow is the
+    ledger's to say (LQ422 naming the key); values that are not JSON at all
+    (NaN, a set) are refused here, naming the key, before anything is sent.
+    """
+    out: types.JsonObject = {}
+    for key, value in settings.items():
+        if isinstance(value, timedelta):
+            seconds = value.total_seconds()
+            value = f"{int(seconds) if seconds.is_integer() else seconds!r} seconds"
+        out[key] = jsonvalue.plain(value, strict=True, where=key)
+    return out
+
+
+def _count_enqueued(tasks: Iterable[types.Task]) -> None:
+    for task in tasks:
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(task.type, task.queue)).inc()
 
 
 class Client:
@@ -138,15 +185,17 @@ class Client:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
         conn: SyncConn | None = None,
     ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
         task = self.ledger.enqueue_task(new, conn)
-        _count_enqueued([new], [task])
+        _count_enqueued([task])
         return task
 
     def enqueue_many(
@@ -155,7 +204,7 @@ class Client:
         """Create many tasks in one all-or-nothing call; results in input order."""
         news = [self._defaults.from_mapping(item) for item in tasks]
         results = self.ledger.enqueue_tasks(news, conn)
-        _count_enqueued(news, results)
+        _count_enqueued(results)
         return results
 
     def get(self, task_id: int) -> types.Task:
@@ -171,6 +220,20 @@ class Client:
 
     def retry(self, task_id: int) -> types.TaskStatus:
         return self.ledger.retry(task_id)
+
+    def configure_queue(self, queue: str, **settings: object) -> types.JsonObject:
+        """Set some of queue's settings (a None removes one; the others stay);
+        returns all of them. InvalidInput names an unknown key or a bad value."""
+        return self.ledger.configure_queue(queue, queue_settings(settings))
+
+    def pause_queue(self, queue: str) -> bool:
+        """No task of queue starts until it is resumed (running ones finish);
+        enqueues are still accepted. False if it was paused already."""
+        return self.ledger.pause_queue(queue).changed
+
+    def resume_queue(self, queue: str) -> bool:
+        """Tasks of queue start again. False if it was not paused."""
+        return self.ledger.resume_queue(queue).changed
 
 
 class AsyncClient:
@@ -214,16 +277,18 @@ class AsyncClient:
         run_at: datetime | None = None,
         queue: str | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
         conn: AsyncConn | None = None,
     ) -> types.Task:
         """Create a task (or return the one its idempotency key already names)."""
         new = self._defaults.new_task(
             task_type, payload, idempotency_key=idempotency_key, priority=priority,
             delay=delay, run_at=run_at, queue=queue, max_attempts=max_attempts,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
         ledger = await self.ledger()
         task = await ledger.enqueue_task(new, conn)
-        _count_enqueued([new], [task])
+        _count_enqueued([task])
         return task
 
     async def enqueue_many(
@@ -233,7 +298,7 @@ class AsyncClient:
         news = [self._defaults.from_mapping(item) for item in tasks]
         ledger = await self.ledger()
         results = await ledger.enqueue_tasks(news, conn)
-        _count_enqueued(news, results)
+        _count_enqueued(results)
         return results
 
     async def get(self, task_id: int) -> types.Task:
@@ -251,3 +316,17 @@ class AsyncClient:
 
     async def retry(self, task_id: int) -> types.TaskStatus:
         return await (await self.ledger()).retry(task_id)
+
+    async def configure_queue(self, queue: str, **settings: object) -> types.JsonObject:
+        """Set some of queue's settings (a None removes one; the others stay);
+        returns all of them. InvalidInput names an unknown key or a bad value."""
+        return await (await self.ledger()).configure_queue(queue, queue_settings(settings))
+
+    async def pause_queue(self, queue: str) -> bool:
+        """No task of queue starts until it is resumed (running ones finish);
+        enqueues are still accepted. False if it was paused already."""
+        return (await (await self.ledger()).pause_queue(queue)).changed
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Tasks of queue start again. False if it was not paused."""
+        return (await (await self.ledger()).resume_queue(queue)).changed

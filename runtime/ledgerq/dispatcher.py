@@ -8,8 +8,16 @@ between the two leaves QUEUED tasks that the redelivery sweep below (of any
 dispatcher, and of this one when it starts again) pushes. Committing first
 keeps a worker that pops an id from waiting on the dispatcher's row locks.
 It drains in batches, then sleeps until a NOTIFY on ``ledgerq_tasks``
-(an enqueue, a retry, a reap), the next task's ``run_at``, or
-``poll_interval_s`` (POLL_INTERVAL_DEFAULT_S), whichever comes first.
+(an enqueue, a retry, a reap, a slot freed under a concurrency limit, a queue
+resumed or reconfigured), the next task's ``run_at`` or rate-limit refill
+(``task_next_run_at``), or ``poll_interval_s`` (POLL_INTERVAL_DEFAULT_S),
+whichever comes first.
+
+Flow control: ``task_take_due`` hands out only what can start (a paused
+queue's tasks and those over a limit are parked in the ledger, not pushed).
+Each pass first wakes tasks parked on a rate bucket that refilled
+(``flow_wake_due``); the sweep also runs ``flow_rescue``, which wakes parked
+tasks whose limit has room although no event woke them (``dispatcher.flow_rescued``).
 
 Redelivery (every ``sweep_interval_s``, SWEEP_INTERVAL_DEFAULT_S): QUEUED tasks
 handed out more than ``recheck_after_s`` ago are looked up in Redis. Still
@@ -27,7 +35,7 @@ started again neither loses nor doubles a slot. Counted in
 ``ledgerq_schedule_slots_total``.
 
 Log events (logger ``ledgerq.dispatcher``): ``dispatcher.started``,
-``dispatcher.redelivered``, ``dispatcher.redis_reset``, ``ledger.unavailable``,
+``dispatcher.redelivered``, ``dispatcher.redis_reset``, ``dispatcher.flow_rescued``, ``ledger.unavailable``,
 ``dispatch.unavailable``.
 """
 
@@ -95,6 +103,9 @@ class Dispatcher:
         if self._unpushed:
             await self.dispatch.push(self._unpushed)
             moved, self._unpushed = len(self._unpushed), []
+        # Tasks parked on a rate limit whose bucket refilled go back in line
+        # first (a transaction of its own: it takes flow locks before rows).
+        await self.ledger.flow_wake_due()
         while True:
             due = await self.ledger.take_due(self.batch_size)
             try:
@@ -146,6 +157,10 @@ class Dispatcher:
                 break
         if pushed_total:
             log.warning("dispatcher.redelivered %d task(s) missing from Redis", pushed_total)
+        # The safety net of flow control: tasks parked on a limit that has room.
+        rescued = await self.ledger.flow_rescue()
+        if rescued:
+            log.warning("dispatcher.flow_rescued %d parked task(s) no event had woken", rescued)
         self.redelivered += pushed_total
         return waiting_total, pushed_total
 

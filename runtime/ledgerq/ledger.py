@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -143,6 +143,22 @@ def pool_kwargs(database_url: str) -> dict[str, Any]:
     options = psycopg.conninfo.conninfo_to_dict(database_url).get("options")
     merged = f"{options} {SERVER_KEEPALIVE_OPTIONS}" if options else SERVER_KEEPALIVE_OPTIONS
     return {"autocommit": True, "options": merged}
+
+
+# Every pooled connection reads times in UTC, whatever zone the server, the
+# database, the URL or PGTZ set: the ledger keeps times within years 1 to 9999
+# in UTC, and the same instant shown in a zone east or west of Greenwich can
+# be year 10000 or 1 BC, which psycopg cannot decode. A SET once the session
+# has started, because PGTZ overrides a TimeZone in the startup options.
+SESSION_SETUP: LiteralString = "SET TimeZone TO 'UTC'"
+
+
+async def _session_setup_async(conn: AsyncConn) -> None:
+    await conn.execute(SESSION_SETUP)
+
+
+def _session_setup(conn: SyncConn) -> None:
+    conn.execute(SESSION_SETUP)
 
 
 def _conninfo(conninfo: object) -> str:
@@ -437,6 +453,7 @@ class AsyncLedger:
             # connection broken by a PostgreSQL restart fails its next query
             # (LedgerUnavailable, the caller retries) and the pool drops it.
             kwargs=pool_kwargs(database_url),
+            configure=_session_setup_async,
         )
         with translated():
             await pool.open(wait=True, timeout=timeout_s)
@@ -520,8 +537,10 @@ class AsyncLedger:
         await self._run(queries.ping())
 
     # enqueue
-    async def enqueue_many(self, tasks: Sequence[types.NewTask]) -> list[tuple[types.TaskId, bool]]:
-        """enqueue_tasks: (id, created) per task, in input order; nothing read back."""
+    async def enqueue_many(
+        self, tasks: Sequence[types.NewTask]
+    ) -> list[tuple[types.TaskId, bool, str]]:
+        """enqueue_tasks: (id, created, queue) per task, in input order; nothing read back."""
         return await self._run(queries.enqueue_many(tasks))
 
     async def enqueue_task(self, task: types.NewTask, conn: AsyncConn | None = None) -> types.Task:
@@ -539,6 +558,12 @@ class AsyncLedger:
         self, task_ids: Sequence[int], worker_id: str, lease_s: int
     ) -> list[types.ClaimedTask]:
         return await self._run(queries.claim(task_ids, worker_id, lease_s))
+
+    async def claim_reporting(
+        self, task_ids: Sequence[int], worker_id: str, lease_s: int
+    ) -> tuple[list[types.ClaimedTask], list[types.Deferral]]:
+        """claim, with the tasks flow control deferred (see types.Deferral)."""
+        return await self._run(queries.claim_reporting(task_ids, worker_id, lease_s))
 
     async def heartbeat(
         self, leases: Sequence[tuple[int, int]], lease_s: int
@@ -589,6 +614,14 @@ class AsyncLedger:
 
     async def next_run_at(self) -> datetime | None:
         return await self._run(queries.next_run_at())
+
+    async def flow_wake_due(self) -> int:
+        """Wake tasks parked on rate buckets that refilled; how many."""
+        return await self._run(queries.flow_wake_due())
+
+    async def flow_rescue(self) -> int:
+        """Wake parked tasks whose limit has room although no event said so; how many."""
+        return await self._run(queries.flow_rescue())
 
     async def queued_stale(self, older_than_s: float, batch_size: int) -> list[types.DueTask]:
         return await self._run(queries.queued_stale(older_than_s, batch_size))
@@ -667,6 +700,23 @@ class AsyncLedger:
         """The effects these tasks recorded, by effect key."""
         return await self._run(queries.effects_of(task_ids))
 
+    # flow control
+    async def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now.
+        InvalidInput (LQ422) names an unknown key or a bad value."""
+        return await self._run(queries.configure_queue(queue, settings))
+
+    async def pause_queue(self, queue: str) -> types.QueuePaused:
+        """No task of queue starts until it is resumed; whether this changed it."""
+        return await self._run(queries.pause_queue(queue))
+
+    async def resume_queue(self, queue: str) -> types.QueuePaused:
+        return await self._run(queries.resume_queue(queue))
+
+    async def queue_settings(self) -> list[types.QueueSettings]:
+        """Every queue that was configured or paused: its pause and its settings."""
+        return await self._run(queries.queue_settings())
+
     # schedules
     async def schedule_task(self, schedule: types.NewSchedule) -> None:
         """Create or replace a schedule (unchanged: nothing written); InvalidInput if bad."""
@@ -690,10 +740,6 @@ class AsyncLedger:
         """Tasks that reached a final status, per queue, status and minute, lately."""
         return await self._run(reads.finished_per_minute(minutes))
 
-    async def queue_settings(self) -> list[reads.QueueSettings]:
-        """Every configured queue's pause flag and settings (needs the flow-control view)."""
-        return await self._run(reads.queue_settings())
-
     async def dead_count(self, queue: str | None = None) -> int:
         """How many tasks are DEAD (in queue, if given)."""
         return await self._run(reads.dead_count(queue))
@@ -707,16 +753,6 @@ class AsyncLedger:
     ) -> list[reads.WorkerSeen]:
         """Workers that registered, heartbeat or finished an attempt within window_s."""
         return await self._run(reads.workers_seen(window_s))
-
-    async def pause_queue(self, queue: str) -> bool:
-        return await self._run(reads.pause_queue(queue))
-
-    async def resume_queue(self, queue: str) -> bool:
-        return await self._run(reads.resume_queue(queue))
-
-    async def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
-        """Merge settings into queue's (a key set to None removes it); all of them now."""
-        return await self._run(reads.configure_queue(queue, settings))
 
     async def pause_schedule(self, name: str) -> bool:
         """False for an unknown schedule."""
@@ -750,6 +786,7 @@ class Ledger:
             open=False,
             timeout=timeout_s,
             kwargs=pool_kwargs(database_url),
+            configure=_session_setup,
         )
         with translated():
             pool.open(wait=True, timeout=timeout_s)
@@ -825,6 +862,18 @@ class Ledger:
 
         Scans the whole tasks table: for operators, not for a scrape loop."""
         return self._run(queries.queue_summary())
+
+    def configure_queue(self, queue: str, settings: types.JsonObject) -> types.JsonObject:
+        """Merge settings into queue's (a key set to None removes it); all of them now.
+        InvalidInput (LQ422) names an unknown key or a bad value."""
+        return self._run(queries.configure_queue(queue, settings))
+
+    def pause_queue(self, queue: str) -> types.QueuePaused:
+        """No task of queue starts until it is resumed; whether this changed it."""
+        return self._run(queries.pause_queue(queue))
+
+    def resume_queue(self, queue: str) -> types.QueuePaused:
+        return self._run(queries.resume_queue(queue))
 
     def list_schedules(self) -> list[types.Schedule]:
         return self._run(queries.list_schedules())

@@ -16,6 +16,8 @@ so tests and several components in one process stay independent of one another.
 | ledgerq_worker_inflight | gauge | | handlers running in this worker process |
 | ledgerq_queue_depth | gauge | queue, status | tasks in the ledger by queue and status (read at scrape) |
 | ledgerq_queue_oldest_pending_seconds | gauge | queue | age of the oldest due PENDING/QUEUED task (read at scrape) |
+| ledgerq_queue_paused | gauge | queue | 1 while the queue is paused, else 0 (read at scrape) |
+| ledgerq_claims_deferred_total | counter | queue, reason | tasks this worker was handed that the ledger held back for a flow-control limit |
 | ledgerq_schedule_slots_total | counter | schedule, outcome | schedule slots this dispatcher handled: `enqueued`, `skipped_overlap` |
 | ledgerq_tasks_pruned_total | counter | | finished tasks this reaper deleted (with their attempts) |
 
@@ -90,6 +92,20 @@ QUEUE_OLDEST_PENDING = Gauge(
     registry=REGISTRY,
 )
 
+QUEUE_PAUSED = Gauge(
+    "ledgerq_queue_paused",
+    "1 while the queue is paused (no task of it starts), else 0.",
+    ("queue",),
+    registry=REGISTRY,
+)
+CLAIMS_DEFERRED = Counter(
+    "ledgerq_claims_deferred",
+    "Tasks handed to this worker that the ledger held back for a flow-control limit, "
+    "by the limit (reason).",
+    ("queue", "reason"),
+    registry=REGISTRY,
+)
+
 SCHEDULE_SLOTS = Counter(
     "ledgerq_schedule_slots",
     "Schedule slots handled by this dispatcher, by outcome (enqueued, skipped_overlap).",
@@ -156,6 +172,18 @@ QUEUE_LABEL = LabelValues(_limit_from_env("LEDGERQ_METRICS_MAX_QUEUES", MAX_QUEU
 def task_labels(task_type: str, queue: str) -> tuple[str, str]:
     """The (type, queue) label values for a task: bounded, see the module docstring."""
     return TYPE_LABEL(task_type), QUEUE_LABEL(queue)
+
+
+#: Why a claim was deferred: the ledger's waiting_on values (anything else is ``other``).
+DEFERRAL_REASONS = frozenset({
+    "paused", "max_running", "per_key_max_running", "rate_per_second",
+    "per_key_rate_per_second", "retry_rate_per_second",
+})  # fmt: skip
+
+
+def deferral_labels(queue: str, reason: str) -> tuple[str, str]:
+    """The (queue, reason) label values of a deferred claim, both bounded."""
+    return QUEUE_LABEL(queue), reason if reason in DEFERRAL_REASONS else OTHER
 
 
 def configure_labels(*, max_types: int, max_queues: int) -> None:

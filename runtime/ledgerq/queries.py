@@ -50,17 +50,31 @@ PING: LiteralString = "SELECT 1"
 
 ENQUEUE_MANY: LiteralString = "SELECT id, created FROM ledgerq.enqueue_tasks(%s)"
 # With the transaction's now(): the created_at (and default run_at) the new row
-# got, so the caller can answer with the task without reading it back.
+# got, so the caller can answer with the task without reading it back. The
+# queue and max_attempts the task gets are settled first, by the ledger's rule
+# (task_defaults), and passed on explicitly: the answer is then what was stored,
+# even if a worker registers the type again in between.
 ENQUEUE_STAMPED: LiteralString = """
-    SELECT id, created, now() FROM ledgerq.enqueue_task(
-        task_type => %(task_type)s, payload => %(payload)s, queue => %(queue)s,
+    SELECT e.id, e.created, now(), r.queue, r.max_attempts
+    FROM (SELECT coalesce(%(queue)s::text, d.queue) AS queue,
+                 coalesce(%(max_attempts)s::integer, d.max_attempts) AS max_attempts
+          FROM ledgerq.task_defaults(ARRAY[%(task_type)s::text]) d) r
+    CROSS JOIN LATERAL ledgerq.enqueue_task(
+        task_type => %(task_type)s, payload => %(payload)s, queue => r.queue,
         priority => %(priority)s, run_at => coalesce(%(run_at)s::timestamptz, now()),
-        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s)
+        max_attempts => r.max_attempts, idempotency_key => %(idempotency_key)s,
+        concurrency_key => %(concurrency_key)s) e
 """
 ENQUEUE_MANY_STAMPED: LiteralString = "SELECT id, created, now() FROM ledgerq.enqueue_tasks(%s)"
+TASK_DEFAULTS: LiteralString = """
+    SELECT task_type, queue, max_attempts FROM ledgerq.task_defaults(%s::text[])
+"""
+# task_claim: claim_tasks with the refusals of flow control (limits.sql):
+# a row still PENDING was deferred, parked on the reason in waiting_on.
 CLAIM: LiteralString = """
-    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at
-    FROM ledgerq.claim_tasks(%s, %s, %s)
+    SELECT id, task_type, queue, payload, attempts, max_attempts, priority, run_at, status,
+           waiting_on
+    FROM ledgerq.task_claim(%s, %s, %s)
 """
 HEARTBEAT: LiteralString = "SELECT task_id, attempt, state FROM ledgerq.heartbeat_tasks(%s, %s, %s)"
 COMPLETE: LiteralString = """
@@ -71,10 +85,15 @@ RELEASE: LiteralString = "SELECT task_id, status FROM ledgerq.task_release(%s, %
 # flush: a QUEUED mark lost in a crash leaves the task PENDING, and it is
 # simply dispatched again (claim_task accepts either).
 TAKE_DUE: LiteralString = """
-    SELECT d.id, d.queue, d.priority
+    SELECT d.id, d.queue, d.priority, d.turn, d.run_at
     FROM set_config('synchronous_commit', 'off', true) AS s, ledgerq.task_take_due(%s) AS d
 """
 NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
+# Flow control (limits.sql): wake tasks parked on a rate bucket that refilled,
+# before taking due tasks; and, with the sweep, the safety net that wakes
+# parked tasks whose limit has room although no event said so.
+FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
+FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
     SELECT id, queue, priority FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
 """
@@ -117,13 +136,13 @@ TASK_TYPES: LiteralString = """
 GET_TASK: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = %s
 """
 GET_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks WHERE id = ANY(%s)
 """
 GET_ATTEMPTS: LiteralString = """
@@ -133,7 +152,7 @@ GET_ATTEMPTS: LiteralString = """
 LIST_TASKS: LiteralString = """
     SELECT id, task_type, queue, status, priority, payload, attempts, max_attempts, run_at,
            idempotency_key, result, last_error, created_at, started_at, finished_at,
-           cancel_requested
+           cancel_requested, concurrency_key
     FROM ledgerq.tasks
     WHERE (%(status)s::text IS NULL OR status = %(status)s)
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -216,6 +235,16 @@ LIST_SCHEDULES: LiteralString = """
     SELECT name, cron, timezone, task_type, queue, paused, next_run_at, last_slot, last_task_id
     FROM ledgerq.schedules ORDER BY name
 """
+# Flow control (queues.sql): a queue's settings and its pause. pause_queue and
+# resume_queue answer whether they changed the queue; the view reads back its
+# state, so a caller knows where the queue stands either way.
+CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
+PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
+RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
+QUEUE_SETTINGS: LiteralString = """
+    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
+"""
+
 PAUSE_SCHEDULE: LiteralString = "SELECT ledgerq.pause_schedule(%s)"
 RESUME_SCHEDULE: LiteralString = "SELECT ledgerq.resume_schedule(%s)"
 UNSCHEDULE_TASK: LiteralString = "SELECT ledgerq.unschedule_task(%s)"
@@ -228,20 +257,29 @@ def ping() -> Plan[None]:
     yield Call(PING)
 
 
-def enqueue_many(tasks: Sequence[types.NewTask]) -> Plan[list[tuple[types.TaskId, bool]]]:
+def enqueue_many(
+    tasks: Sequence[types.NewTask],
+) -> Plan[list[tuple[types.TaskId, bool, str]]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY, (Jsonb([t.to_json() for t in tasks]),))
-    return [(types.TaskId(r[0]), bool(r[1])) for r in rows]
+    return [
+        (types.TaskId(r[0]), bool(r[1]), t.queue or types.QUEUE_DEFAULT)
+        for t, r in zip(tasks, rows, strict=True)
+    ]
 
 
 def enqueue_task(task: types.NewTask) -> Plan[types.Task]:
     rows = yield Call(ENQUEUE_STAMPED, _enqueue_params(task))
+    (task_id, created, stamp, queue, max_attempts) = rows[0]
+    task = dataclasses.replace(task, queue=queue, max_attempts=max_attempts)
     replayed: dict[types.TaskId, types.Task] = {}
-    if not rows[0][1]:
-        replayed[rows[0][0]] = yield from get(rows[0][0])
-    return _enqueued([task], rows, replayed)[0]
+    if not created:
+        replayed[task_id] = yield from get(task_id)
+    return _enqueued([task], [(task_id, created, stamp)], replayed)[0]
 
 
 def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
+    tasks = yield from settle_defaults(tasks)
     rows = yield Call(ENQUEUE_MANY_STAMPED, (Jsonb([t.to_json() for t in tasks]),))
     old = [r[0] for r in rows if not r[1]]
     replayed: dict[types.TaskId, types.Task] = {}
@@ -250,9 +288,39 @@ def enqueue_tasks(tasks: Sequence[types.NewTask]) -> Plan[list[types.Task]]:
     return _enqueued(tasks, rows, replayed)
 
 
+def settle_defaults(tasks: Sequence[types.NewTask]) -> Plan[Sequence[types.NewTask]]:
+    """tasks with the queue and max_attempts the ledger gives those that name
+    none (task_defaults), settled before the enqueue so the answer can say them."""
+    open_types = sorted({t.task_type for t in tasks if t.queue is None or t.max_attempts is None})
+    if not open_types:
+        return tasks
+    defaults = {r[0]: (r[1], r[2]) for r in (yield Call(TASK_DEFAULTS, (open_types,)))}
+    settled = []
+    for task in tasks:
+        if task.queue is None or task.max_attempts is None:
+            queue, max_attempts = defaults[task.task_type]
+            task = dataclasses.replace(
+                task,
+                queue=queue if task.queue is None else task.queue,
+                max_attempts=max_attempts if task.max_attempts is None else task.max_attempts,
+            )
+        settled.append(task)
+    return settled
+
+
 def claim(task_ids: Sequence[int], worker_id: str, lease_s: int) -> Plan[list[types.ClaimedTask]]:
+    claimed, _ = yield from claim_reporting(task_ids, worker_id, lease_s)
+    return claimed
+
+
+def claim_reporting(
+    task_ids: Sequence[int], worker_id: str, lease_s: int
+) -> Plan[tuple[list[types.ClaimedTask], list[types.Deferral]]]:
+    """The claimed tasks, and those flow control deferred (parked in the ledger)."""
     rows = yield Call(CLAIM, (list(task_ids), worker_id, lease_s))
-    return [_decode_claimed(r) for r in rows]
+    claimed = [_decode_claimed(r) for r in rows if r[8] == "RUNNING"]
+    deferred = [types.Deferral(types.TaskId(r[0]), r[2], r[9]) for r in rows if r[8] != "RUNNING"]
+    return claimed, deferred
 
 
 def heartbeat(
@@ -315,7 +383,17 @@ def effect_unlock(effect_key: str) -> Plan[None]:
 
 def take_due(batch_size: int) -> Plan[list[types.DueTask]]:
     rows = yield Call(TAKE_DUE, (batch_size,))
-    return [types.DueTask(types.TaskId(r[0]), r[1], r[2]) for r in rows]
+    return [types.DueTask(types.TaskId(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
+
+
+def flow_wake_due() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_WAKE_DUE)
+    return int(woken)
+
+
+def flow_rescue() -> Plan[int]:
+    ((woken,),) = yield Call(FLOW_RESCUE)
+    return int(woken)
 
 
 def next_run_at() -> Plan[datetime | None]:
@@ -388,7 +466,18 @@ def queue_depths() -> Plan[list[types.QueueDepth]]:
 
 
 def queue_summary() -> Plan[list[types.QueueSummary]]:
-    return [_decode_queue_summary(r) for r in (yield Call(QUEUE_SUMMARY))]
+    """Every queue with tasks, and every queue that was configured or paused
+    (with no tasks, its counts are zero), with its pause and settings."""
+    counted = {q.queue: q for q in map(_decode_queue_summary, (yield Call(QUEUE_SUMMARY)))}
+    configured = {s.queue: s for s in (yield from queue_settings())}
+    summary = []
+    for name in sorted(counted.keys() | configured.keys()):
+        queue = counted.get(name) or types.QueueSummary(name, {}, None, 0)
+        flow = configured.get(name)
+        if flow is not None:
+            queue = dataclasses.replace(queue, paused=flow.paused, settings=flow.settings)
+        summary.append(queue)
+    return summary
 
 
 def attempts_of(task_ids: Sequence[int]) -> Plan[dict[types.TaskId, tuple[types.Attempt, ...]]]:
@@ -436,6 +525,26 @@ def _schedule_known(text: LiteralString, name: str) -> Plan[None]:
     ((known,),) = yield Call(text, (name,))
     if not known:
         raise errors.ScheduleNotFound(f"schedule {name!r} does not exist")
+
+
+def configure_queue(queue: str, settings: types.JsonObject) -> Plan[types.JsonObject]:
+    """Merge settings into queue's (a key set to None removes it); all of them now."""
+    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
+    return dict(merged or {})
+
+
+def pause_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(PAUSE_QUEUE, (queue,))
+    return types.QueuePaused(queue, True, bool(changed))
+
+
+def resume_queue(queue: str) -> Plan[types.QueuePaused]:
+    ((changed,),) = yield Call(RESUME_QUEUE, (queue,))
+    return types.QueuePaused(queue, False, bool(changed))
+
+
+def queue_settings() -> Plan[list[types.QueueSettings]]:
+    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
 
 
 def hand_back(
@@ -490,6 +599,7 @@ def _decode_task(row: Sequence[Any], history: Sequence[types.Attempt] = ()) -> t
         started_at=row[13],
         finished_at=row[14],
         cancel_requested=row[15],
+        concurrency_key=row[16],
         attempt_history=tuple(history),
     )
 
@@ -519,7 +629,9 @@ def _decode_claimed(row: Sequence[Any]) -> types.ClaimedTask:
 
 
 def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.Task:
-    """The row enqueue_task(s) inserted for task, given its id and the transaction's now()."""
+    """The row enqueue_task(s) inserted for task (its queue and max_attempts
+    settled), given its id and the transaction's now()."""
+    assert task.queue is not None and task.max_attempts is not None
     return types.Task(
         id=types.TaskId(task_id),
         type=task.task_type,
@@ -529,7 +641,7 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         payload=task.payload,
         attempts=0,
         max_attempts=task.max_attempts,
-        run_at=task.run_at.astimezone(stamp.tzinfo) if task.run_at else stamp,
+        run_at=_in_zone_of(task.run_at, stamp) if task.run_at else stamp,
         idempotency_key=task.idempotency_key,
         result=None,
         last_error=None,
@@ -537,7 +649,21 @@ def _created_task(task: types.NewTask, task_id: int, stamp: datetime) -> types.T
         started_at=None,
         finished_at=None,
         created=True,
+        concurrency_key=task.concurrency_key,
     )
+
+
+def _in_zone_of(value: datetime, stamp: datetime) -> datetime:
+    """value in stamp's zone (the session's, as a read would give it), or as it
+    is where that zone would take it past year 9999 or before year 1 (a caller's
+    connection may be in any zone). A naive value is the session's to place, as
+    PostgreSQL placed it."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=stamp.tzinfo)
+    try:
+        return value.astimezone(stamp.tzinfo)
+    except OverflowError:
+        return value
 
 
 def _enqueued(
@@ -565,6 +691,7 @@ def _enqueue_params(task: types.NewTask) -> dict[str, Any]:
         "run_at": task.run_at,
         "max_attempts": task.max_attempts,
         "idempotency_key": task.idempotency_key,
+        "concurrency_key": task.concurrency_key,
     }
 
 
@@ -612,6 +739,10 @@ _SUMMARY_STATUSES = (
 def _decode_queue_summary(row: Sequence[Any]) -> types.QueueSummary:
     counts = {status: int(n) for status, n in zip(_SUMMARY_STATUSES, row[1:7], strict=True)}
     return types.QueueSummary(row[0], counts, row[7], int(row[8]))
+
+
+def _decode_queue_settings(row: Sequence[Any]) -> types.QueueSettings:
+    return types.QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _schedule_params(schedule: types.NewSchedule) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """The operators' dashboard's ledger calls, as plans like those of ``queries.py``.
 
 Beside ``queries.py`` (the SQL function calls and the HTTP API's listings):
-what finished per minute, queue settings, schedules, the workers seen lately,
-a task by its idempotency key, which optional SQL objects the ledger has, and
-the calls of the flow-control and schedule functions the dashboard's buttons
-make. ``ledger.py`` runs them; nothing here does I/O. None of the reads scans
-the tasks table; each says which index serves it.
+what finished per minute, the workers seen lately, a task by its idempotency
+key, which optional SQL objects the ledger has, and the calls of the schedule
+functions the dashboard's buttons make (its queue controls use the plans of
+``queries.py``, as the API and the command line do). ``ledger.py`` runs them;
+nothing here does I/O. None of the reads scans the tasks table; each says
+which index serves it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, LiteralString
 
-from psycopg.types.json import Jsonb
-
 from ledgerq import queries
 from ledgerq.queries import Call, Plan
-from ledgerq.types import JsonObject, TaskId, TaskStatus
+from ledgerq.types import TaskId, TaskStatus
 
 #: How far back the dashboard's throughput chart looks.
 THROUGHPUT_MINUTES = 60
@@ -31,11 +30,9 @@ WORKERS_WINDOW_S = 300.0
 class Features:
     """The SQL objects the dashboard's optional controls need, present or not.
 
-    Queue flow control and schedules arrive in later migrations; the
-    dashboard asks once at start-up and shows their controls when they exist."""
+    A ledger migrated before schedules existed lacks them; the dashboard asks
+    once at start-up and shows their controls when they exist."""
 
-    queue_controls: bool = False
-    queue_settings: bool = False
     schedules: bool = False
 
 
@@ -47,16 +44,6 @@ class FinishedBucket:
     status: TaskStatus
     minute: datetime
     count: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueSettings:
-    """A row of the ``queue_settings`` view."""
-
-    queue: str
-    paused: bool
-    settings: JsonObject
-    updated_at: datetime | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,12 +65,7 @@ class WorkerSeen:
 # --- query texts -----------------------------------------------------------
 
 FEATURES: LiteralString = """
-    SELECT to_regprocedure('ledgerq.pause_queue(text)') IS NOT NULL
-           AND to_regprocedure('ledgerq.resume_queue(text)') IS NOT NULL
-           AND to_regclass('ledgerq.queue_settings') IS NOT NULL,
-           to_regprocedure('ledgerq.configure_queue(text,jsonb)') IS NOT NULL
-           AND to_regclass('ledgerq.queue_settings') IS NOT NULL,
-           to_regprocedure('ledgerq.pause_schedule(text)') IS NOT NULL
+    SELECT to_regprocedure('ledgerq.pause_schedule(text)') IS NOT NULL
            AND to_regprocedure('ledgerq.resume_schedule(text)') IS NOT NULL
            AND to_regclass('ledgerq.schedules') IS NOT NULL
 """
@@ -95,9 +77,6 @@ FINISHED_PER_MINUTE: LiteralString = """
     FROM ledgerq.tasks
     WHERE finished_at >= date_trunc('minute', now()) - make_interval(mins => %s - 1)
     GROUP BY 1, 2, 3
-"""
-QUEUE_SETTINGS: LiteralString = """
-    SELECT queue, paused, settings, updated_at FROM ledgerq.queue_settings ORDER BY queue
 """
 # tasks_dead_idx (partial on DEAD): index-only without a queue, with one the
 # dead rows' queue is read from the heap (dead tasks only, never the others).
@@ -132,9 +111,6 @@ WORKERS_SEEN: LiteralString = """
     FROM registered r FULL JOIN running n USING (worker_id) FULL JOIN finished f USING (worker_id)
     ORDER BY worker_id
 """
-PAUSE_QUEUE: LiteralString = "SELECT ledgerq.pause_queue(%s)"
-RESUME_QUEUE: LiteralString = "SELECT ledgerq.resume_queue(%s)"
-CONFIGURE_QUEUE: LiteralString = "SELECT ledgerq.configure_queue(%s, %s)"
 
 
 # --- plans: one per ledger method -------------------------------------------
@@ -148,10 +124,6 @@ def features() -> Plan[Features]:
 def finished_per_minute(minutes: int) -> Plan[list[FinishedBucket]]:
     rows = yield Call(FINISHED_PER_MINUTE, (minutes,))
     return [_decode_bucket(r) for r in rows]
-
-
-def queue_settings() -> Plan[list[QueueSettings]]:
-    return [_decode_queue_settings(r) for r in (yield Call(QUEUE_SETTINGS))]
 
 
 def dead_count(queue: str | None) -> Plan[int]:
@@ -169,21 +141,6 @@ def workers_seen(window_s: float) -> Plan[list[WorkerSeen]]:
     return [_decode_worker(r) for r in rows]
 
 
-def pause_queue(queue: str) -> Plan[bool]:
-    ((done,),) = yield Call(PAUSE_QUEUE, (queue,))
-    return bool(done)
-
-
-def resume_queue(queue: str) -> Plan[bool]:
-    ((done,),) = yield Call(RESUME_QUEUE, (queue,))
-    return bool(done)
-
-
-def configure_queue(queue: str, settings: JsonObject) -> Plan[JsonObject]:
-    ((merged,),) = yield Call(CONFIGURE_QUEUE, (queue, Jsonb(settings)))
-    return dict(merged or {})
-
-
 def pause_schedule(name: str) -> Plan[bool]:
     ((found,),) = yield Call(queries.PAUSE_SCHEDULE, (name,))
     return bool(found)
@@ -198,17 +155,11 @@ def resume_schedule(name: str) -> Plan[bool]:
 
 
 def _decode_features(row: Sequence[Any]) -> Features:
-    return Features(
-        queue_controls=bool(row[0]), queue_settings=bool(row[1]), schedules=bool(row[2])
-    )
+    return Features(schedules=bool(row[0]))
 
 
 def _decode_bucket(row: Sequence[Any]) -> FinishedBucket:
     return FinishedBucket(row[0], TaskStatus(row[1]), row[2], int(row[3]))
-
-
-def _decode_queue_settings(row: Sequence[Any]) -> QueueSettings:
-    return QueueSettings(row[0], bool(row[1]), dict(row[2] or {}), row[3])
 
 
 def _decode_worker(row: Sequence[Any]) -> WorkerSeen:

@@ -119,6 +119,7 @@ class Task:
     cancel_requested: bool = False
     attempt_history: tuple[Attempt, ...] = ()
     created: bool | None = None
+    concurrency_key: str | None = None
 
     def to_json(self) -> JsonObject:
         body: JsonObject = {
@@ -132,6 +133,7 @@ class Task:
             "max_attempts": self.max_attempts,
             "run_at": _iso(self.run_at),
             "idempotency_key": self.idempotency_key,
+            "concurrency_key": self.concurrency_key,
             "result": self.result,
             "last_error": self.last_error,
             "created_at": _iso(self.created_at),
@@ -184,38 +186,61 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DueTask:
-    """A task the dispatcher hands to Redis."""
+    """A task the dispatcher hands to Redis. Its place in line: priority (higher
+    first), then turn (lower first: concurrency keys take turns), then run_at,
+    then id. turn and run_at are known when the task comes from task_take_due."""
 
     id: TaskId
     queue: str
     priority: int
+    turn: int = 0
+    run_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deferral:
+    """A delivered task the claim refused, for now, because of its queue's flow
+    control: ``reason`` is the setting that held it (``max_running``,
+    ``per_key_max_running``, ``rate_per_second``, ``per_key_rate_per_second``,
+    ``retry_rate_per_second``) or ``paused``. The ledger parked it, with its
+    attempt budget untouched, and hands it out again when the limit allows."""
+
+    id: TaskId
+    queue: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewTask:
-    """The arguments of enqueue_task."""
+    """The arguments of enqueue_task. A queue or max_attempts of None is the
+    ledger's to fill in: the task type's registered value, else the defaults."""
 
     task_type: str
     payload: JsonObject = dataclasses.field(default_factory=dict)
-    queue: str = QUEUE_DEFAULT
+    queue: str | None = None
     priority: int = 0
     run_at: datetime | None = None
-    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    max_attempts: int | None = None
     idempotency_key: str | None = None
+    concurrency_key: str | None = None
 
     def to_json(self) -> JsonObject:
         """The object enqueue_tasks takes for this task."""
         body: JsonObject = {
             "task_type": self.task_type,
             "payload": self.payload,
-            "queue": self.queue,
             "priority": self.priority,
-            "max_attempts": self.max_attempts,
         }
+        if self.queue is not None:
+            body["queue"] = self.queue
+        if self.max_attempts is not None:
+            body["max_attempts"] = self.max_attempts
         if self.run_at is not None:
             body["run_at"] = self.run_at.isoformat()
         if self.idempotency_key is not None:
             body["idempotency_key"] = self.idempotency_key
+        if self.concurrency_key is not None:
+            body["concurrency_key"] = self.concurrency_key
         return body
 
 
@@ -232,21 +257,56 @@ class QueueDepth:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueSummary:
-    """One queue: tasks by status, its oldest due task's age, what finished lately."""
+    """One queue: tasks by status, its oldest due task's age, what finished lately,
+    and its flow control (paused, settings)."""
 
     queue: str
     counts: dict[TaskStatus, int]
     oldest_due_age_s: float | None
     finished_last_minute: int
+    paused: bool = False
+    settings: JsonObject = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JsonObject:
-        """The queue as GET /queues and ``ledgerq stats --json`` show it."""
+        """The queue as GET /queues, ``ledgerq queues --json`` and ``ledgerq stats
+        --json`` show it."""
         return {
             "queue": self.queue,
             "counts": {status.value: self.counts.get(status, 0) for status in TaskStatus},
             "oldest_pending_age_seconds": self.oldest_due_age_s,
             "finished_last_minute": self.finished_last_minute,
+            "paused": self.paused,
+            "settings": self.settings,
         }
+
+
+#: The keys of a queue's settings (``configure_queue``), in the order they are shown.
+QUEUE_SETTING_KEYS = (
+    "max_running", "per_key_max_running", "rate_per_second", "per_key_rate_per_second",
+    "retry_rate_per_second", "burst", "retention",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A row of the ``queue_settings`` view: a queue that was configured or paused."""
+
+    queue: str
+    paused: bool
+    settings: JsonObject
+    updated_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueuePaused:
+    """What pause_queue or resume_queue did: the queue's pause now, and whether it changed."""
+
+    queue: str
+    paused: bool
+    changed: bool
+
+    def to_json(self) -> JsonObject:
+        return {"queue": self.queue, "paused": self.paused, "changed": self.changed}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

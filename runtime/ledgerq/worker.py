@@ -30,7 +30,8 @@ Log events (logger ``ledgerq.worker``): ``worker.started``, ``worker.stopping``,
 ``worker.stopped``; one line per recorded outcome, with the task's id, type,
 queue, attempt and duration: ``task.succeeded``, ``task.cancelled`` (INFO),
 ``task.retried``, ``task.lost`` (WARNING), ``task.dead`` (ERROR); also
-``task.handed_back``, ``task.abandoned``, ``task.unstorable``, ``task.unrecordable``,
+``task.handed_back``, ``task.deferred`` (DEBUG: a claim refused by the queue's flow
+control), ``task.abandoned``, ``task.unstorable``, ``task.unrecordable``,
 ``ledger.unavailable``, ``ledger.error``, ``dispatch.unavailable``.
 """
 
@@ -131,6 +132,8 @@ class Worker:
         )
         #: Outcomes the ledger recorded, by resulting status (for tests and stats).
         self.completed: dict[str, int] = {}
+        #: Claims flow control deferred, by (queue, reason) (for tests and stats).
+        self.deferred: dict[tuple[str, str], int] = {}
         #: Sync handlers still running in threads when the worker stopped; the
         #: process should exit without waiting for them (their leases expire).
         self.abandoned_threads = 0
@@ -197,7 +200,8 @@ class Worker:
         ids = await self.dispatch.pop(self.queues, self.concurrency - len(self._running))
         if not ids:
             return 0
-        claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+        claimed, deferred = await self.ledger.claim_reporting(ids, self.worker_id, self.lease_s)
+        self._count_deferred(deferred)
         started = [self._start(task) for task in claimed]
         heartbeater = asyncio.create_task(self._heartbeat_loop(), name="ledgerq-heartbeat")
         try:
@@ -293,7 +297,9 @@ class Worker:
                 # Ids popped but not claimed (the ledger is unreachable) stay
                 # QUEUED; the dispatcher finds them missing from Redis and
                 # hands them out again.
-                claimed = await self.ledger.claim(ids, self.worker_id, self.lease_s)
+                claimed, deferred = await self.ledger.claim_reporting(
+                    ids, self.worker_id, self.lease_s
+                )
                 failures = 0
             except (errors.LedgerError, errors.DispatchError) as exc:
                 # Unreachable, or a refusal such as a deadlock: either way the
@@ -308,8 +314,22 @@ class Worker:
                 log.warning("%s %s (retrying)", event, exc.message)
                 await self._wait_either(asyncio.sleep(service.reconnect_delay_s(failures)))
                 continue
+            self._count_deferred(deferred)
             for task in claimed:
                 self._start(task)
+
+    def _count_deferred(self, deferred: list[types.Deferral]) -> None:
+        """Tasks the claim refused for their queue's flow control: the ledger
+        parked them and hands them out again when the limit allows, so the
+        worker only counts them."""
+        for deferral in deferred:
+            key = (deferral.queue, deferral.reason)
+            self.deferred[key] = self.deferred.get(key, 0) + 1
+            metrics.CLAIMS_DEFERRED.labels(*metrics.deferral_labels(*key)).inc()
+            log.debug(
+                "task.deferred id=%s queue=%s reason=%s",
+                deferral.id, deferral.queue, deferral.reason,
+            )  # fmt: skip
 
     async def _wait_either(self, awaitable: Any) -> Any:
         """Await awaitable, or give up (returning None) as soon as stop() is called."""

@@ -13,10 +13,14 @@ BEGIN
     UPDATE ledgerq.tasks t
     SET status = CASE WHEN t.status = 'RUNNING' THEN 'RUNNING' ELSE 'CANCELLED' END,
         cancel_requested = (t.status = 'RUNNING'),
+        waiting_on = NULL,
         finished_at = CASE WHEN t.status = 'RUNNING' THEN NULL ELSE now() END,
         queued_at = NULL
     WHERE t.id = cancel_task.task_id AND t.status IN ('PENDING', 'QUEUED', 'RUNNING')
     RETURNING t.status INTO new_status;
+    IF new_status = 'CANCELLED' THEN
+        PERFORM ledgerq.flow_after_release(ARRAY[cancel_task.task_id]);
+    END IF;
     IF new_status IS NULL THEN
         SELECT t.status INTO new_status FROM ledgerq.tasks t WHERE t.id = cancel_task.task_id;
         IF new_status IS NULL THEN

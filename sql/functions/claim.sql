@@ -13,13 +13,25 @@
 -- their number. The single-task forms are PL/pgSQL for the same reason: a
 -- SQL function is planned again on every call.
 
-CREATE OR REPLACE FUNCTION ledgerq.claim_tasks(
+-- task_claim: the claim with its refusals. Rows with status RUNNING are
+-- claimed; rows with status PENDING and waiting_on set were refused by a
+-- flow-control limit or a pause (waiting_on says which) and wait, parked, with
+-- their attempt budget untouched. The worker calls this, to count refusals;
+-- claim_tasks is the same without them.
+--
+-- Tasks of queues without a row in ledgerq.queues (no settings, never paused:
+-- the common case) take the fast path, one statement as before flow control,
+-- plus a primary-key probe of ledgerq.queues per task. The rest go through
+-- flow_claim (limits.sql), which decides under the queue's flow lock.
+CREATE OR REPLACE FUNCTION ledgerq.task_claim(
     task_ids bigint[],
     worker_id text,
     lease_seconds integer DEFAULT 30
 ) RETURNS SETOF ledgerq.tasks
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
+DECLARE
+    claimed_count integer;
 BEGIN
     IF worker_id IS NULL OR worker_id = '' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'worker_id must be a non-empty string';
@@ -35,6 +47,8 @@ BEGIN
         SELECT t.id FROM ledgerq.tasks t
         WHERE t.id = ANY (task_ids)
           AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+          AND t.waiting_on IS NULL
+          AND NOT EXISTS (SELECT 1 FROM ledgerq.queues q WHERE q.queue = t.queue)
         ORDER BY t.id
         -- NO KEY UPDATE: not blocked by the KEY SHARE lock a stale attempt's
         -- once_in_transaction may still hold on the row (see reap.sql).
@@ -43,19 +57,40 @@ BEGIN
         UPDATE ledgerq.tasks t
         SET status = 'RUNNING',
             attempts = t.attempts + 1,
-            worker_id = claim_tasks.worker_id,
+            worker_id = task_claim.worker_id,
             lease_expires_at = now() + make_interval(secs => lease_seconds),
             queued_at = NULL,
             started_at = now()
         FROM locked l
         WHERE t.id = l.id
+          -- Re-checked after the lock wait: a pause parks QUEUED tasks.
           AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+          AND t.waiting_on IS NULL
         RETURNING t.*
     ), opened AS (
         INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
         SELECT c.id, c.attempts, c.worker_id, c.started_at FROM claimed c
     )
     SELECT * FROM claimed;
+    GET DIAGNOSTICS claimed_count = ROW_COUNT;
+    -- Fewer claimed than asked: the rest were not claimable (a duplicate
+    -- delivery, a finished task) or belong to configured queues.
+    IF claimed_count < coalesce(cardinality(task_ids), 0) THEN
+        RETURN QUERY SELECT * FROM ledgerq.flow_claim(task_ids, worker_id, lease_seconds);
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION ledgerq.claim_tasks(
+    task_ids bigint[],
+    worker_id text,
+    lease_seconds integer DEFAULT 30
+) RETURNS SETOF ledgerq.tasks
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM ledgerq.task_claim(claim_tasks.task_ids, claim_tasks.worker_id,
+                                                  claim_tasks.lease_seconds) c
+                 WHERE c.status = 'RUNNING';
 END;
 $$;
 

@@ -60,6 +60,11 @@ BEGIN
                 WHEN l.succeeded OR t.cancel_requested OR NOT l.retryable
                      OR t.attempts - t.budget_start >= t.max_attempts THEN t.run_at
                 ELSE now() + ledgerq.compute_backoff(t.attempts - t.budget_start) END,
+            -- A retry joins the line again, after its key's waiting tasks.
+            turn = CASE
+                WHEN l.succeeded OR t.cancel_requested OR NOT l.retryable
+                     OR t.attempts - t.budget_start >= t.max_attempts THEN t.turn
+                ELSE ledgerq.flow_turn(t.queue, t.concurrency_key) END,
             finished_at = CASE
                 WHEN l.succeeded OR t.cancel_requested OR NOT l.retryable
                      OR t.attempts - t.budget_start >= t.max_attempts THEN now() END,
@@ -82,6 +87,8 @@ BEGIN
     SELECT i.task_id, i.attempt, f.status
     FROM input i LEFT JOIN finished f ON f.id = i.task_id AND f.attempts = i.attempt
     ORDER BY i.ord;
+    -- Slots freed: wake tasks waiting on a concurrency limit (limits.sql).
+    PERFORM ledgerq.flow_after_release(task_ids);
 END;
 $$;
 
@@ -144,6 +151,7 @@ BEGIN
     ORDER BY i.ord;
     IF FOUND THEN
         PERFORM pg_notify('ledgerq_tasks', '');
+        PERFORM ledgerq.flow_after_release(task_ids);
     END IF;
 END;
 $$;

@@ -43,18 +43,19 @@ BEGIN
         -- Nothing to conflict with: a plain INSERT spares the speculative
         -- insertion that ON CONFLICT costs.
         INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
-                                        concurrency_key)
+                                        concurrency_key, turn)
         VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
-                due_at, task_max_attempts, enqueue_task.concurrency_key)
+                due_at, task_max_attempts, enqueue_task.concurrency_key,
+                ledgerq.flow_turn(task_queue, enqueue_task.concurrency_key))
         RETURNING t.id INTO id;
     ELSE
         -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
         -- commit or roll back, so racing callers see exactly one winner.
         INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
-                                        concurrency_key, idempotency_key)
+                                        concurrency_key, idempotency_key, turn)
         VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
                 due_at, task_max_attempts, enqueue_task.concurrency_key,
-                enqueue_task.idempotency_key)
+                enqueue_task.idempotency_key, ledgerq.flow_turn(task_queue, enqueue_task.concurrency_key))
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING t.id INTO id;
     END IF;
@@ -116,6 +117,7 @@ DECLARE
     any_key boolean;
     inserted bigint;
     clash record;
+    turns bigint[];
 BEGIN
     IF tasks IS NULL OR jsonb_typeof(tasks) <> 'array' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'tasks must be a JSON array of task objects';
@@ -184,23 +186,26 @@ BEGIN
         RETURN;  -- an empty batch enqueues nothing
     END IF;
 
+    -- Each task's place in its queue's line (limits.sql).
+    turns := ledgerq.flow_turns(queues, concurrency_keys);
+
     IF NOT any_key THEN
         INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts,
-                                   concurrency_key)
+                                   concurrency_key, turn)
         SELECT * FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats,
-                             max_attempts_list, concurrency_keys);
+                             max_attempts_list, concurrency_keys, turns);
         inserted := cardinality(new_ids);
     ELSE
         -- An input whose key is taken, earlier or by an earlier input of this
         -- batch (rows go in in input order), is skipped and answered below.
         INSERT INTO ledgerq.tasks AS t (id, task_type, payload, queue, priority, run_at,
-                                        max_attempts, concurrency_key, idempotency_key)
+                                        max_attempts, concurrency_key, idempotency_key, turn)
         SELECT u.id, u.task_type, u.payload, u.queue, u.priority, u.run_at, u.max_attempts,
-               u.concurrency_key, u.key
+               u.concurrency_key, u.key, u.turn
         FROM unnest(new_ids, task_types, payloads, queues, priorities, run_ats, max_attempts_list,
-                    concurrency_keys, keys) WITH ORDINALITY
+                    concurrency_keys, keys, turns) WITH ORDINALITY
              AS u(id, task_type, payload, queue, priority, run_at, max_attempts, concurrency_key,
-                  key, ord)
+                  key, turn, ord)
         ORDER BY u.ord
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
         GET DIAGNOSTICS inserted = ROW_COUNT;

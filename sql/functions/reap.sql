@@ -50,6 +50,7 @@ DECLARE
     timeout interval := coalesce(
         redelivery_timeout, ledgerq.redelivery_timeout_setting());
     expired_count integer;
+    expired_ids bigint[];
     requeued_count integer;
 BEGIN
     WITH expired AS (
@@ -69,6 +70,9 @@ BEGIN
             run_at = CASE
                 WHEN t.cancel_requested OR t.attempts - t.budget_start >= t.max_attempts THEN t.run_at
                 ELSE now() + ledgerq.compute_backoff(t.attempts - t.budget_start) END,
+            turn = CASE
+                WHEN t.cancel_requested OR t.attempts - t.budget_start >= t.max_attempts THEN t.turn
+                ELSE ledgerq.flow_turn(t.queue, t.concurrency_key) END,
             finished_at = CASE
                 WHEN t.cancel_requested OR t.attempts - t.budget_start >= t.max_attempts THEN now() END,
             last_error = format('lease expired: worker %s stopped heartbeating during attempt %s',
@@ -86,7 +90,7 @@ BEGIN
         FROM recovered r
         WHERE a.task_id = r.id AND a.attempt = r.attempts
     )
-    SELECT count(*) INTO expired_count FROM recovered;
+    SELECT count(*), array_agg(r.id) INTO expired_count, expired_ids FROM recovered r;
 
     WITH stale AS (
         SELECT t.id FROM ledgerq.tasks t
@@ -103,6 +107,10 @@ BEGIN
 
     IF expired_count + requeued_count > 0 THEN
         PERFORM pg_notify('ledgerq_tasks', '');
+    END IF;
+    IF expired_count > 0 THEN
+        -- Slots freed: wake tasks waiting on a concurrency limit (limits.sql).
+        PERFORM ledgerq.flow_after_release(expired_ids);
     END IF;
     RETURN expired_count + requeued_count;
 END;

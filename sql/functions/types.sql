@@ -50,7 +50,7 @@ BEGIN
             WHEN jsonb_typeof(t.item -> 'max_attempts') IS DISTINCT FROM 'number'
                 OR (t.item ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 2147483647
                 OR (t.item ->> 'max_attempts')::numeric <> trunc((t.item ->> 'max_attempts')::numeric)
-                THEN 'max_attempts must be an integer from 1 to 2147483647'
+                THEN 'max_attempts must be an integer >= 1 and at most 2147483647'
             WHEN coalesce(jsonb_typeof(t.item -> 'timeout_seconds'), 'null') NOT IN ('null', 'number')
                 OR (t.item ->> 'timeout_seconds')::float8 <= 0
                 THEN 'timeout_seconds must be a number > 0 or null'

@@ -46,8 +46,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
             THEN 'priority must be an integer between -32768 and 32767'
         WHEN ledgerq.run_at_problem(run_at) IS NOT NULL THEN ledgerq.run_at_problem(run_at)
         WHEN max_attempts IS NULL OR max_attempts < 1
-            THEN format('max_attempts must be an integer from 1 to 2147483647, got %s',
-                        coalesce(max_attempts::text, 'NULL'))
+            THEN format('max_attempts must be >= 1, got %s', coalesce(max_attempts::text, 'NULL'))
         WHEN idempotency_key = '' THEN 'idempotency_key must not be empty (omit it or pass NULL)'
         WHEN length(idempotency_key) > 512 THEN 'idempotency_key must be at most 512 characters'
         WHEN btrim(concurrency_key) = ''
@@ -93,7 +92,8 @@ BEGIN
        OR (jsonb_typeof(task -> 'max_attempts') = 'number'
            AND ((task ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 2147483647
                 OR (task ->> 'max_attempts') !~ '^[0-9]+$')) THEN
-        RETURN format('max_attempts must be an integer from 1 to 2147483647, got %s', task -> 'max_attempts');
+        RETURN format('max_attempts must be >= 1 and at most 2147483647 (an integer), got %s',
+                      task -> 'max_attempts');
     END IF;
     IF coalesce(jsonb_typeof(task -> 'run_at'), 'null') NOT IN ('string', 'null') THEN
         RETURN 'run_at must be an ISO 8601 timestamp string';

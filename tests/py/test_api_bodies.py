@@ -273,20 +273,7 @@ async def test_run_at_at_the_last_and_first_utc_second_is_stored_and_read_back(
     assert listed.status_code == 200 and len(listed.json()["tasks"]) == 3
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/tasks",
-        pytest.param(
-            "/tasks/batch",
-            marks=pytest.mark.xfail(
-                reason="enqueue_tasks (SQL) caps max_attempts at 999,999,999 until the SQL "
-                "bounds agree with enqueue_task's",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("path", ["/tasks", "/tasks/batch"])
 async def test_integral_floats_are_integers_and_max_attempts_bounds_agree(
     client: httpx.AsyncClient, path: str
 ) -> None:

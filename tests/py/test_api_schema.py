@@ -79,6 +79,8 @@ def test_api_answers_match_its_openapi_schema(settings: config.Settings) -> None
         assert {op.label for op in operations} == {  # every route of the README's HTTP API
             "POST /tasks", "POST /tasks/batch", "GET /tasks", "GET /tasks/{task_id}",
             "POST /tasks/{task_id}/cancel", "POST /tasks/{task_id}/retry", "GET /queues",
+            "PUT /queues/{queue}/settings", "POST /queues/{queue}/pause",
+            "POST /queues/{queue}/resume",
             "GET /healthz", "GET /readyz", "GET /metrics",
             "GET /schedules", "POST /schedules/{name}/pause", "POST /schedules/{name}/resume",
         } | DASHBOARD_OPERATIONS  # fmt: skip

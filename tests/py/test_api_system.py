@@ -245,6 +245,7 @@ async def test_metrics_has_the_contract_names(client: httpx.AsyncClient) -> None
         "ledgerq_tasks_retried", "ledgerq_tasks_dead", "ledgerq_tasks_cancelled",
         "ledgerq_task_duration_seconds", "ledgerq_pickup_latency_seconds",
         "ledgerq_worker_inflight", "ledgerq_queue_depth", "ledgerq_queue_oldest_pending_seconds",
+        "ledgerq_queue_paused", "ledgerq_claims_deferred",
     } <= names  # fmt: skip
     assert "ledgerq_tasks_enqueued_total{" in text
 
@@ -281,6 +282,23 @@ async def test_queue_depth_gauges_follow_the_ledger_at_each_scrape(
     assert first[pending] == 2
     assert first[("ledgerq_queue_oldest_pending_seconds", frozenset({("queue", queue)}))] >= 0
     assert second[pending] == 0  # drained: reads 0 rather than vanishing
+
+
+async def test_queue_paused_gauge_follows_pause_and_resume(client: httpx.AsyncClient) -> None:
+    idle, busy = (f"q-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    await client.post("/tasks", json={"type": "a", "queue": busy})
+    await client.post(f"/queues/{idle}/pause")  # a queue with no task at all
+
+    first = await scrape(client)
+    await client.post(f"/queues/{idle}/resume")
+    await client.post(f"/queues/{busy}/pause")
+    second = await scrape(client)
+
+    def paused(found: dict[Any, float], queue: str) -> float | None:
+        return found.get(("ledgerq_queue_paused", frozenset({("queue", queue)})))
+
+    assert (paused(first, idle), paused(first, busy)) == (1, 0)
+    assert (paused(second, idle), paused(second, busy)) == (0, 1)
 
 
 # --- queues ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from ledgerq import config
 
 TASK_KEYS = {
     "id", "type", "queue", "status", "priority", "payload", "attempts", "max_attempts",
-    "run_at", "idempotency_key", "result", "last_error", "created_at", "started_at",
+    "run_at", "idempotency_key", "concurrency_key", "result", "last_error", "created_at", "started_at",
     "finished_at", "cancel_requested", "attempt_history",
 }  # fmt: skip
 

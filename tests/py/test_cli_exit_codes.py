@@ -36,6 +36,10 @@ COMMANDS: dict[Command, tuple[list[str], str]] = {
     ("types",): ([], "pg"),
     ("dead",): ([], "pg"),
     ("cancel",): (["1"], "pg"),
+    ("queues",): ([], "pg"),
+    ("queues", "pause"): (["q"], "pg"),
+    ("queues", "resume"): (["q"], "pg"),
+    ("queues", "set"): (["q", "max_running=1"], "pg"),
     ("schedules",): ([], "pg"),
     ("schedules", "pause"): (["s"], "pg"),
     ("schedules", "resume"): (["s"], "pg"),
@@ -96,6 +100,10 @@ def invalid_cases(path: Command) -> list[tuple[list[str], str]]:
         cases.append((["9999"], "no migration '9999'"))
     if path == ("enqueue",):
         cases.append((["t", "[1]"], "PAYLOAD_JSON must be a JSON object"))
+    if path == ("queues", "set"):
+        cases.append((["q", "max_running"], "'max_running': settings are given as KEY=VALUE"))
+        cases.append((["q", "max_running=0"], "max_running"))  # the ledger's LQ422
+        cases.append((["q", "burst=2", "burst=3"], "burst: given twice"))
     return cases
 
 

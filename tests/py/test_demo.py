@@ -29,6 +29,8 @@ GUARANTEES = [
     "3. An effect happens once per effect key",
     "4. The same idempotency key never creates two tasks",
     "5. Bad input gets a clear error or goes DEAD with a reason; the rest flows",
+    "6. Flow-control limits hold fleet-wide; a paused queue starts nothing",
+    "6. Keys take turns: a small tenant is not held back by a big one's backlog",
     "4. A schedule's slot becomes exactly one task",
 ]
 
@@ -78,6 +80,8 @@ def test_demo_upholds_every_guarantee_and_leaves_nothing_running(
     assert re.search(r"attempt 1 on \S+: lost; attempt 2 on \S+: succeeded", out), out
     assert "5 concurrent submits of one key: 1 x 201 + 4 x 200, 1 task" in out
     assert "flaky email" in out and "3 attempts, 1 email sent" in out
+    assert "paused while 44 tasks were enqueued: 0 started in 1 s" in out
+    assert "44 tasks: 44 SUCCEEDED, 44 in exactly one attempt" in out
     assert re.search(r"schedule demo\.tick \(@every 2 seconds\), fired by 2 dispatchers: "
                      r"\S+Z -> task \d+, \S+Z -> task \d+, \S+Z -> task \d+", out), out  # fmt: skip
     assert re.search(r"(\d+) slots in that span, \1 with a task, \1 tasks", out), out

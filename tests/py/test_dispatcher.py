@@ -40,7 +40,7 @@ async def dispatch(settings: config.Settings) -> AsyncIterator[Dispatch]:
 
 
 async def enqueue(ledger: AsyncLedger, n: int = 1, **fields: Any) -> list[int]:
-    return [tid for tid, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
+    return [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
 
 
 def statuses(db: Conn) -> dict[str, int]:

@@ -18,9 +18,6 @@ Conn = psycopg.Connection[Any]
 
 SOURCE = Path(reads.__file__).read_text()
 RUNTIME = Path(reads.__file__).parent
-# Queries of SQL objects that later migrations add (flow control, schedules):
-# they plan only once those exist, and the dashboard sends them only then.
-OPTIONAL = {"QUEUE_SETTINGS", "PAUSE_QUEUE", "RESUME_QUEUE", "CONFIGURE_QUEUE"}
 
 
 def named_queries() -> list[str]:
@@ -78,25 +75,13 @@ def explain_errors(db: Conn, names: list[str]) -> dict[str, str]:
     return failed
 
 
-def test_every_query_but_the_optional_ones_plans_on_the_migrated_schema(db: Conn) -> None:
-    assert explain_errors(db, [n for n in named_queries() if n not in OPTIONAL]) == {}
+def test_every_query_plans_on_the_migrated_schema(db: Conn) -> None:
+    assert explain_errors(db, named_queries()) == {}
 
 
-def test_optional_queries_plan_once_their_objects_exist(db: Conn) -> None:
-    from ui_support import ensure_queue_controls, ensure_schedules
-
-    ensure_queue_controls(db)
-    ensure_schedules(db)
-    assert explain_errors(db, sorted(OPTIONAL)) == {}
+def test_a_migrated_ledger_has_the_optional_objects(db: Conn) -> None:
     (row,) = db.execute(reads.FEATURES).fetchall()
-    assert row == (True, True, True)
-
-
-def test_features_are_absent_on_a_ledger_without_them(db: Conn) -> None:
-    if db.execute("SELECT to_regprocedure('ledgerq.pause_queue(text)')").fetchone() != (None,):
-        pytest.skip("this ledger has flow control: nothing is absent")
-    (row,) = db.execute(reads.FEATURES).fetchall()
-    assert row[0] is False
+    assert row == (True,)
 
 
 def plan_nodes(db: Conn, text: str, params: Any) -> list[dict[str, Any]]:

@@ -29,7 +29,9 @@ async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
 
 async def running_tasks(ledger: AsyncLedger, db: Conn, n: int, **fields: Any) -> list[int]:
     """n tasks claimed by a (simulated) worker whose leases have already expired."""
-    ids: list[int] = [tid for tid, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)]
+    ids: list[int] = [
+        tid for tid, _, _ in await ledger.enqueue_many([NewTask("job", **fields)] * n)
+    ]
     claimed = await ledger.claim(ids, "crashed-worker", 30)
     assert len(claimed) == n
     db.execute(
@@ -77,7 +79,7 @@ async def test_run_once_ends_a_cancel_requested_task_cancelled(
 
 
 async def test_run_once_leaves_live_leases_alone(ledger: AsyncLedger, db: Conn) -> None:
-    ids = [tid for tid, _ in await ledger.enqueue_many([NewTask("job")] * 2)]
+    ids = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job")] * 2)]
     await ledger.claim(ids, "alive-worker", 30)
     assert await Reaper(ledger).run_once() == 0
     assert {t.status for t in await ledger.get_many(ids)} == {TaskStatus.RUNNING}
@@ -86,7 +88,7 @@ async def test_run_once_leaves_live_leases_alone(ledger: AsyncLedger, db: Conn) 
 async def test_run_once_returns_an_unclaimed_delivery_to_dispatch(
     ledger: AsyncLedger, db: Conn
 ) -> None:
-    (task_id,) = [tid for tid, _ in await ledger.enqueue_many([NewTask("job")])]
+    (task_id,) = [tid for tid, _, _ in await ledger.enqueue_many([NewTask("job")])]
     due = await ledger.take_due(10)
     assert [t.id for t in due] == [task_id]
     db.execute("UPDATE ledgerq.tasks SET queued_at = now() - interval '5 seconds'")

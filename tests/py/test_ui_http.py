@@ -20,6 +20,8 @@ from ui_support import (
     enqueue,
     make_dead,
     make_succeeded,
+    queue_paused,
+    queue_settings,
     status_of,
     with_roles,
 )
@@ -147,6 +149,17 @@ async def test_task_page_shows_attempts_effects_and_result(
     assert 'class="span o-succeeded"' in page
 
 
+async def test_task_page_shows_the_concurrency_key_escaped(
+    open_client: httpx.AsyncClient, db: Db
+) -> None:
+    keyed = enqueue(db, concurrency_key="tenant-<b>7</b>")
+    plain = enqueue(db)
+    page = (await open_client.get(f"/ui/tasks/{keyed}")).text
+    assert '<dd id="concurrency-key">tenant-&lt;b&gt;7&lt;/b&gt;</dd>' in page
+    page = (await open_client.get(f"/ui/tasks/{plain}")).text
+    assert '<dd id="concurrency-key">\u2013</dd>' in page
+
+
 async def test_payload_and_error_holding_script_are_escaped(
     open_client: httpx.AsyncClient, db: Db
 ) -> None:
@@ -241,6 +254,41 @@ async def test_retry_all_of_a_queue_leaves_other_queues_dead(
     assert response.status_code == 303
     assert {status_of(db, t) for t in mail} == {"PENDING"}
     assert status_of(db, other) == "DEAD"
+
+
+async def test_queue_forms_pause_resume_and_configure_through_the_ledger(
+    open_client: httpx.AsyncClient, db: Db
+) -> None:
+    enqueue(db, queue="mail")
+    csrf = csrf_of((await open_client.get("/ui/")).text)
+    paused = await open_client.post("/ui/queues/mail/pause", data={"csrf_token": csrf})
+    assert (paused.status_code, paused.headers["location"]) == (303, "/ui/")
+    assert queue_paused(db, "mail")
+    saved = await open_client.post(
+        "/ui/queues/mail/settings",
+        data={"csrf_token": csrf, "max_running": "4", "rate_per_second": "0.5", "burst": ""},
+    )
+    assert saved.status_code == 303
+    assert queue_settings(db, "mail") == {"max_running": 4, "rate_per_second": 0.5}
+    page = (await open_client.get("/ui/")).text
+    row = re.search(r'<tr data-queue="mail">(.*?)</tr>', page, re.S)
+    assert row is not None and "paused" in row.group(1) and "max_running=4" in row.group(1)
+
+    refused = await open_client.post(
+        "/ui/queues/mail/settings", data={"csrf_token": csrf, "max_running": "many"}
+    )
+    assert refused.status_code == 422
+    assert "max_running: must be a number" in refused.text
+    refused = await open_client.post(
+        "/ui/queues/mail/settings", data={"csrf_token": csrf, "per_key_max_running": "-1"}
+    )
+    assert refused.status_code == 422
+    assert "per_key_max_running" in refused.text
+    assert queue_settings(db, "mail") == {"max_running": 4, "rate_per_second": 0.5}
+
+    resumed = await open_client.post("/ui/queues/mail/resume", data={"csrf_token": csrf})
+    assert resumed.status_code == 303
+    assert not queue_paused(db, "mail")
 
 
 async def test_a_post_without_or_with_a_wrong_csrf_token_is_refused(

@@ -89,71 +89,11 @@ def csrf_of(html: str) -> str:
     return match.group(1)
 
 
-# Stand-ins for the flow-control and schedule SQL (pause_queue, resume_queue,
-# configure_queue, queue_settings; pause_schedule, resume_schedule,
-# schedules) with the README's signatures, installed in a test's own database
-# only while the ledger lacks the real ones, so the dashboard's controls are
-# exercised before those migrations land. With the real ones present (the
-# schedules are, since the schedules branch merged) the tests use them.
-_QUEUE_STAND_IN = """
-CREATE TABLE ledgerq.ui_test_queue_settings (
-    queue text PRIMARY KEY, paused boolean NOT NULL DEFAULT false,
-    settings jsonb NOT NULL DEFAULT '{}', updated_at timestamptz NOT NULL DEFAULT now());
-CREATE VIEW ledgerq.queue_settings AS
-    SELECT queue, paused, settings, updated_at FROM ledgerq.ui_test_queue_settings;
-CREATE FUNCTION ledgerq.pause_queue(queue text) RETURNS boolean LANGUAGE sql AS $$
-    INSERT INTO ledgerq.ui_test_queue_settings AS s (queue, paused) VALUES ($1, true)
-    ON CONFLICT (queue) DO UPDATE SET paused = true, updated_at = now() RETURNING true $$;
-CREATE FUNCTION ledgerq.resume_queue(queue text) RETURNS boolean LANGUAGE sql AS $$
-    INSERT INTO ledgerq.ui_test_queue_settings AS s (queue, paused) VALUES ($1, false)
-    ON CONFLICT (queue) DO UPDATE SET paused = false, updated_at = now() RETURNING true $$;
-CREATE FUNCTION ledgerq.configure_queue(queue text, settings jsonb) RETURNS jsonb
-LANGUAGE sql AS $$
-    INSERT INTO ledgerq.ui_test_queue_settings AS s (queue, settings)
-    VALUES ($1, jsonb_strip_nulls($2))
-    ON CONFLICT (queue) DO UPDATE SET settings = jsonb_strip_nulls(s.settings || $2)
-    RETURNING settings $$;
-"""
-_SCHEDULE_STAND_IN = """
-CREATE TABLE ledgerq.ui_test_schedules (
-    name text PRIMARY KEY, cron text NOT NULL, timezone text NOT NULL DEFAULT 'UTC',
-    task_type text NOT NULL, queue text NOT NULL DEFAULT 'default',
-    paused boolean NOT NULL DEFAULT false);
-CREATE VIEW ledgerq.schedules AS
-    SELECT name, cron, timezone, task_type, queue, paused, now() + interval '1 hour'
-           AS next_run_at, NULL::timestamptz AS last_slot, NULL::bigint AS last_task_id
-    FROM ledgerq.ui_test_schedules;
-CREATE FUNCTION ledgerq.pause_schedule(name text) RETURNS boolean LANGUAGE sql AS $$
-    UPDATE ledgerq.ui_test_schedules SET paused = true WHERE name = $1 RETURNING true $$;
-CREATE FUNCTION ledgerq.resume_schedule(name text) RETURNS boolean LANGUAGE sql AS $$
-    UPDATE ledgerq.ui_test_schedules SET paused = false WHERE name = $1 RETURNING true $$;
-"""
-
-
-def has_function(db: Db, signature: str) -> bool:
-    row = db.execute("SELECT to_regprocedure(%s) IS NOT NULL", (signature,)).fetchone()
-    return bool(row and row[0])
-
-
-def ensure_queue_controls(db: Db) -> None:
-    """pause_queue and friends: the real ones, or the stand-ins above."""
-    if not has_function(db, "ledgerq.pause_queue(text)"):
-        db.execute(_QUEUE_STAND_IN)
-
-
 def ensure_schedules(db: Db, name: str = "nightly-report") -> None:
-    """A schedule named name, through schedule_task or the stand-ins above."""
-    if has_function(db, "ledgerq.pause_schedule(text)"):
-        db.execute(
-            "SELECT ledgerq.schedule_task(name => %s, cron => '0 3 * * *', "
-            "task_type => 'report.build')",
-            (name,),
-        )
-        return
-    db.execute(_SCHEDULE_STAND_IN)
+    """A schedule named name, made through schedule_task."""
     db.execute(
-        "INSERT INTO ledgerq.ui_test_schedules (name, cron, task_type) "
-        "VALUES (%s, '0 3 * * *', 'report.build')",
+        "SELECT ledgerq.schedule_task(name => %s, cron => '0 3 * * *', "
+        "task_type => 'report.build')",
         (name,),
     )
 
@@ -163,6 +103,13 @@ def queue_paused(db: Db, queue: str) -> bool:
         "SELECT paused FROM ledgerq.queue_settings WHERE queue = %s", (queue,)
     ).fetchone()
     return bool(row and row[0])
+
+
+def queue_settings(db: Db, queue: str) -> dict[str, Any]:
+    row = db.execute(
+        "SELECT settings FROM ledgerq.queue_settings WHERE queue = %s", (queue,)
+    ).fetchone()
+    return dict(row[0]) if row else {}
 
 
 def schedule_paused(db: Db, name: str) -> bool:

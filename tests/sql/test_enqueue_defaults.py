@@ -140,5 +140,8 @@ def test_max_attempts_has_one_bound_in_both_forms(db: Conn, function: str) -> No
 
     (row,) = call(2147483647)
     assert task(db, row["id"])["max_attempts"] == 2147483647
-    with raises_sqlstate("LQ422", "max_attempts", "2147483647"):
+    with raises_sqlstate("LQ422", "max_attempts must be >= 1", "got 0"):
         call(0)
+    if function == "enqueue_tasks":
+        with raises_sqlstate("LQ422", "max_attempts", "at most 2147483647", "2147483648"):
+            call(2147483648)

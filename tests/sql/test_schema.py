@@ -276,8 +276,8 @@ def test_dispatcher_hot_query_is_an_index_scan_without_sort(db: Conn) -> None:
         for row in db.execute(
             """
             EXPLAIN SELECT t.id FROM ledgerq.tasks t
-            WHERE t.status = 'PENDING' AND t.run_at <= now()
-            ORDER BY t.priority DESC, t.run_at, t.id
+            WHERE t.status = 'PENDING' AND t.waiting_on IS NULL AND t.run_at <= now()
+            ORDER BY t.priority DESC, t.turn, t.run_at, t.id
             LIMIT 100
             """
         )

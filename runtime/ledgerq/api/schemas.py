@@ -68,6 +68,7 @@ def _integral(value: Any) -> Any:
 
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
+ConcurrencyKey = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_text)]
 RunAt = Annotated[
     AwareDatetime,
     BeforeValidator(_iso_string),
@@ -75,6 +76,12 @@ RunAt = Annotated[
     AfterValidator(_within_years_1_to_9999_utc),
 ]
 Integer = Annotated[int, BeforeValidator(_integral)]
+#: A queue's limits (max_running, per_key_max_running, burst), rates and
+#: retention, within the bounds configure_queue enforces.
+RATE_MAX = 1_000_000_000
+Limit = Annotated[int, BeforeValidator(_integral), Field(ge=1, le=INT32_MAX)]
+Rate = Annotated[float, Field(gt=0, le=RATE_MAX, allow_inf_nan=False)]
+Retention = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_text)]
 TaskIdParam = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 
 
@@ -85,7 +92,9 @@ class TaskCreate(BaseModel):
 
     type: Name = Field(description="The task type a handler is registered for.")
     payload: dict[str, Any] = Field(default_factory=dict, description="A JSON object.")
-    queue: Name = "default"
+    queue: Name | None = Field(
+        None, description="Default: the task type's registered queue, else `default`."
+    )
     priority: Integer = Field(
         0,
         ge=types.PRIORITY_MIN,
@@ -100,10 +109,20 @@ class TaskCreate(BaseModel):
         allow_inf_nan=False,
         description="Due this many seconds from now; not with run_at.",
     )
-    max_attempts: Integer = Field(5, ge=1, le=INT32_MAX)
+    max_attempts: Integer | None = Field(
+        None,
+        ge=1,
+        le=INT32_MAX,
+        description="Default: the task type's registered max_attempts, else 5.",
+    )
     idempotency_key: IdempotencyKey | None = Field(
         None,
         description="Replaying a key returns the task it created (an Idempotency-Key header works too).",
+    )
+    concurrency_key: ConcurrencyKey | None = Field(
+        None,
+        description="Any text naming what the task competes for (a tenant, an outside API); "
+        "queue settings can limit how many tasks of one key run at once.",
     )
 
     @model_validator(mode="after")
@@ -145,6 +164,7 @@ class TaskOut(BaseModel):
     max_attempts: int
     run_at: datetime
     idempotency_key: str | None
+    concurrency_key: str | None
     result: Any = Field(description="The handler's JSON result, once SUCCEEDED.")
     last_error: str | None
     created_at: datetime
@@ -187,6 +207,62 @@ class StatusOut(BaseModel):
     status: types.TaskStatus
 
 
+class QueueSettingsIn(BaseModel):
+    """PUT /queues/{queue}/settings: the settings to change. A key left out is
+    unchanged; a key set to null removes that setting; an unknown key is refused.
+
+    The types and bounds here are checked first; the ledger's configure_queue
+    checks every value again (the same rules for SQL callers) and its refusal
+    is a 422 naming the key too."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_running: Limit | None = Field(
+        None, description="At most this many tasks of the queue RUNNING at once, fleet-wide."
+    )
+    per_key_max_running: Limit | None = Field(
+        None,
+        description="At most this many tasks with the same concurrency key RUNNING at once.",
+    )
+    rate_per_second: Rate | None = Field(
+        None, description="At most this many attempts of the queue start per second."
+    )
+    per_key_rate_per_second: Rate | None = Field(
+        None, description="The same, for each concurrency key."
+    )
+    retry_rate_per_second: Rate | None = Field(
+        None, description="At most this many retried attempts (attempt > 1) start per second."
+    )
+    burst: Limit | None = Field(
+        None, description="Bucket size of the rates above (default: max(1, ceil(rate)))."
+    )
+    retention: Retention | None = Field(
+        None,
+        description="How long finished tasks of the queue are kept, as PostgreSQL interval "
+        'text such as "3 days".',
+    )
+
+
+class QueueSettingsOut(BaseModel):
+    """A queue's settings: only the keys that are set."""
+
+    max_running: int | None = None
+    per_key_max_running: int | None = None
+    rate_per_second: float | None = None
+    per_key_rate_per_second: float | None = None
+    retry_rate_per_second: float | None = None
+    burst: int | None = None
+    retention: str | None = None
+
+
+class QueuePausedOut(BaseModel):
+    """A queue's pause after pause or resume, and whether the call changed it."""
+
+    queue: str
+    paused: bool
+    changed: bool = Field(description="false when the queue was already in that state.")
+
+
 class QueueOut(BaseModel):
     """One queue's state."""
 
@@ -198,10 +274,12 @@ class QueueOut(BaseModel):
     finished_last_minute: int = Field(
         description="Tasks that reached a final status in the last 60 s."
     )
+    paused: bool = Field(description="No task of the queue starts while it is paused.")
+    settings: QueueSettingsOut = Field(description="Its flow-control settings (those set).")
 
 
 class QueuesOut(BaseModel):
-    """Every queue with tasks."""
+    """Every queue with tasks, and every queue that was configured or paused."""
 
     queues: list[QueueOut]
 

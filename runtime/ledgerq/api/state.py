@@ -23,6 +23,8 @@ class Services:
     depth_series: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     #: Queues given an oldest-pending gauge.
     age_series: set[str] = dataclasses.field(default_factory=set)
+    #: Queues given a paused gauge, so a queue that was paused and is gone reads 0.
+    paused_series: set[str] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.enqueuer = EnqueueBatcher(self.ledger)

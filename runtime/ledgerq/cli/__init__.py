@@ -7,6 +7,7 @@ Modules, one job each (docs/architecture.md draws them):
 - ``render``: plain text for a terminal (tables, colours, the demo's screen);
 - ``services``: ``migrate``, ``worker``, ``dispatcher``, ``reaper``, ``api``;
 - ``operators``: ``enqueue``, ``show``, ``stats``, ``dead``, ``cancel``;
+- ``queues``: ``queues`` (list) and ``queues pause|resume|set``;
 - ``schedules``: ``schedules`` (list) and ``schedules pause|resume|delete``;
 - ``dev``: ``run``, ``demo``, ``bench``;
 - ``supervise``: child processes for ``run`` and ``demo``, stopped as one;
@@ -23,7 +24,7 @@ from __future__ import annotations
 import click
 
 from ledgerq import __version__
-from ledgerq.cli import common, dev, operators, schedules, services
+from ledgerq.cli import common, dev, operators, queues, schedules, services
 
 
 @click.group(cls=common.Group, context_settings=common.CONTEXT_SETTINGS)
@@ -44,6 +45,7 @@ for _command in (
     operators.task_types,
     operators.dead,
     operators.cancel,
+    queues.queues,
     schedules.schedules,
     dev.run,
     dev.demo,

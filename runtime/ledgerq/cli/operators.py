@@ -68,13 +68,17 @@ def parse_payload(text: str | None) -> types.JsonObject:
 @click.command()
 @click.argument("task_type", metavar="TYPE")
 @click.argument("payload_json", required=False, metavar="[PAYLOAD_JSON]")
-@click.option("--queue", metavar="NAME", help="Queue [default: default].")
+@click.option("--queue", metavar="NAME",
+              help="Queue [default: the type's registered queue, else default].")  # fmt: skip
 @click.option("--priority", type=click.IntRange(types.PRIORITY_MIN, types.PRIORITY_MAX),
               default=0, show_default=True, help="Higher runs first.")  # fmt: skip
 @click.option("--delay", type=click.FloatRange(0), default=0, show_default=True,
               help="Seconds before the task is due.")  # fmt: skip
 @click.option("--idempotency-key", metavar="KEY", help="Replaying a key returns its task.")
-@click.option("--max-attempts", type=click.IntRange(1), help="Attempts before DEAD [default: 5].")
+@click.option("--max-attempts", type=click.IntRange(1, 2**31 - 1),
+              help="Attempts before DEAD [default: the type's registered value, else 5].")  # fmt: skip
+@click.option("--concurrency-key", metavar="KEY",
+              help="What the task competes for (a tenant, an outside API).")  # fmt: skip
 @common.json_option
 @common.connection_options
 def enqueue(
@@ -85,6 +89,7 @@ def enqueue(
     delay: float,
     idempotency_key: str | None,
     max_attempts: int | None,
+    concurrency_key: str | None,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -100,6 +105,7 @@ def enqueue(
         task = Client(settings, ledger=ledger).enqueue(
             task_type, payload, queue=queue, priority=priority, delay=delay,
             idempotency_key=idempotency_key, max_attempts=max_attempts,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
     finally:
         ledger.close()

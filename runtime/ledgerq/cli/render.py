@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import click
@@ -74,8 +74,16 @@ def table(
 
 
 def when(value: datetime | None) -> str:
-    """A time as local ISO 8601 to the millisecond, with its zone."""
-    return value.astimezone().isoformat(sep=" ", timespec="milliseconds") if value else "-"
+    """A time as local ISO 8601 to the millisecond, with its zone (in UTC when
+    local time would fall outside years 1 to 9999: 9999-12-31T23:00Z is year
+    10000 east of Greenwich)."""
+    if value is None:
+        return "-"
+    try:
+        value = value.astimezone()
+    except (OverflowError, OSError, ValueError):
+        value = value.astimezone(UTC)
+    return value.isoformat(sep=" ", timespec="milliseconds")
 
 
 def age(seconds: float | None) -> str:
@@ -152,6 +160,7 @@ def task_detail(task: types.Task) -> str:
         ("attempts", f"{task.attempts}, max_attempts {task.max_attempts}"),
         ("payload", shown_json(task.payload)),
         ("idempotency key", display.printable(task.idempotency_key or "-")),
+        ("concurrency key", display.printable(task.concurrency_key or "-")),
         ("created", when(task.created_at)),
         ("due", when(task.run_at)),
         ("started", when(task.started_at)),
@@ -314,3 +323,58 @@ def schedules(found: Sequence[types.Schedule]) -> str:
     headers = ["name", "cron", "timezone", "type", "queue", "state", "next run", "last slot",
                "last task"]  # fmt: skip
     return table(headers, rows, right=(8,))
+
+
+# --- queues and their flow control ---------------------------------------------------------
+
+
+def settings_text(settings: types.JsonObject) -> str:
+    """A queue's settings on one line, in the README's order: ``max_running=5 burst=10``."""
+    known = [k for k in types.QUEUE_SETTING_KEYS if k in settings]
+    others = sorted(k for k in settings if k not in types.QUEUE_SETTING_KEYS)
+    return " ".join(f"{k}={_setting(settings[k])}" for k in known + others) or "-"
+
+
+def _setting(value: types.JsonValue) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def queues(summary: Sequence[types.QueueSummary]) -> str:
+    """The queues table: counts by status, paused or not, settings."""
+    if not summary:
+        return "no queues yet: a queue appears with its first task, or when it is configured"
+    headers = ["queue", *(s.value for s in _STATUSES), "state", "settings"]
+    rows = [
+        [
+            q.queue,
+            *(str(q.counts.get(s, 0)) for s in _STATUSES),
+            "paused" if q.paused else "active",
+            settings_text(q.settings),
+        ]
+        for q in summary
+    ]
+    state_column = len(_STATUSES) + 1
+
+    def style(row: int, column: int, text: str) -> str:
+        if column == state_column and summary[row].paused:
+            return click.style(text, fg="yellow", bold=True)
+        return text
+
+    return table(headers, rows, right=range(1, state_column), styles=style)
+
+
+def queue_paused(done: types.QueuePaused) -> str:
+    """What pause or resume did."""
+    name = display.printable(repr(done.queue))
+    state = "paused" if done.paused else "resumed"
+    if done.changed:
+        return f"queue {name} {state}"
+    return f"queue {name} was already {state if done.paused else 'active'}: nothing changed"
+
+
+def queue_configured(queue: str, settings: types.JsonObject) -> str:
+    """A queue's settings after ``ledgerq queues set``."""
+    name = display.printable(repr(queue))
+    if not settings:
+        return f"queue {name} has no settings"
+    return f"queue {name}: {display.printable(settings_text(settings))}"

@@ -7,7 +7,8 @@
 - ``GET /metrics``: every metric in ``ledgerq.metrics.REGISTRY``; the queue
   depth gauges are read from the ledger at each scrape through partial
   indexes (live statuses and DEAD only: counting SUCCEEDED rows would scan the
-  table). If PostgreSQL is down the scrape still succeeds without them.
+  table), the paused gauge from the queues' settings (one row per configured
+  queue). If PostgreSQL is down the scrape still succeeds without them.
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ async def _problem(check: Awaitable[None]) -> str | None:
 
 
 async def refresh_queue_gauges(found: Services) -> None:
-    """Set the queue depth and oldest-pending gauges from the ledger."""
+    """Set the queue depth, oldest-pending and paused gauges from the ledger."""
     try:
         depths = await found.ledger.queue_depths()
+        configured = await found.ledger.queue_settings()
     except errors.LedgerUnavailable as exc:
         # Stale numbers would mislead more than missing ones.
         log.warning("queue gauges not refreshed: %s", exc.message)
         metrics.QUEUE_DEPTH.clear()
         metrics.QUEUE_OLDEST_PENDING.clear()
+        metrics.QUEUE_PAUSED.clear()
         found.depth_series.clear()
         found.age_series.clear()
+        found.paused_series.clear()
         return
     # Queues past the label limit are summed (ages: the oldest) under "other".
     counts: dict[tuple[str, str], int] = {}
@@ -74,6 +78,15 @@ async def refresh_queue_gauges(found: Services) -> None:
     found.age_series |= queues
     for queue in found.age_series:
         metrics.QUEUE_OLDEST_PENDING.labels(queue).set(ages.get(queue, 0.0))
+    # Every queue with live tasks or settings reads 0 or 1 (``other``: 1 if
+    # any queue under it is paused), so an alert can watch for paused == 1.
+    paused: dict[str, int] = dict.fromkeys(queues, 0)
+    for row in configured:
+        queue = metrics.QUEUE_LABEL(row.queue)
+        paused[queue] = max(paused.get(queue, 0), int(row.paused))
+    found.paused_series |= paused.keys()
+    for queue in found.paused_series:
+        metrics.QUEUE_PAUSED.labels(queue).set(paused.get(queue, 0))
 
 
 _TAGS: list[str | enum.Enum] = ["operations"]

@@ -51,6 +51,7 @@ def _new_task(item: schemas.TaskCreate, idempotency_key: str | None) -> types.Ne
         run_at=run_at,
         max_attempts=item.max_attempts,
         idempotency_key=idempotency_key,
+        concurrency_key=item.concurrency_key,
     )
 
 
@@ -155,7 +156,7 @@ def register(api: APIRouter) -> None:
         # Concurrent requests share transactions; each answer waits for its commit.
         task = await services(request).enqueuer.enqueue(new)
         if task.created:
-            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(new.task_type, new.queue)).inc()
+            metrics.TASKS_ENQUEUED.labels(*metrics.task_labels(task.type, task.queue)).inc()
         return JSONResponse(task.to_json(), status_code=201 if task.created else 200)
 
     @api.post(
@@ -173,12 +174,12 @@ def register(api: APIRouter) -> None:
         ledger = services(request).ledger
         new_tasks = [_new_task(item, item.idempotency_key) for item in body.tasks]
         rows = await ledger.enqueue_many(new_tasks) if new_tasks else []
-        replayed = [task_id for task_id, created in rows if not created]
+        replayed = [task_id for task_id, created, _ in rows if not created]
         # A replayed key's task may have moved on since: report its status now.
         current = {t.id: t.status for t in await ledger.get_many(replayed)} if replayed else {}
         made = collections.Counter(
-            metrics.task_labels(new.task_type, new.queue)
-            for new, (_, created) in zip(new_tasks, rows, strict=True)
+            metrics.task_labels(new.task_type, queue)
+            for new, (_, created, queue) in zip(new_tasks, rows, strict=True)
             if created
         )
         for (task_type, queue), count in made.items():
@@ -189,7 +190,7 @@ def register(api: APIRouter) -> None:
                 "status": (types.TaskStatus.PENDING if created else current[task_id]).value,
                 "created": created,
             }
-            for task_id, created in rows
+            for task_id, created, _ in rows
         ]
         return JSONResponse({"results": results})
 

@@ -22,16 +22,15 @@ from ledgerq import errors
 from ledgerq.api import schemas
 from ledgerq.api.state import services
 from ledgerq.api.ui import common, render, sessions
-from ledgerq.types import JsonObject, JsonValue
+from ledgerq.types import QUEUE_SETTING_KEYS, JsonObject, JsonValue
 
 log = logging.getLogger("ledgerq.api.ui")
 
 _TAGS: list[str | enum.Enum] = ["dashboard"]
-#: The queue settings the settings form edits (configure_queue's keys).
+#: The queue settings the settings form edits (configure_queue's keys), by kind.
 INTEGER_SETTINGS = ("max_running", "per_key_max_running", "burst")
 NUMBER_SETTINGS = ("rate_per_second", "per_key_rate_per_second", "retry_rate_per_second")
-TEXT_SETTINGS = ("retention",)
-SETTING_KEYS = INTEGER_SETTINGS + NUMBER_SETTINGS + TEXT_SETTINGS
+SETTING_KEYS = QUEUE_SETTING_KEYS
 #: retry-all works through the DEAD tasks this many at a time.
 RETRY_PAGE = 500
 
@@ -184,8 +183,6 @@ def register(app: FastAPI) -> None:
         form = await _authorize(request)
         if isinstance(form, Response):
             return form
-        if not (await common.features(request)).queue_controls:
-            return common.refusal(request, 404, "This ledger has no queue controls yet.")
         ledger = services(request).ledger
         try:
             await (ledger.pause_queue(queue) if pause else ledger.resume_queue(queue))
@@ -227,8 +224,6 @@ def register(app: FastAPI) -> None:
         form = await _authorize(request)
         if isinstance(form, Response):
             return form
-        if not (await common.features(request)).queue_settings:
-            return common.refusal(request, 404, "This ledger has no queue settings yet.")
         try:
             settings: JsonObject = {
                 key: _setting_value(key, value)

@@ -17,7 +17,7 @@ from ledgerq import errors
 from ledgerq.api import schemas
 from ledgerq.api.state import services
 from ledgerq.api.ui import common, render, sessions
-from ledgerq.types import TaskId, TaskStatus
+from ledgerq.types import QUEUE_SETTING_KEYS, TaskId, TaskStatus
 
 _TAGS: list[str | enum.Enum] = ["dashboard"]
 PAGE_SIZE = 50
@@ -89,12 +89,9 @@ def register(app: FastAPI) -> None:
     async def overview(request: Request) -> Response:
         """Counts by status, throughput over the last hour, oldest pending age, settings."""
         ledger = services(request).ledger
-        feats = await common.features(request)
         depths = await ledger.queue_depths()
         buckets = await ledger.finished_per_minute()
-        settings = (
-            {s.queue: s for s in await ledger.queue_settings()} if feats.queue_controls else {}
-        )
+        settings = {s.queue: s for s in await ledger.queue_settings()}
         now = datetime.now(UTC)
         return await _show(
             request,
@@ -104,6 +101,7 @@ def register(app: FastAPI) -> None:
             queues=render.queue_rows(depths, buckets, settings),
             chart=render.throughput_chart(buckets, now),
             statuses=list(TaskStatus),
+            setting_keys=QUEUE_SETTING_KEYS,
         )
 
     @router.get(

@@ -14,7 +14,7 @@ import jinja2
 from starlette.responses import HTMLResponse
 
 from ledgerq import reads
-from ledgerq.types import Attempt, JsonValue, TaskStatus
+from ledgerq.types import Attempt, JsonValue, QueueSettings, TaskStatus
 
 ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("ledgerq.api.ui", "templates"),
@@ -169,7 +169,7 @@ def timeline(attempts: Sequence[Attempt], now: datetime) -> list[Span]:
 def queue_rows(
     depths: Iterable[Any],
     buckets: Iterable[reads.FinishedBucket],
-    settings: Mapping[str, reads.QueueSettings],
+    settings: Mapping[str, QueueSettings],
 ) -> list[dict[str, Any]]:
     """One row per queue known from live counts, the last hour or its settings."""
     rows: dict[str, dict[str, Any]] = {}

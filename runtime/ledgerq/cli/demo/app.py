@@ -1,6 +1,6 @@
 """The task app ``ledgerq demo`` runs: ``ledgerq worker --app ledgerq.cli.demo.app:tasks``.
 
-Three task types from the seed design, each leaving its side effect in an
+Its task types each leave its side effect in an
 execution log the demo later counts (tables in the demo database's ``demo``
 schema; none has a unique constraint, so an effect that ran twice would show
 as two rows):
@@ -15,6 +15,8 @@ as two rows):
 - ``operation.run`` sleeps ``seconds`` (a long job), fails every attempt when
   ``fail`` is set, and otherwise writes ``demo.operation_logs`` with
   ``ctx.once_in_transaction``.
+- ``tenant.sync`` (queue ``tenants``, the flow-control part) does the same for
+  one tenant, whose name is the task's concurrency key.
 
 Handlers reach the demo database through ``LEDGERQ_DATABASE_URL``, which the
 demo sets for the workers it starts.
@@ -184,6 +186,37 @@ async def run_operation(ctx: Context, payload: Operation) -> dict[str, Any]:
             (key, ctx.task_id, payload.name),
         )
         return {"applied": payload.name}
+
+    result: dict[str, Any] = await ctx.once_in_transaction(key, write)
+    return result
+
+
+#: The queue of the demo's flow-control part (see ``flow``): two tenants under limits.
+TENANT_QUEUE = "tenants"
+
+
+@dataclasses.dataclass
+class TenantSync:
+    """One tenant's sync job: a short wait on an outside system."""
+
+    tenant: str
+    n: int = 0
+    seconds: float = 0.2
+
+
+@tasks.task("tenant.sync", queue=TENANT_QUEUE, max_attempts=5, timeout=20)
+async def sync_tenant(ctx: Context, payload: TenantSync) -> dict[str, Any]:
+    """Sleep, then apply the sync exactly once (an operation log row)."""
+    await _ensure_schema()
+    await asyncio.sleep(payload.seconds)
+    key = f"operation:{ctx.task_id}"
+
+    async def write(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+        await conn.execute(
+            "INSERT INTO demo.operation_logs (effect_key, task_id, operation) VALUES (%s, %s, %s)",
+            (key, ctx.task_id, f"sync {payload.tenant} #{payload.n}"),
+        )
+        return {"synced": payload.tenant}
 
     result: dict[str, Any] = await ctx.once_in_transaction(key, write)
     return result

@@ -14,7 +14,9 @@ Against a PostgreSQL server and a Redis (the local ones by default) it
    payment submitted five times at once with one idempotency key and once more
    with other content, an email that fails twice after sending and succeeds on
    its third attempt, an invalid payload, an unknown task type, an operation
-   that exhausts its attempts, and a request the API must refuse;
+   that exhausts its attempts, and a request the API must refuse; and, in a queue
+   under flow-control limits, a big tenant's backlog beside a small tenant's few
+   tasks, enqueued while the queue is paused (``flow``);
 4. shows live progress, then a summary of each guarantee the README lists and
    whether this run upheld it, checked against what the ledger recorded (``checks``);
 5. stops every process it started (also on Ctrl-C or failure) and exits 0 only
@@ -44,7 +46,7 @@ from psycopg import sql
 from ledgerq import config, display, errors, migrations
 from ledgerq.cli import common, render, supervise
 from ledgerq.cli.demo import app as demo_app
-from ledgerq.cli.demo import checks, periodic, workload
+from ledgerq.cli.demo import checks, flow, periodic, workload
 from ledgerq.ledger import AsyncLedger, probe
 
 DATABASE_NAME_DEFAULT = "ledgerq_demo"
@@ -214,9 +216,11 @@ async def _demo(
             run = checks.Run()
             await workload.kill_a_worker(http, group, workers, screen, run, deadline)
             await workload.submit_workload(http, screen, run)
+            tenants = await flow.submit(http, ledger, screen, run)
             await workload.watch(http, group, screen, run, deadline)
             await periodic.wait_slots(settings, screen, deadline)
         results, extra = await checks.verify(ledger, settings, run)
+        results += await flow.verify(ledger, tenants)
         results.append(await asyncio.to_thread(periodic.check, settings))
     finally:
         await ledger.close()

@@ -1,0 +1,541 @@
+"""Flow control enforced in the ledger: limits at claim and at dispatch, parking
+and waking, pause, rates, fairness between concurrency keys."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from .flow_helpers import (
+    add_tasks,
+    claim_report,
+    configure,
+    finish,
+    max_overlap,
+    statuses,
+    take_due,
+)
+from .helpers import Conn, call_value, count, db_now, enqueue, expire_lease
+
+
+def wake_due(conn: Conn) -> int:
+    return int(call_value(conn, "flow_wake_due"))
+
+
+# --- deferral and wake-up -------------------------------------------------------
+
+
+def test_claim_refused_by_max_running_keeps_budget_and_runs_when_a_slot_frees(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    first, second = add_tasks(db, 2)
+    (running,), deferred = claim_report(db, [first])
+    assert deferred == []
+
+    claimed, (refused,) = claim_report(db, [second])  # a duplicate or early delivery
+    assert claimed == []
+    assert refused["id"] == second
+    assert refused["waiting_on"] == "max_running"
+    assert statuses(db, [second])[second] == ("PENDING", "max_running", 0)
+    assert take_due(db) == []  # parked: not handed out again
+
+    db.execute("LISTEN ledgerq_tasks")
+    assert finish(db, first, running["attempts"]) == "SUCCEEDED"
+    # Woken by the completion, with a NOTIFY for the dispatcher: no reaper involved.
+    assert statuses(db, [second])[second] == ("PENDING", None, 0)
+    assert any(n.channel == "ledgerq_tasks" for n in db.notifies(timeout=1, stop_after=1))
+    assert [r["id"] for r in take_due(db)] == [second]
+    (started,), _ = claim_report(db, [second])
+    assert started["attempts"] == 1
+
+
+def test_per_key_limit_parks_only_that_key(db: Conn) -> None:
+    configure(db, "q", per_key_max_running=1)
+    a1, a2 = add_tasks(db, 2, key="a")
+    (b1,) = add_tasks(db, 1, key="b")
+    (unkeyed,) = add_tasks(db, 1)
+    claimed, deferred = claim_report(db, [a1, a2, b1, unkeyed])
+    assert sorted(r["id"] for r in claimed) == [a1, b1, unkeyed]
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(a2, "per_key_max_running")]
+    # b finishing does not wake a's task; a finishing does.
+    attempt = {r["id"]: r["attempts"] for r in claimed}
+    finish(db, b1, attempt[b1])
+    assert statuses(db, [a2])[a2][1] == "per_key_max_running"
+    finish(db, a1, attempt[a1])
+    assert statuses(db, [a2])[a2][1] is None
+
+
+def test_dispatcher_hands_out_only_what_can_start(db: Conn) -> None:
+    configure(db, "q", per_key_max_running=2)
+    ids = add_tasks(db, 10, key="a")
+    first = take_due(db)
+    assert len(first) == 2
+    assert sorted(r["id"] for r in first) == ids[:2]  # in line order
+    parked = statuses(db, ids[2:])
+    assert {v for v in parked.values()} == {("PENDING", "per_key_max_running", 0)}
+    assert take_due(db) == []  # the two QUEUED count: nothing more to hand out
+
+    claimed, _ = claim_report(db, [r["id"] for r in first])
+    finish(db, claimed[0]["id"], claimed[0]["attempts"])
+    # One slot freed: exactly one task woken and handed out.
+    assert [r["id"] for r in take_due(db)] == [ids[2]]
+    assert take_due(db) == []
+
+
+def test_cancelling_a_queued_task_frees_its_slot(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    first, second = add_tasks(db, 2)
+    assert [r["id"] for r in take_due(db)] == [first]
+    assert statuses(db, [second])[second][1] == "max_running"
+    assert call_value(db, "cancel_task", task_id=first) == "CANCELLED"
+    assert [r["id"] for r in take_due(db)] == [second]
+
+
+def test_cancelling_a_parked_task_unparks_it(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    _first, second = add_tasks(db, 2)
+    take_due(db)
+    assert call_value(db, "cancel_task", task_id=second) == "CANCELLED"
+    assert statuses(db, [second])[second] == ("CANCELLED", None, 0)
+
+
+def test_expired_lease_frees_its_slot(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    first, second = add_tasks(db, 2)
+    claim_report(db, [first])
+    claim_report(db, [second])
+    assert statuses(db, [second])[second][1] == "max_running"
+    expire_lease(db, first)
+    assert call_value(db, "reap_stuck") == 1
+    assert statuses(db, [second])[second] == ("PENDING", None, 0)
+
+
+def test_raising_or_removing_a_limit_wakes_parked_tasks(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    ids = add_tasks(db, 3)
+    assert len(take_due(db)) == 1
+    configure(db, "q", max_running=2)
+    assert len(take_due(db)) == 1
+    configure(db, "q", max_running=None)
+    assert len(take_due(db)) == 1
+    assert {s for s, _, _ in statuses(db, ids).values()} == {"QUEUED"}
+
+
+def test_rescue_wakes_a_task_stranded_without_an_event(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    (task_id,) = add_tasks(db, 1)
+    # As if an event had been missed: parked while the queue has a free slot.
+    db.execute("UPDATE ledgerq.tasks SET waiting_on = 'max_running' WHERE id = %s", (task_id,))
+    assert take_due(db) == []
+    assert call_value(db, "flow_rescue") == 1
+    assert [r["id"] for r in take_due(db)] == [task_id]
+    assert call_value(db, "flow_rescue") == 0
+
+
+def test_rescue_wakes_a_rate_parked_task_no_bucket_will_wake(db: Conn) -> None:
+    configure(db, "q", rate_per_second=1)
+    (task_id,) = add_tasks(db, 1)
+    db.execute("UPDATE ledgerq.tasks SET waiting_on = 'rate_per_second' WHERE id = %s", (task_id,))
+    assert call_value(db, "flow_rescue") == 1
+    assert [r["id"] for r in take_due(db)] == [task_id]
+
+
+# --- pause ------------------------------------------------------------------------
+
+
+def test_pause_stops_new_starts_lets_running_finish_and_resume_restarts(db: Conn) -> None:
+    running_id, queued_id, pending_id = add_tasks(db, 3)
+    (running,), _ = claim_report(db, [running_id])
+    take_due(db)  # queued_id and pending_id are QUEUED now
+    assert call_value(db, "pause_queue", queue="q") is True
+    # Handed to Redis before the pause: back in the ledger, parked.
+    assert statuses(db, [queued_id, pending_id]) == {
+        queued_id: ("PENDING", "paused", 0),
+        pending_id: ("PENDING", "paused", 0),
+    }
+    claimed, deferred = claim_report(db, [queued_id])  # its id popped from Redis
+    assert claimed == []
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(queued_id, "paused")]
+    # Enqueues are accepted; nothing is handed out.
+    new_id = enqueue(db, "t", queue="q")
+    assert take_due(db) == []
+    assert statuses(db, [new_id])[new_id] == ("PENDING", "paused", 0)
+    # The running task finishes.
+    assert finish(db, running_id, running["attempts"]) == "SUCCEEDED"
+
+    db.execute("LISTEN ledgerq_tasks")
+    assert call_value(db, "resume_queue", queue="q") is True
+    assert any(n.channel == "ledgerq_tasks" for n in db.notifies(timeout=1, stop_after=1))
+    assert sorted(r["id"] for r in take_due(db)) == sorted([queued_id, pending_id, new_id])
+    claimed, _ = claim_report(db, [queued_id, pending_id, new_id])
+    assert {r["attempts"] for r in claimed} == {1}
+
+
+def test_pause_does_not_touch_other_queues(db: Conn) -> None:
+    (other,) = add_tasks(db, 1, queue="other")
+    add_tasks(db, 1, queue="q")
+    call_value(db, "pause_queue", queue="q")
+    assert [r["id"] for r in take_due(db)] == [other]
+
+
+# --- exact under concurrency ------------------------------------------------------
+
+
+def _race(
+    url: str, task_ids: list[int], threads: int, hold_s: float, *, succeed: bool = True
+) -> dict[str, int]:
+    """``threads`` connections claim random handfuls of the not-yet-final tasks
+    (duplicates included), hold each claimed task ``hold_s``, complete it, until
+    every task is final. Some also act as dispatchers (task_take_due). Returns the
+    refusals counted by reason."""
+    refusals: dict[str, int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def racer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    open_ids = [
+                        int(r[0])
+                        for r in conn.execute(
+                            "SELECT id FROM ledgerq.tasks WHERE id = ANY(%s)"
+                            " AND status IN ('PENDING', 'QUEUED', 'RUNNING')",
+                            (task_ids,),
+                        )
+                    ]
+                    if not open_ids:
+                        return
+                    if seed % 2:
+                        take_due(conn, 5)
+                    claimed, deferred = claim_report(
+                        conn, rng.sample(open_ids, min(4, len(open_ids))), f"w{seed}"
+                    )
+                    with lock:
+                        for r in deferred:
+                            refusals[r["waiting_on"]] = refusals.get(r["waiting_on"], 0) + 1
+                    for r in claimed:
+                        time.sleep(hold_s)
+                        finish(conn, r["id"], r["attempts"], succeed)
+                    if not claimed:
+                        time.sleep(0.001)
+                raise AssertionError("the race did not finish within 60 s")
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=racer, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return refusals
+
+
+def test_per_key_max_running_holds_exactly_under_racing_claims(db: Conn, db_url: str) -> None:
+    configure(db, "q", per_key_max_running=2)
+    ids = [i for k in range(5) for i in add_tasks(db, 40, key=f"k{k}")]
+    refusals = _race(db_url, ids, threads=8, hold_s=0.003)
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'SUCCEEDED'") == 200
+    overlaps = max_overlap(db, "key")
+    assert set(overlaps) == {f"k{k}" for k in range(5)}
+    assert max(overlaps.values()) == 2, overlaps  # the limit held, and was reached
+    assert refusals.get("per_key_max_running", 0) > 0
+    # Every task ran exactly once: refusals spent no attempt.
+    assert count(db, "SELECT count(*) FROM ledgerq.attempts") == 200
+
+
+def test_max_running_holds_exactly_under_racing_claims(db: Conn, db_url: str) -> None:
+    configure(db, "q", max_running=3)
+    ids = add_tasks(db, 120)
+    refusals = _race(db_url, ids, threads=8, hold_s=0.003)
+    assert max_overlap(db, "queue") == {"q": 3}
+    assert refusals.get("max_running", 0) > 0
+    assert count(db, "SELECT count(*) FROM ledgerq.attempts") == 120
+
+
+def test_pause_under_racing_claims_no_start_after_it_returns(db: Conn, db_url: str) -> None:
+    ids = add_tasks(db, 400)
+    configure(db, "q", max_running=1000)  # the queue has a row: claims take its lock
+    racing = threading.Thread(target=_race, args=(db_url, ids, 6, 0.002))
+    racing.start()
+    try:
+        deadline = time.monotonic() + 10
+        while count(db, "SELECT count(*) FROM ledgerq.attempts") < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert call_value(db, "pause_queue", queue="q") is True
+        paused_at = db_now(db)
+        time.sleep(0.3)  # the racers keep trying
+        late = count(db, "SELECT count(*) FROM ledgerq.attempts WHERE started_at > %s", paused_at)
+        assert late == 0
+        assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'RUNNING'") == 0
+    finally:
+        call_value(db, "resume_queue", queue="q")
+        racing.join()
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'SUCCEEDED'") == 400
+
+
+# --- rates ---------------------------------------------------------------------------
+
+
+def _drain_for(url: str, seconds: float, step: Callable[[Conn], None]) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            step(conn)
+            time.sleep(0.005)
+
+
+def _claim_all_due(conn: Conn, succeed: bool = True) -> None:
+    wake_due(conn)
+    due = take_due(conn, 50)
+    if due:
+        claimed, _ = claim_report(conn, [r["id"] for r in due])
+        for r in claimed:
+            finish(conn, r["id"], r["attempts"], succeed)
+
+
+def _starts(conn: Conn, where: str = "true") -> list[float]:
+    rows = conn.execute(
+        f"SELECT extract(epoch FROM started_at)::float8 FROM ledgerq.attempts WHERE {where}"
+        " ORDER BY started_at"
+    ).fetchall()
+    return [float(r[0]) for r in rows]
+
+
+def _most_in_window(starts: list[float], window: float) -> int:
+    most, lo = 0, 0
+    for hi, at in enumerate(starts):
+        while at - starts[lo] >= window:
+            lo += 1
+        most = max(most, hi - lo + 1)
+    return most
+
+
+def test_rate_per_second_is_a_token_bucket(db: Conn, db_url: str) -> None:
+    configure(db, "q", rate_per_second=20, burst=5)
+    add_tasks(db, 200)
+    started = time.monotonic()
+    # Two dispatcher-workers at once, as several processes would.
+    racers = [
+        threading.Thread(target=_drain_for, args=(db_url, 1.5, _claim_all_due)) for _ in range(2)
+    ]
+    for r in racers:
+        r.start()
+    for r in racers:
+        r.join()
+    elapsed = time.monotonic() - started
+    starts = _starts(db)
+    # At most burst + rate * window in any window; the bucket is not starved either.
+    assert _most_in_window(starts, 0.5) <= 5 + 20 * 0.5
+    assert _most_in_window(starts, 1.0) <= 5 + 20 * 1.0
+    assert len(starts) <= 5 + 20 * elapsed + 1
+    assert len(starts) >= 12  # well past the burst: the bucket refills
+
+
+def test_per_key_rate_limits_each_key_alone(db: Conn, db_url: str) -> None:
+    configure(db, "q", per_key_rate_per_second=10)  # burst: max(1, ceil(10)) = 10
+    add_tasks(db, 100, key="a")
+    add_tasks(db, 100, key="b")
+    _drain_for(db_url, 1.0, _claim_all_due)
+    for key in ("a", "b"):
+        starts = _starts(
+            db, f"task_id IN (SELECT id FROM ledgerq.tasks WHERE concurrency_key = '{key}')"
+        )
+        assert 10 <= len(starts) <= 10 + 10 * 1.2, (key, len(starts))
+        assert _most_in_window(starts, 0.5) <= 10 + 10 * 0.5
+
+
+def test_retry_rate_limits_only_retried_attempts(db: Conn, db_url: str) -> None:
+    configure(db, "q", retry_rate_per_second=5, burst=1)
+    ids = add_tasks(db, 30)
+
+    def step(conn: Conn) -> None:
+        _claim_all_due(conn, succeed=False)
+
+    # Retries due at once, so only the bucket decides when they start.
+    with _Immediate(db):
+        _drain_for(db_url, 1.2, step)
+    first_attempts = _starts(db, "attempt = 1")
+    retries = _starts(db, "attempt > 1")
+    assert len(first_attempts) == 30  # first attempts are not limited
+    assert 1 <= len(retries) <= 1 + 5 * 1.3, len(retries)
+    assert _most_in_window(retries, 0.4) <= 1 + 5 * 0.4
+    assert all(s[2] >= 1 for s in statuses(db, ids).values())
+
+
+class _Immediate:
+    """Make compute_backoff return zero for the test's database, then restore it."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        row = conn.execute(
+            "SELECT pg_get_functiondef('ledgerq.compute_backoff(integer, double precision,"
+            " double precision, boolean)'::regprocedure)"
+        ).fetchone()
+        assert row is not None
+        self.original = str(row[0])
+
+    def __enter__(self) -> None:
+        self.conn.execute(
+            "CREATE OR REPLACE FUNCTION ledgerq.compute_backoff(attempt integer,"
+            " base_seconds double precision DEFAULT 1, max_seconds double precision DEFAULT 3600,"
+            " jitter boolean DEFAULT true) RETURNS interval LANGUAGE sql AS $$ SELECT interval '0' $$"
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        self.conn.execute(self.original)  # type: ignore[arg-type]
+
+
+def test_rate_parked_tasks_wake_when_the_bucket_refills(db: Conn) -> None:
+    configure(db, "q", rate_per_second=10, burst=1)
+    first, second = add_tasks(db, 2)
+    before = db_now(db)
+    assert [r["id"] for r in take_due(db)] == [first]
+    after = db_now(db)
+    claim_report(db, [first])
+    assert statuses(db, [second])[second][1] == "rate_per_second"
+    wake_at = call_value(db, "task_next_run_at")
+    assert wake_at is not None
+    # One token (0.1 s at 10/s) after the dispatch that parked it.
+    assert (wake_at - before).total_seconds() >= 0.1
+    assert (wake_at - after).total_seconds() <= 0.1
+    # The claim spent the token after the wake-up was set: the bucket wakes the
+    # task once a whole token is there again, not before.
+    deadline = time.monotonic() + 1
+    while wake_due(db) == 0:
+        assert time.monotonic() < deadline
+        next_wake = call_value(db, "task_next_run_at")
+        time.sleep(max(0.0, (next_wake - db_now(db)).total_seconds()) + 0.005)
+    assert statuses(db, [second])[second][1] is None
+    (row,) = take_due(db)
+    assert row["id"] == second
+    (claimed,), _ = claim_report(db, [second])
+    assert claimed["attempts"] == 1
+
+
+# --- fairness --------------------------------------------------------------------------
+
+
+def test_a_small_key_is_not_held_behind_a_large_backlog(db: Conn) -> None:
+    add_tasks(db, 10_000, key="A")
+    small = add_tasks(db, 5, key="B")
+    first = [r["id"] for r in take_due(db, 20)]
+    assert set(small) <= set(first), first
+    # The turns come back with each task, for Redis to keep the order.
+    rows = take_due(db, 5)
+    assert all(r["turn"] > 0 and r["run_at"] is not None for r in rows)
+
+
+def test_unkeyed_tasks_keep_priority_run_at_and_creation_order(db: Conn) -> None:
+    low = add_tasks(db, 3, priority=0)
+    high = add_tasks(db, 2, priority=5)
+    assert [r["id"] for r in take_due(db, 10)] == [*high, *low]
+    assert {r[0] for r in db.execute("SELECT turn FROM ledgerq.tasks")} == {0}
+
+
+def test_a_key_at_its_limit_does_not_block_another_key(db: Conn) -> None:
+    configure(db, "q", per_key_max_running=1)
+    add_tasks(db, 1_000, key="A")
+    small = add_tasks(db, 3, key="B")
+    handed: list[int] = []
+    for _ in range(3):
+        for r in take_due(db, 10):
+            handed.append(r["id"])
+            claimed, _ = claim_report(db, [r["id"]])
+            for c in claimed:
+                finish(db, c["id"], c["attempts"])
+    assert set(small) <= set(handed), handed
+    # A's backlog stays parked, not handed out and refused over and over.
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'QUEUED'") <= 1
+
+
+def test_a_retried_task_joins_the_line_after_its_key_backlog(db: Conn) -> None:
+    first, *rest = add_tasks(db, 3, key="A")
+    (claimed,), _ = claim_report(db, [first])
+    assert finish(db, first, claimed["attempts"], succeeded=False) == "PENDING"
+    turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
+    assert turns[first] == max(turns[r] for r in rest) + 1
+
+
+def test_the_frontier_moves_with_dispatch(db: Conn) -> None:
+    add_tasks(db, 100, key="A")
+    take_due(db, 50)
+    (late,) = add_tasks(db, 1, key="B")
+    (unkeyed,) = add_tasks(db, 1)
+    turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
+    frontier = call_value(db, "flow_turn", queue="q", concurrency_key=None)
+    assert frontier == 49  # the highest turn handed out: A's 50th task
+    assert turns[late] == turns[unkeyed] == 49
+    # B's task is next in line, ahead of A's remaining 50.
+    assert take_due(db, 1)[0]["id"] in (late, unkeyed)
+
+
+@pytest.mark.slow
+def test_hot_query_at_a_million_tasks_over_ten_thousand_keys(db: Conn) -> None:
+    db.execute(
+        """
+        INSERT INTO ledgerq.tasks (task_type, queue, concurrency_key, status, attempts, turn,
+                                   run_at, finished_at, waiting_on)
+        SELECT 't', CASE WHEN g % 4 = 0 THEN 'reports' ELSE 'default' END,
+               'key-' || (g % 10000),
+               s.status, CASE WHEN s.status = 'SUCCEEDED' THEN 1 ELSE 0 END,
+               g / 10000,
+               CASE WHEN g % 100 = 29 THEN now() + interval '1 hour' ELSE now() - interval '1 minute' END,
+               CASE WHEN s.status = 'SUCCEEDED' THEN now() END,
+               CASE WHEN g % 100 = 19 THEN 'per_key_max_running' END
+        FROM generate_series(1, 1000000) g
+        CROSS JOIN LATERAL (SELECT CASE WHEN g % 10 < 9 THEN 'SUCCEEDED' ELSE 'PENDING' END AS status) s
+        """
+    )
+    db.execute("VACUUM (ANALYZE) ledgerq.tasks")
+    db.execute("SET plan_cache_mode = force_generic_plan")
+    db.execute(
+        """
+        PREPARE hot(integer, timestamptz) AS
+        SELECT t.id, t.queue FROM ledgerq.tasks t
+        WHERE t.status = 'PENDING' AND t.waiting_on IS NULL AND t.run_at <= coalesce($2, now())
+        ORDER BY t.priority DESC, t.turn, t.run_at, t.id
+        LIMIT $1
+        FOR NO KEY UPDATE SKIP LOCKED
+        """
+    )
+    with db.transaction(force_rollback=True):
+        plan = "\n".join(
+            r[0] for r in db.execute("EXPLAIN (ANALYZE, BUFFERS) EXECUTE hot(100, NULL)")
+        )
+    assert "tasks_dispatch_idx" in plan, plan
+    assert "Sort" not in plan and "Seq Scan" not in plan, plan
+    started = time.perf_counter()
+    with db.transaction(force_rollback=True):
+        taken = take_due(db, 100)
+    assert len(taken) == 100
+    assert time.perf_counter() - started < 0.5
+    # Keys take turns: a hundred tasks from a hundred keys.
+    assert len({r["id"] % 10000 for r in taken}) == 100
+
+
+def test_enqueue_gives_keys_their_turns(db: Conn) -> None:
+    from psycopg.types.json import Jsonb
+
+    backlog = [{"task_type": "t", "queue": "q", "concurrency_key": "A"} for _ in range(10_000)]
+    db.execute("SELECT count(*) FROM ledgerq.enqueue_tasks(%s)", (Jsonb(backlog),))
+    late = [enqueue(db, "t", queue="q", concurrency_key="B") for _ in range(4)]
+    (row,) = db.execute(
+        "SELECT id FROM ledgerq.enqueue_tasks(%s)",
+        (Jsonb([{"task_type": "t", "queue": "q", "concurrency_key": "B"}]),),
+    ).fetchall()
+    late.append(int(row[0]))
+    turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
+    assert sorted(turns[i] for i in late) == [0, 1, 2, 3, 4]
+    first = [r["id"] for r in take_due(db, 12)]
+    assert set(late) <= set(first), first
