@@ -238,3 +238,23 @@ def test_concurrent_pruners_delete_each_task_once(db: Conn, db_url: str) -> None
     assert sum(counts) == 3000
     assert count(db, "SELECT count(*) FROM ledgerq.tasks") == 0
     assert count(db, "SELECT count(*) FROM ledgerq.attempts") == 0
+
+
+def test_the_retention_configure_queue_sets_is_the_one_prune_honours(db: Conn) -> None:
+    db.execute(
+        "SELECT ledgerq.configure_queue(queue => 'brief', settings => %s)",
+        (Jsonb({"retention": "1 hour"}),),
+    )
+    brief = finished(db, "SUCCEEDED", ago="2 hours", queue="brief")
+    other = finished(db, "SUCCEEDED", ago="2 hours", queue="other")
+    assert call_value(db, "prune_tasks") == 1
+    assert existing(db, [brief, other]) == {other}
+    # Removing the setting (JSON null) puts the queue back on older_than.
+    db.execute(
+        "SELECT ledgerq.configure_queue(queue => 'brief', settings => %s)",
+        (Jsonb({"retention": None}),),
+    )
+    again = finished(db, "SUCCEEDED", ago="2 hours", queue="brief")
+    assert call_value(db, "prune_tasks") == 0
+    assert call_value(db, "prune_tasks", older_than="1 hour") == 2
+    assert existing(db, [again, other]) == set()

@@ -67,8 +67,10 @@ def test_queue_summary_counts_through_partial_indexes_not_a_table_scan(big_ledge
     access = tasks_access(big_ledger, queries.QUEUE_SUMMARY)
     assert ("Index Only Scan", "tasks_queue_status_idx") in access
     assert all(kind != "Seq Scan" for kind, _ in access), access
-    indexes = {index for _, index in access}
-    assert {"tasks_queued_idx", "tasks_running_idx", "tasks_finished_idx"} <= indexes
+    # The live statuses through partial indexes (which ones, and whether as a
+    # bitmap scan, is the planner's choice: flow control's tasks_in_flight_idx
+    # serves QUEUED and RUNNING too); the last minute's finishes index-only.
+    assert ("Index Only Scan", "tasks_finished_idx") in access
     # And it still counts right.
     rows = {r[0]: r[1:7] for r in big_ledger.execute(queries.QUEUE_SUMMARY).fetchall()}
     expected = big_ledger.execute(
