@@ -222,12 +222,17 @@ async def running(
     poll_interval_s: float = 0.05,
     reaper_interval_s: float = 0.05,
 ) -> AsyncIterator[Services]:
-    """The real Worker / Dispatcher / Reaper as tasks in this loop, torn down on exit."""
+    """The real Worker / Dispatcher / Reaper as tasks in this loop, torn down on exit.
+
+    Without a running dispatcher the client does not hand tasks off to Redis
+    either: nothing reaches Redis but what the test dispatches itself."""
     ledger = await AsyncLedger.connect(settings.database_url, max_size=12)
     dispatch = Dispatch.connect(
         settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
     )
-    client = AsyncClient(settings, registry=registry, ledger=ledger, dispatch=dispatch)
+    client = AsyncClient(
+        settings, registry=registry, ledger=ledger, dispatch=dispatch, hand_off=dispatcher
+    )
     services = Services(ledger, dispatch, client)
     try:
         if dispatcher:

@@ -78,11 +78,15 @@ def create_app(
         opened_dispatch = dispatch or Dispatch.connect(
             settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster
         )
-        app.state.services = state.Services(opened_ledger, opened_dispatch)
+        services = app.state.services = state.Services(opened_ledger, opened_dispatch)
         try:
             yield
         finally:
             app.state.services = None
+            # Hand-offs still on their way to Redis finish first: their tasks
+            # are QUEUED already, and a push cut off here would leave them to
+            # the dispatcher's redelivery sweep (seconds later).
+            await services.enqueuer.flush()
             if ledger is None:
                 await opened_ledger.close()
             if dispatch is None:

@@ -74,6 +74,11 @@ class EnqueueBatcher:
         self._send()
         return await future
 
+    async def flush(self) -> None:
+        """Wait for the hand-off pushes still in flight (each bounded by its timeout)."""
+        if self._pushes:
+            await asyncio.gather(*self._pushes, return_exceptions=True)
+
     def _send(self) -> None:
         while self._waiting and self._in_flight < self.max_in_flight:
             batch = self._waiting[: self.max_batch]
