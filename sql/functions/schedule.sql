@@ -448,28 +448,50 @@ LANGUAGE sql AS $$
     SELECT coalesce(sum(f.enqueued), 0)::integer FROM ledgerq.schedule_fire(as_of => run_schedules.as_of) f
 $$;
 
+-- value when the ledger may hand it out (run_at_problem, validate.sql, finds
+-- nothing), else NULL: for a schedule's next slot, which the ledger computes
+-- rather than takes, past the end of year 9999 means "none". (Here, not in
+-- validate.sql: the view below needs it to exist, and files apply in name order.)
+CREATE OR REPLACE FUNCTION ledgerq.time_or_null(value timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN ledgerq.run_at_problem(value) IS NULL THEN value END
+$$;
+
 -- The first slot of schedule `name` strictly after `after` by its expression
 -- and time zone (whether or not it is paused, and whatever its cursor), or
--- NULL for an unknown name.
+-- NULL for an unknown name. Like every time the ledger hands out, `after` and
+-- the answer stay within years 1 to 9999 UTC (run_at_problem): a bad `after`
+-- is LQ422 naming it, and a slot past the end of year 9999 is NULL (none).
 CREATE OR REPLACE FUNCTION ledgerq.schedule_next_slot(name text, after timestamptz DEFAULT now())
 RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT ledgerq.cron_next(s.spec, s.timezone, schedule_next_slot.after)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    problem text := ledgerq.run_at_problem(schedule_next_slot.after, 'after');
+    slot timestamptz;
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
+    END IF;
+    SELECT ledgerq.cron_next(s.spec, s.timezone, schedule_next_slot.after) INTO slot
     FROM ledgerq.task_schedules s
-    WHERE s.name = schedule_next_slot.name
+    WHERE s.name = schedule_next_slot.name;
+    RETURN ledgerq.time_or_null(slot);
+END;
 $$;
 
 -- next_run_at: the run_at of the next task the schedule will enqueue (unless
 -- overlap skips it). Normally the cursor, a future slot, read without
 -- evaluating anything; while slots are due and not yet fired (nothing called
 -- run_schedules since), the first slot the next call will fire, which may be
--- in the past. NULL while paused.
+-- in the past. NULL while paused, and when the next slot would fall after
+-- year 9999 (a schedule fired at the end of time has no next slot anyone
+-- could read).
 CREATE OR REPLACE VIEW ledgerq.schedules AS
 SELECT s.name, s.cron, s.timezone, s.task_type, s.queue, s.paused,
-       CASE
+       ledgerq.time_or_null(CASE
            WHEN s.paused THEN NULL
            WHEN s.next_slot > now() THEN s.next_slot
            ELSE (ledgerq.schedule_plan(s.spec, s.timezone, s.catch_up, s.next_slot, now())).slots[1]
-       END AS next_run_at,
+       END) AS next_run_at,
        s.last_slot, s.last_task_id
 FROM ledgerq.task_schedules s;

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg.types.json import Jsonb
 
-from .helpers import Conn, call_rows, count, raises_sqlstate
+from .helpers import Conn, call_rows, call_value, count, raises_sqlstate
 
 FIRST = "0001-01-01 00:00:00+00"
 LAST = "9999-12-31 23:59:59.999999+00"
@@ -71,3 +71,27 @@ def test_run_schedules_refuses_an_as_of_no_task_could_have(db: Conn, as_of: Any)
     with raises_sqlstate("LQ422", "as_of", "years 1 to 9999"):
         call_rows(db, "schedule_fire", as_of=as_of)
     assert count(db, "SELECT count(*) FROM ledgerq.tasks") == 0
+
+
+@pytest.mark.parametrize("after", ["infinity", "-infinity", "10000-01-01 00:00:00+00"])
+def test_schedule_next_slot_refuses_an_after_outside_the_ledgers_years(
+    db: Conn, after: Any
+) -> None:
+    call_rows(db, "schedule_task", name="s", cron="* * * * *", task_type="t")
+    with raises_sqlstate("LQ422", "after", "years 1 to 9999"):
+        call_value(db, "schedule_next_slot", name="s", after=after)
+
+
+def test_a_schedule_fired_at_the_end_of_year_9999_has_no_next_slot_and_reads_back(
+    db: Conn,
+) -> None:
+    """The slot after the last minute of year 9999 would be in year 10000, which
+    no reader can decode: the ledger says there is none (NULL) instead."""
+    call_rows(db, "schedule_task", name="s", cron="* * * * *", task_type="t")
+    last_minute = "9999-12-31 23:59:00+00"
+    assert call_value(db, "schedule_next_slot", name="s", after=last_minute) is None
+    assert call_value(db, "run_schedules", as_of=last_minute) == 1
+    (row,) = db.execute(
+        "SELECT name, next_run_at, last_slot FROM ledgerq.schedules"
+    ).fetchall()  # decodes: nothing outside years 1 to 9999
+    assert row == ("s", None, dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.UTC))
