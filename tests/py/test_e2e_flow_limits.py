@@ -12,6 +12,9 @@ deliveries, a SIGKILLed worker and restarts.
   ledger, not in Redis), a key that arrives behind another key's backlog of
   2,000 tasks (the issue's 20,000 would take minutes on this machine; the turns
   do not depend on the backlog's size) is served before half the backlog ran.
+- ``retry_rate_per_second`` holds while every attempt fails: the starts of
+  attempts after the first never outrun the retry bucket over any window, while
+  first attempts are not held by it.
 """
 
 from __future__ import annotations
@@ -233,3 +236,52 @@ def test_a_key_behind_a_long_backlog_is_served_before_half_of_it(
     d.wait_statuses({"SUCCEEDED": BACKLOG + NEWCOMERS}, timeout_s=120)
     d.check_alive()
     d.assert_logs_clean()
+
+
+RETRY_RATE = 5.0  # burst: ceil(rate) = 5
+FAILING = 20
+FAILING_ATTEMPTS = 3
+
+
+def test_retry_rate_holds_while_every_attempt_fails(
+    deployment: e2e.Deployment, client: Client
+) -> None:
+    d = deployment
+    client.configure_queue(QUEUE, retry_rate_per_second=RETRY_RATE)
+    d.dispatcher()
+    d.reaper()
+    d.worker("--queues", QUEUE, concurrency=8).wait_log("worker.started")
+    ids = d.enqueue_many(
+        [
+            {"task_type": "e2e.fail", "payload": {"n": n}, "queue": QUEUE,
+             "max_attempts": FAILING_ATTEMPTS}
+            for n in range(FAILING)
+        ]
+    )  # fmt: skip
+    d.wait_statuses({"DEAD": FAILING}, timeout_s=60)
+    assert d.runs_per_task() == dict.fromkeys(ids, FAILING_ATTEMPTS)
+
+    retries = [
+        started
+        for (started,) in d.query(
+            "SELECT started_at FROM ledgerq.attempts WHERE attempt > 1 ORDER BY started_at"
+        )
+    ]
+    assert len(retries) == FAILING * (FAILING_ATTEMPTS - 1)
+    burst = 5
+    worst = 0.0
+    for i, first in enumerate(retries):
+        for j in range(i, len(retries)):
+            window_s = (retries[j] - first).total_seconds()
+            worst = max(worst, (j - i + 1) - (burst + RETRY_RATE * window_s))
+    # Starts in any window never exceed the bucket: burst + rate * window (+ clock slack).
+    assert worst <= 0.05, worst
+    spread_s = (retries[-1] - retries[0]).total_seconds()
+    print(f"{len(retries)} retries over {spread_s:.2f} s")
+    # The first attempts were not held by the retry bucket.
+    (first_spread,) = d.query_one(
+        "SELECT extract(epoch FROM max(started_at) - min(started_at)) FROM ledgerq.attempts "
+        "WHERE attempt = 1"
+    ) or (None,)
+    assert float(first_spread) < (FAILING - burst) / RETRY_RATE, first_spread
+    d.check_alive()
