@@ -20,9 +20,18 @@
 -- claim_tasks is the same without them.
 --
 -- Tasks of queues without a row in ledgerq.queues (no settings, never paused:
--- the common case) take the fast path, one statement as before flow control,
--- plus a primary-key probe of ledgerq.queues per task. The rest go through
--- flow_claim (limits.sql), which decides under the queue's flow lock.
+-- the common case) take the fast path: their rows are locked, then the shared
+-- flow lock of each of their queues, then one statement claims them, probing
+-- ledgerq.queues per task again. That statement's snapshot is taken after the
+-- shared lock, so a pause_queue (or configure_queue) that committed the
+-- queue's first row while we waited for the lock is seen and the task goes to
+-- flow_claim; a pause that had to wait for our shared lock returns only after
+-- we commit. Either way no task of the queue starts after pause_queue returns.
+-- The rest go through flow_claim (limits.sql), which decides under the
+-- queue's exclusive flow lock. A task whose queue got its first row between
+-- our two probes goes there too, while we hold the shared lock: two claims in
+-- that window can deadlock (PostgreSQL aborts one; its ids stay QUEUED and
+-- are handed out again), only around a queue's first configure or pause.
 CREATE OR REPLACE FUNCTION ledgerq.task_claim(
     task_ids bigint[],
     worker_id text,
@@ -31,7 +40,10 @@ CREATE OR REPLACE FUNCTION ledgerq.task_claim(
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
-    claimed_count integer;
+    claimed_count integer := 0;
+    unconfigured_ids bigint[];
+    unconfigured_queues text[];
+    lock_key bigint;
 BEGIN
     IF worker_id IS NULL OR worker_id = '' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'worker_id must be a non-empty string';
@@ -40,11 +52,12 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'LQ422',
             MESSAGE = format('lease_seconds must be >= 1, got %s', coalesce(lease_seconds::text, 'NULL'));
     END IF;
-    RETURN QUERY
-    WITH locked AS (
+    SELECT array_agg(l.id ORDER BY l.id), array_agg(DISTINCT l.queue)
+    INTO unconfigured_ids, unconfigured_queues
+    FROM (
         -- Lock in id order, so two workers claiming overlapping batches (a
         -- duplicate delivery) cannot deadlock.
-        SELECT t.id FROM ledgerq.tasks t
+        SELECT t.id, t.queue FROM ledgerq.tasks t
         WHERE t.id = ANY (task_ids)
           AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
           AND t.waiting_on IS NULL
@@ -53,26 +66,38 @@ BEGIN
         -- NO KEY UPDATE: not blocked by the KEY SHARE lock a stale attempt's
         -- once_in_transaction may still hold on the row (see reap.sql).
         FOR NO KEY UPDATE
-    ), claimed AS (
-        UPDATE ledgerq.tasks t
-        SET status = 'RUNNING',
-            attempts = t.attempts + 1,
-            worker_id = task_claim.worker_id,
-            lease_expires_at = now() + make_interval(secs => lease_seconds),
-            queued_at = NULL,
-            started_at = now()
-        FROM locked l
-        WHERE t.id = l.id
-          -- Re-checked after the lock wait: a pause parks QUEUED tasks.
-          AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
-          AND t.waiting_on IS NULL
-        RETURNING t.*
-    ), opened AS (
-        INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
-        SELECT c.id, c.attempts, c.worker_id, c.started_at FROM claimed c
-    )
-    SELECT * FROM claimed;
-    GET DIAGNOSTICS claimed_count = ROW_COUNT;
+    ) l;
+    IF unconfigured_ids IS NOT NULL THEN
+        -- Row locks first, then flow locks in ascending order, as everywhere
+        -- (flow_lock_queues). Shared: fast-path claims never wait for each other.
+        FOR lock_key IN
+            SELECT DISTINCT ledgerq.flow_lock_key(q) FROM unnest(unconfigured_queues) q ORDER BY 1
+        LOOP
+            PERFORM pg_advisory_xact_lock_shared(lock_key);
+        END LOOP;
+        RETURN QUERY
+        WITH claimed AS (
+            UPDATE ledgerq.tasks t
+            SET status = 'RUNNING',
+                attempts = t.attempts + 1,
+                worker_id = task_claim.worker_id,
+                lease_expires_at = now() + make_interval(secs => lease_seconds),
+                queued_at = NULL,
+                started_at = now()
+            WHERE t.id = ANY (unconfigured_ids)
+              -- Re-checked with this statement's snapshot: a pause parks
+              -- QUEUED tasks and gives the queue its row.
+              AND (t.status = 'QUEUED' OR (t.status = 'PENDING' AND t.run_at <= now()))
+              AND t.waiting_on IS NULL
+              AND NOT EXISTS (SELECT 1 FROM ledgerq.queues q WHERE q.queue = t.queue)
+            RETURNING t.*
+        ), opened AS (
+            INSERT INTO ledgerq.attempts (task_id, attempt, worker_id, started_at)
+            SELECT c.id, c.attempts, c.worker_id, c.started_at FROM claimed c
+        )
+        SELECT * FROM claimed;
+        GET DIAGNOSTICS claimed_count = ROW_COUNT;
+    END IF;
     -- Fewer claimed than asked: the rest were not claimable (a duplicate
     -- delivery, a finished task) or belong to configured queues.
     IF claimed_count < coalesce(cardinality(task_ids), 0) THEN

@@ -165,6 +165,13 @@ async def non_retryable(ctx: Context, payload: dict[str, Any]) -> None:
     raise NonRetryable("refusing to charge a closed account")
 
 
+@tasks.task("e2e.fail")
+async def fail(ctx: Context, payload: dict[str, Any]) -> None:
+    """Fails every attempt, retryably."""
+    await record_run(ctx)
+    raise RuntimeError(f"attempt {ctx.attempt} failed on purpose")
+
+
 @tasks.task("e2e.non_json")
 async def non_json(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     await record_run(ctx)

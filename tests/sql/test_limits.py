@@ -284,6 +284,67 @@ def test_pause_under_racing_claims_no_start_after_it_returns(db: Conn, db_url: s
     assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'SUCCEEDED'") == 400
 
 
+def _wait_until_blocked(db: Conn, pid: int) -> None:
+    """Until backend ``pid`` waits for a lock (poll with a deadline)."""
+    deadline = time.monotonic() + 10
+    while not count(
+        db, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", pid
+    ):
+        assert time.monotonic() < deadline, "the session never waited for a lock"
+        time.sleep(0.005)
+
+
+def test_first_pause_refuses_a_claim_that_read_no_queue_row_before_it(
+    db: Conn, db_url: str
+) -> None:
+    """A queue never configured: a claim that checked ledgerq.queues (no row)
+    before pause_queue committed must not start the task after pause_queue
+    returns. The claim is held between its check and its start by a row lock."""
+    (task_id,) = add_tasks(db, 1)  # PENDING and due: the pause does not touch it
+    with (
+        psycopg.connect(db_url) as holder,
+        psycopg.connect(db_url, autocommit=True) as claimer,
+    ):
+        holder.execute("SELECT 1 FROM ledgerq.tasks WHERE id = %s FOR NO KEY UPDATE", (task_id,))
+        result: list[tuple[list[Any], list[Any]]] = []
+        claiming = threading.Thread(target=lambda: result.append(claim_report(claimer, [task_id])))
+        claiming.start()
+        _wait_until_blocked(db, int(claimer.info.backend_pid))
+        assert call_value(db, "pause_queue", queue="q") is True  # the queue's first row
+        holder.commit()
+        claiming.join(10)
+        assert not claiming.is_alive()
+    ((claimed, deferred),) = result
+    assert claimed == []
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(task_id, "paused")]
+    assert statuses(db, [task_id])[task_id] == ("PENDING", "paused", 0)
+    assert count(db, "SELECT count(*) FROM ledgerq.attempts") == 0
+
+
+def test_first_pause_waits_for_a_claim_in_flight(db: Conn, db_url: str) -> None:
+    """A claim of a never-configured queue that started the task but has not
+    committed: pause_queue returns only after it commits, so the start comes
+    before the pause."""
+    (task_id,) = add_tasks(db, 1)
+    with (
+        psycopg.connect(db_url) as claimer,
+        psycopg.connect(db_url, autocommit=True) as pauser,
+    ):
+        (running,), _ = claim_report(claimer, [task_id])  # transaction left open
+        assert running["id"] == task_id
+        pausing = threading.Thread(
+            target=call_value, args=(pauser, "pause_queue"), kwargs={"queue": "q"}
+        )
+        pausing.start()
+        _wait_until_blocked(db, int(pauser.info.backend_pid))
+        assert pausing.is_alive()
+        claimer.commit()
+        pausing.join(10)
+        assert not pausing.is_alive()
+    assert statuses(db, [task_id])[task_id][0] == "RUNNING"
+    assert count(db, "SELECT count(*) FROM ledgerq.queues WHERE queue = 'q' AND paused") == 1
+
+
 # --- rates ---------------------------------------------------------------------------
 
 
