@@ -100,15 +100,14 @@ def enqueue(
     """
     payload = parse_payload(payload_json)
     settings = common.settings_from(options)
-    ledger = common.open_ledger(settings)
-    try:
-        task = Client(settings, ledger=ledger).enqueue(
+    # The client owns the ledger connection and the Redis one its hand-off opens;
+    # leaving the block closes both.
+    with Client(settings, ledger=common.open_ledger(settings)) as client:
+        task = client.enqueue(
             task_type, payload, queue=queue, priority=priority, delay=delay,
             idempotency_key=idempotency_key, max_attempts=max_attempts,
             concurrency_key=concurrency_key,
         )  # fmt: skip
-    finally:
-        ledger.close()
     render.echo_json(task.to_json()) if as_json else click.echo(render.enqueued(task))
 
 
