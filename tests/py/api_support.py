@@ -54,7 +54,13 @@ async def api_client(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ledgerq.test") as client:
             client.app = app  # type: ignore[attr-defined]
-            yield client
+            try:
+                yield client
+            finally:
+                # httpx's transport runs no lifespan: finish the app's hand-off
+                # pushes here, as its shutdown would, before Redis is closed.
+                if app.state.services is not None:
+                    await app.state.services.enqueuer.flush()
     finally:
         if ledger is None:
             await own_ledger.close()
