@@ -51,7 +51,7 @@ import psycopg
 from psycopg import sql
 
 from ledgerq import migrations
-from ledgerq.api.server import loop_factory
+from ledgerq.service import loop_factory
 
 T = TypeVar("T")
 

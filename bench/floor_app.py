@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request, Response
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from ledgerq.api.server import loop_factory, serve
+from ledgerq.api.server import serve
+from ledgerq.service import loop_factory
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS public.floor_tasks (

@@ -137,12 +137,17 @@ class Worker:
         #: Sync handlers still running in threads when the worker stopped; the
         #: process should exit without waiting for them (their leases expire).
         self.abandoned_threads = 0
+        # The task blocked in Redis's pop, if any: stop() cancels it there, so
+        # the pop itself needs no helper tasks racing it against _stopping.
+        self._blocked_in_pop: asyncio.Task[Any] | None = None
 
     # --- life cycle ----------------------------------------------------------
 
     def stop(self) -> None:
         """Stop taking work; run() then finishes within the grace period."""
         self._stopping.set()
+        if self._blocked_in_pop is not None:
+            self._blocked_in_pop.cancel()
 
     async def register_schedules(self) -> int:
         """Create or update the registry's schedules in the ledger; how many.
@@ -285,7 +290,7 @@ class Worker:
             try:
                 ids = await self.dispatch.pop(self.queues, free)
                 if not ids:
-                    first = await self._wait_either(self.dispatch.pop_wait(self.queues, POP_WAIT_S))
+                    first = await self._pop_wait()
                     # Redis answered: whatever failed before is over. An empty
                     # pop is an idle worker, never a failure to back off from.
                     failures = 0
@@ -330,6 +335,26 @@ class Worker:
                 "task.deferred id=%s queue=%s reason=%s",
                 deferral.id, deferral.queue, deferral.reason,
             )  # fmt: skip
+
+    async def _pop_wait(self) -> types.TaskId | None:
+        """The blocking pop, awaited in this task: the id that woke it reaches the
+        claim without passing through another task (a wake-up less per pickup).
+        None after the pop's timeout, or when stop() cancelled the pop."""
+        if self._stopping.is_set():
+            return None
+        current = asyncio.current_task()
+        self._blocked_in_pop = current
+        try:
+            return await self.dispatch.pop_wait(self.queues, POP_WAIT_S)
+        except asyncio.CancelledError:
+            # stop()'s own cancel is consumed here; any other one goes on. An id
+            # Redis handed over just then stays QUEUED in the ledger, and the
+            # dispatcher's sweep pushes it again (as for any pop not claimed).
+            if current is None or not self._stopping.is_set() or current.uncancel() > 0:
+                raise
+            return None
+        finally:
+            self._blocked_in_pop = None
 
     async def _wait_either(self, awaitable: Any) -> Any:
         """Await awaitable, or give up (returning None) as soon as stop() is called."""

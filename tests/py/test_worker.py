@@ -194,6 +194,8 @@ async def test_plain_exception_is_retried_with_backoff_until_attempts_run_out(
     @tasks.task("flaky", max_attempts=3)
     async def flaky(ctx: Context, payload: dict[str, Any]) -> None:
         calls.append(ctx.attempt)
+        if ctx.attempt == 1:
+            helpers.pause_queue(settings)
         raise ValueError(f"boom {ctx.attempt}")
 
     async with helpers.running(settings, tasks) as s:
@@ -206,6 +208,7 @@ async def test_plain_exception_is_retried_with_backoff_until_attempts_run_out(
         assert retrying.last_error is not None and retrying.last_error.startswith(
             "ValueError: boom 1"
         )
+        await s.ledger.resume_queue("default")
         task = await helpers.run_retries(s.ledger, db, task_id, "DEAD")
     assert calls == [1, 2, 3]
     assert task.attempts == 3
@@ -277,7 +280,7 @@ async def test_retry_on_and_dont_retry_on_narrow_what_is_retried(
             assert task.attempts == 1
         # Retried: back to PENDING after attempt 1.
         for task_id in (conn_id, runtime_id):
-            await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
+            await helpers.wait_for_retry(s.ledger, task_id)
     assert helpers.attempts(db, key_id) == [(1, "failed", "KeyError: 'x'")]
     assert helpers.attempts(db, value_id) == [(1, "failed", "ValueError: x")]
 
@@ -290,6 +293,8 @@ async def test_timeout_ends_the_attempt_as_a_retryable_failure(
 
     @tasks.task("slow", max_attempts=2, timeout=0.2)
     async def slow(ctx: Context, payload: dict[str, Any]) -> None:
+        if ctx.attempt == 1:
+            helpers.pause_queue(settings)
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -300,6 +305,7 @@ async def test_timeout_ends_the_attempt_as_a_retryable_failure(
         task_id = await s.enqueue("slow")
         retrying = await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
         assert retrying.last_error == "Retryable: timed out after 0.2 s"
+        await s.ledger.resume_queue("default")
         task = await helpers.run_retries(s.ledger, db, task_id, "DEAD")
     assert stopped == ["attempt 1", "attempt 2"]
     assert helpers.attempts(db, task_id) == [
@@ -317,6 +323,7 @@ async def test_sync_handler_timeout_is_retryable_and_tells_the_handler_to_stop(
 
     @tasks.task("slow.sync", max_attempts=2, timeout=0.2)
     def slow(ctx: Context, payload: dict[str, Any]) -> str:
+        helpers.pause_queue(settings)
         while not ctx.cancelled:
             threading.Event().wait(0.01)
         gave_up.set()

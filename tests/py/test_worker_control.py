@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from ledgerq import Context, Registry, config
 from ledgerq.dispatcher import Dispatcher
 from ledgerq.types import DueTask, TaskId, TaskStatus
+from ledgerq.worker import Worker
 
 Conn = psycopg.Connection[Any]
 
@@ -263,6 +265,55 @@ async def test_concurrency_limit_is_never_exceeded(settings: config.Settings) ->
 
 
 # --- stopping ---------------------------------------------------------------------------
+
+
+async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks, dispatcher=False) as s:
+        assert s.worker is not None
+        await _blocked_in_pop(s.worker)  # registered, and waiting in Redis's blocking pop
+        started = time.monotonic()
+        await s.stop_worker()
+        stopped_after = time.monotonic() - started
+    # Long before the pop's own timeout (POP_WAIT_S) would have ended it.
+    assert stopped_after < 1.0
+
+
+async def test_a_cancel_from_outside_reaches_a_worker_blocked_in_its_pop(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
+        worker = helpers.worker(tasks, s)
+        serving = asyncio.create_task(worker.run())
+        try:
+            assert await _blocked_in_pop(worker) is serving
+        finally:
+            # Cancelled however the test ends, so no worker outlives it.
+            serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(serving, 5)
+
+
+async def _blocked_in_pop(worker: Worker) -> asyncio.Task[Any]:
+    """The task of worker that waits in Redis's blocking pop, once it does."""
+
+    async def probe() -> asyncio.Task[Any] | None:
+        return worker._blocked_in_pop
+
+    return await helpers.eventually(probe, what="the worker to block in its pop")
 
 
 async def test_stop_lets_a_task_finish_within_grace_and_hands_back_one_that_does_not(

@@ -337,5 +337,5 @@ def api(
             await ledger.close()
             await dispatch.close()
 
-    with asyncio.Runner(loop_factory=api_server.loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=service.loop_factory()) as runner:
         runner.run(serve())
