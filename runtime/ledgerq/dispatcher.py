@@ -20,11 +20,16 @@ Each pass first wakes tasks parked on a rate bucket that refilled
 tasks whose limit has room although no event woke them (``dispatcher.flow_rescued``).
 
 Redelivery (every ``sweep_interval_s``, SWEEP_INTERVAL_DEFAULT_S): QUEUED tasks
-handed out more than ``recheck_after_s`` ago are looked up in Redis. Still
-waiting there → a long backlog: their ``queued_at`` is refreshed so reap_stuck
-leaves them alone. Missing (a worker popped the id and died before claiming
-it, or Redis lost it) → pushed again. When Redis's epoch changes (FLUSHALL, a
-restart without persistence) every QUEUED task is checked at once.
+handed out more than ``recheck_after_s`` ago are looked up in Redis, a whole
+queue at a time. Missing (a worker popped the id and died before claiming it,
+or Redis lost it) → pushed again, its ``queued_at`` restarted. The others
+still wait in a long backlog: one row per queue (``task_queued_seen``) says
+they were seen, so reap_stuck leaves them alone and the sweep skips the queue
+for ``recheck_after_s``; a backlog of 100,000 costs no write per task. When
+Redis's epoch changes (FLUSHALL, a restart without persistence) every QUEUED
+task is checked at once. The sweep reads in pages of SWEEP_BATCH; between
+them it hands out what a NOTIFY announced meanwhile, so a long backlog does
+not hold up a new task for the length of its sweep.
 
 Schedules: once a second (SCHEDULE_INTERVAL_S), as a step of its loop and not
 on every wake-up, it calls ``schedule_fire`` (``run_schedules`` with a report)
@@ -58,7 +63,7 @@ SWEEP_INTERVAL_DEFAULT_S = 5.0
 RECHECK_AFTER_DEFAULT_S = 10.0
 EPOCH_CHECK_INTERVAL_S = 1.0
 SCHEDULE_INTERVAL_S = 1.0
-SWEEP_BATCH = 5000
+SWEEP_BATCH = 1000
 
 log = logging.getLogger("ledgerq.dispatcher")
 
@@ -140,21 +145,36 @@ class Dispatcher:
         """Check QUEUED tasks against Redis; return (still waiting, pushed again)."""
         older_than = self.recheck_after_s if recheck_after_s is None else recheck_after_s
         waiting_total = pushed_total = 0
-        last_id = None
+        # One pass over every queue not vouched for within older_than, page by
+        # page; then one row per queue vouches for all its tasks handed out
+        # before the cutoff (task_queued_seen), instead of a write per task.
+        as_of = await self.ledger.now()
+        after: tuple[datetime, int] | None = None
+        queues: set[str] = set()
         while True:
-            stale = await self.ledger.queued_stale(older_than, SWEEP_BATCH)
-            if not stale or stale[-1].id == last_id:
+            page = await self.ledger.queued_stale(older_than, SWEEP_BATCH, as_of, after)
+            if not page:
                 break
+            stale = [task for task, _ in page]
             present = await self.dispatch.waiting(stale)
             missing = [t for t, here in zip(stale, present, strict=True) if not here]
             if missing:
                 await self.dispatch.push(missing)
-            await self.ledger.queued_confirm([t.id for t in stale])
+                # Pushed again now: their own clock restarts.
+                await self.ledger.queued_confirm([t.id for t in missing])
+            queues.update(t.queue for t in stale)
             waiting_total += len(stale) - len(missing)
             pushed_total += len(missing)
-            last_id = stale[-1].id
-            if len(stale) < SWEEP_BATCH:
+            after = (page[-1][1], page[-1][0].id)
+            if len(page) < SWEEP_BATCH:
                 break
+            # A long backlog takes many pages: what was enqueued meanwhile
+            # (a NOTIFY woke us) is handed out between them, not after all.
+            if self._wake.is_set():
+                self._wake.clear()
+                await self.run_once()
+        if queues:
+            await self.ledger.queued_seen(sorted(queues), older_than, as_of)
         if pushed_total:
             log.warning("dispatcher.redelivered %d task(s) missing from Redis", pushed_total)
         # The safety net of flow control: tasks parked on a limit that has room.

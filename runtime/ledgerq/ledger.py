@@ -630,8 +630,21 @@ class AsyncLedger:
         """Wake parked tasks whose limit has room although no event said so; how many."""
         return await self._run(queries.flow_rescue())
 
-    async def queued_stale(self, older_than_s: float, batch_size: int) -> list[types.DueTask]:
-        return await self._run(queries.queued_stale(older_than_s, batch_size))
+    async def queued_stale(
+        self,
+        older_than_s: float,
+        batch_size: int,
+        as_of: datetime,
+        after: tuple[datetime, int] | None = None,
+    ) -> list[tuple[types.DueTask, datetime]]:
+        return await self._run(queries.queued_stale(older_than_s, batch_size, as_of, after))
+
+    async def queued_seen(self, queues: Sequence[str], older_than_s: float, as_of: datetime) -> int:
+        return await self._run(queries.queued_seen(queues, older_than_s, as_of))
+
+    async def now(self) -> datetime:
+        """The ledger's clock."""
+        return await self._run(queries.ledger_now())
 
     async def queued_confirm(self, task_ids: Sequence[int]) -> int:
         return await self._run(queries.queued_confirm(task_ids))

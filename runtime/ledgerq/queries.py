@@ -134,10 +134,12 @@ NEXT_RUN_AT: LiteralString = "SELECT ledgerq.task_next_run_at()"
 FLOW_WAKE_DUE: LiteralString = "SELECT ledgerq.flow_wake_due()"
 FLOW_RESCUE: LiteralString = "SELECT ledgerq.flow_rescue()"
 QUEUED_STALE: LiteralString = """
-    SELECT id, queue, priority, turn, run_at
-    FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s)
+    SELECT id, queue, priority, turn, run_at, queued_at
+    FROM ledgerq.task_queued_stale(make_interval(secs => %s), %s, %s, %s, %s)
 """
+QUEUED_SEEN: LiteralString = "SELECT ledgerq.task_queued_seen(%s, make_interval(secs => %s), %s)"
 QUEUED_CONFIRM: LiteralString = "SELECT ledgerq.task_queued_confirm(%s)"
+LEDGER_NOW: LiteralString = "SELECT now()"
 REAP: LiteralString = "SELECT ledgerq.reap_stuck()"
 # The ledger's churning tables with more dead row versions than a bound: the
 # reaper vacuums them itself (ledger.vacuum) rather than wait for autovacuum,
@@ -465,9 +467,24 @@ def next_run_at() -> Plan[datetime | None]:
     return value  # type: ignore[no-any-return]
 
 
-def queued_stale(older_than_s: float, batch_size: int) -> Plan[list[types.DueTask]]:
-    rows = yield Call(QUEUED_STALE, (older_than_s, batch_size))
-    return [_due(r) for r in rows]
+def queued_stale(
+    older_than_s: float, batch_size: int, as_of: datetime, after: tuple[datetime, int] | None
+) -> Plan[list[tuple[types.DueTask, datetime]]]:
+    """A page of the QUEUED tasks a sweep checks, each with its queued_at (the
+    next page starts after the last one's)."""
+    after_at, after_id = after if after is not None else (None, None)
+    rows = yield Call(QUEUED_STALE, (older_than_s, batch_size, as_of, after_at, after_id))
+    return [(_due(r), r[5]) for r in rows]
+
+
+def queued_seen(queues: Sequence[str], older_than_s: float, as_of: datetime) -> Plan[int]:
+    ((count,),) = yield Call(QUEUED_SEEN, (list(queues), older_than_s, as_of))
+    return int(count)
+
+
+def ledger_now() -> Plan[datetime]:
+    ((value,),) = yield Call(LEDGER_NOW)
+    return value  # type: ignore[no-any-return]
 
 
 def _due(row: Sequence[Any]) -> types.DueTask:

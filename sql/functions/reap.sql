@@ -4,9 +4,10 @@
 --    or CANCELLED if cancellation had been requested.
 --  * QUEUED tasks not claimed within the redelivery timeout go back to
 --    PENDING, and the dispatcher hands them to Redis again. A dispatcher that
---    sees the task still waiting in a Redis backlog refreshes queued_at
---    (task_queued_confirm), so a long backlog is not redelivered; and Redis
---    queues are sets, so a second delivery of the same id never piles up.
+--    sees a queue's tasks still waiting in a Redis backlog says so for the
+--    whole queue (task_queued_seen, one row in ledgerq.queued_seen), so a long
+--    backlog is not redelivered; and Redis queues are sets, so a second
+--    delivery of the same id never piles up.
 -- SKIP LOCKED makes concurrent reapers (pg_cron and `ledgerq reaper` at once)
 -- take disjoint rows instead of waiting on each other or on a completing worker.
 -- The redelivery timeout is the setting ledgerq.redelivery_timeout (default
@@ -95,7 +96,12 @@ BEGIN
     WITH stale AS (
         SELECT t.id FROM ledgerq.tasks t
         WHERE t.status = 'QUEUED' AND t.queued_at < cutoff - timeout
-        FOR NO KEY UPDATE SKIP LOCKED
+          -- Not if the dispatcher's sweep saw it in Redis since (queued_seen).
+          AND NOT EXISTS (
+              SELECT 1 FROM ledgerq.queued_seen s
+              WHERE s.queue = t.queue AND t.queued_at < s.queued_before
+                AND s.seen_at >= cutoff - timeout)
+        FOR NO KEY UPDATE OF t SKIP LOCKED
     ), requeued AS (
         UPDATE ledgerq.tasks t
         SET status = 'PENDING', queued_at = NULL

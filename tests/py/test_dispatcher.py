@@ -193,7 +193,7 @@ async def test_concurrent_run_once_calls_take_disjoint_batches(
 # --- the sweep -------------------------------------------------------------------------------
 
 
-async def test_sweep_pushes_missing_tasks_again_and_refreshes_waiting_ones(
+async def test_sweep_pushes_missing_tasks_again_and_vouches_for_waiting_ones(
     settings: config.Settings, ledger: AsyncLedger, dispatch: Dispatch, db: Conn
 ) -> None:
     lost, waiting, fresh = await enqueue(ledger, 3)
@@ -213,14 +213,39 @@ async def test_sweep_pushes_missing_tasks_again_and_refreshes_waiting_ones(
         await dispatch.waiting([_due(db, lost), _due(db, waiting), _due(db, fresh)]) == [True] * 3
     )
     assert await dispatch.queue_lengths(["default"]) == {"default": 3}
+    # The one pushed again has its clock restarted; the one still waiting is
+    # vouched for with its whole queue, not rewritten.
     age = db.execute(
         "SELECT id, now() - queued_at < interval '5 seconds' FROM ledgerq.tasks ORDER BY id"
     ).fetchall()
-    assert age == [(lost, True), (waiting, True), (fresh, True)]
+    assert age == [(lost, True), (waiting, False), (fresh, True)]
+    assert db.execute("SELECT queue FROM ledgerq.queued_seen").fetchall() == [("default",)]
     assert _queued_at(db, fresh) == fresh_queued_at  # not stale: not touched
     # Both deliveries are accounted for again: reap_stuck leaves them alone.
     assert await ledger.reap() == 0
     assert statuses(db) == {"QUEUED": 3}
+
+
+async def test_a_long_sweep_hands_out_what_was_enqueued_between_its_batches(
+    settings: config.Settings, ledger: AsyncLedger, dispatch: Dispatch, db: Conn
+) -> None:
+    # A backlog of 2,500 waiting in Redis longer than the recheck: three batches.
+    await enqueue(ledger, 2500)
+    dispatcher = Dispatcher(ledger, dispatch, database_url=settings.database_url)
+    assert await dispatcher.run_once() == 2500
+    db.execute("UPDATE ledgerq.tasks SET queued_at = now() - interval '60 seconds'")
+    (newcomer,) = await enqueue(ledger)
+    dispatcher._wake.set()  # the enqueue's NOTIFY, as the listener would see it
+
+    assert await dispatcher.sweep() == (2500, 0)
+    # Handed out between the sweep's pages: a sweep dispatches nothing else.
+    assert _status(db, newcomer) == "QUEUED"
+    assert await dispatch.queue_lengths(["default"]) == {"default": 2501}
+    # Without a NOTIFY the same sweep hands nothing out.
+    (later,) = await enqueue(ledger)
+    db.execute("DELETE FROM ledgerq.queued_seen")
+    assert await dispatcher.sweep() == (2500, 0)  # the newcomer is not stale yet
+    assert _status(db, later) == "PENDING"
 
 
 async def test_without_the_sweep_reap_stuck_requeues_a_stale_delivery(
@@ -303,3 +328,9 @@ def _queued_at(db: Conn, task_id: int) -> datetime:
     assert row is not None
     value: datetime = row[0]
     return value
+
+
+def _status(db: Conn, task_id: int) -> str:
+    row = db.execute("SELECT status FROM ledgerq.tasks WHERE id = %s", (task_id,)).fetchone()
+    assert row is not None
+    return str(row[0])

@@ -242,9 +242,15 @@ def test_task_queued_stale_lists_queued_tasks_older_than_given_age_oldest_first(
     rows = call_rows(db, "task_queued_stale", older_than="1 minute")
 
     assert rows == [
-        {"id": older, "queue": "c", "priority": 0, "turn": 0, "run_at": task(db, older)["run_at"]},
-        {"id": old, "queue": "b", "priority": 4, "turn": 0, "run_at": task(db, old)["run_at"]},
-    ]
+        {
+            "id": older, "queue": "c", "priority": 0, "turn": 0,
+            "run_at": task(db, older)["run_at"], "queued_at": task(db, older)["queued_at"],
+        },
+        {
+            "id": old, "queue": "b", "priority": 4, "turn": 0,
+            "run_at": task(db, old)["run_at"], "queued_at": task(db, old)["queued_at"],
+        },
+    ]  # fmt: skip
     assert [r["run_at"] for r in rows] == [task(db, older)["run_at"], task(db, old)["run_at"]]
     assert [
         r["id"] for r in call_rows(db, "task_queued_stale", older_than="1 minute", batch_size=1)
@@ -393,3 +399,30 @@ def test_reap_stuck_with_a_bad_redelivery_timeout_setting_warns_and_uses_30_seco
 
     assert len(warnings) == 2
     assert all("ledgerq.redelivery_timeout" in w and setting in w for w in warnings)
+
+
+def test_a_sweep_vouches_for_a_whole_queue_and_reap_stuck_believes_it(db: Conn) -> None:
+    first, second = enqueue(db, queue="a"), enqueue(db, queue="a")
+    other = enqueue(db, queue="b")
+    take_due(db, batch_size=3)
+    for task_id in (first, second, other):
+        age_queued(db, task_id, "2 minutes")
+    # Pages: after the first row, the second; the cursor is (queued_at, id).
+    (page,) = call_rows(db, "task_queued_stale", older_than="1 minute", batch_size=1)
+    rest = call_rows(
+        db, "task_queued_stale", older_than="1 minute",
+        after_queued_at=page["queued_at"], after_id=page["id"],
+    )  # fmt: skip
+    assert [page["id"], *(r["id"] for r in rest)] == sorted([first, second, other])
+    # The sweep found queue a's tasks in Redis: one row vouches for both.
+    assert call_value(db, "task_queued_seen", queues=["a", "a"], older_than="1 minute",
+                      as_of=db_now(db)) == 1  # fmt: skip
+    assert [r["id"] for r in call_rows(db, "task_queued_stale", older_than="1 minute")] == [other]
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'QUEUED'") == 3
+    # Past the redelivery timeout only the task nobody vouched for goes back.
+    assert call_value(db, "reap_stuck") == 1
+    assert task(db, other)["status"] == "PENDING"
+    assert task(db, first)["status"] == task(db, second)["status"] == "QUEUED"
+    # A vouch older than the redelivery timeout vouches for nothing.
+    db.execute("UPDATE ledgerq.queued_seen SET seen_at = seen_at - interval '1 minute'")
+    assert call_value(db, "reap_stuck") == 2
