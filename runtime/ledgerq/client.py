@@ -169,6 +169,7 @@ class Client:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._owns_ledger = ledger is None  # a given ledger is its giver's to close
         self._hand_off = HandOffGate(hand_off)
         self._redis: HandOff | None = None
 
@@ -179,7 +180,8 @@ class Client:
         return self._ledger
 
     def close(self) -> None:
-        if self._ledger is not None:
+        """Close what the client opened (not a ledger it was given)."""
+        if self._ledger is not None and self._owns_ledger:
             self._ledger.close()
             self._ledger = None
         if self._redis is not None:
@@ -291,6 +293,7 @@ class AsyncClient:
         self.settings = settings or config.Settings.from_env()
         self._defaults = _Defaults(registry)
         self._ledger = ledger
+        self._owns_ledger = ledger is None
         self._hand_off = HandOffGate(hand_off)
         self._redis = dispatch
         self._owns_redis = dispatch is None
@@ -301,7 +304,8 @@ class AsyncClient:
         return self._ledger
 
     async def close(self) -> None:
-        if self._ledger is not None:
+        """Close what the client opened (not a ledger or dispatch it was given)."""
+        if self._ledger is not None and self._owns_ledger:
             await self._ledger.close()
             self._ledger = None
         if self._redis is not None and self._owns_redis:

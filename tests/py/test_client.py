@@ -259,3 +259,33 @@ async def test_run_at_outside_years_1_to_9999_utc_is_refused_before_sending(
     with pytest.raises(errors.InvalidInput, match="past year 9999"):
         client.enqueue("report.build", delay=timedelta(days=3_000_000))
     assert count_tasks(db) == 0
+
+
+def test_close_leaves_a_given_ledger_open_and_closes_its_own(settings: config.Settings) -> None:
+    from ledgerq.ledger import Ledger
+
+    ledger = Ledger.connect(settings.database_url)
+    try:
+        with Client(settings, ledger=ledger, hand_off=False) as given:
+            first = given.enqueue("email.send", {})
+        # The giver's ledger still works after the client closed.
+        assert ledger.get(first.id).status == TaskStatus.PENDING
+    finally:
+        ledger.close()
+    with Client(settings, hand_off=False) as own:
+        own.enqueue("email.send", {})
+        pool = own.ledger
+    with pytest.raises(errors.LedgerError):
+        pool.get(first.id)
+
+
+async def test_async_close_leaves_a_given_ledger_open(settings: config.Settings) -> None:
+    from ledgerq.ledger import AsyncLedger
+
+    ledger = await AsyncLedger.connect(settings.database_url)
+    try:
+        async with AsyncClient(settings, ledger=ledger, hand_off=False) as given:
+            task = await given.enqueue("email.send", {})
+        assert (await ledger.get(task.id)).status == TaskStatus.PENDING
+    finally:
+        await ledger.close()

@@ -10,6 +10,7 @@ time, the bound every listing shares. Exit statuses follow ``common``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -100,9 +101,10 @@ def enqueue(
     """
     payload = parse_payload(payload_json)
     settings = common.settings_from(options)
-    # The client owns the ledger connection and the Redis one its hand-off opens;
-    # leaving the block closes both.
-    with Client(settings, ledger=common.open_ledger(settings)) as client:
+    # Leaving the block closes the ledger's pool and the Redis connection the
+    # client's hand-off opened.
+    ledger = common.open_ledger(settings)
+    with contextlib.closing(ledger), Client(settings, ledger=ledger) as client:
         task = client.enqueue(
             task_type, payload, queue=queue, priority=priority, delay=delay,
             idempotency_key=idempotency_key, max_attempts=max_attempts,
