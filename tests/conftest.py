@@ -115,18 +115,21 @@ def _pid_alive(pid: int) -> bool:
 def _drop_stale_databases(server: PgServer) -> None:
     """Drop test databases whose run (process) is gone: a killed run leaves them."""
     with server.admin() as admin:
-        names = [
-            row[0]
-            for row in admin.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s", (DB_PREFIX + "%",)
-            )
-        ]
-        for name in names:
+        rows = admin.execute(
+            "SELECT datname, datistemplate FROM pg_database WHERE datname LIKE %s",
+            (DB_PREFIX + "%",),
+        ).fetchall()
+        for name, is_template in rows:
             match = _STALE_NAME.match(name)
             if match and not _pid_alive(int(match.group(1))):
-                admin.execute(
-                    sql.SQL("ALTER DATABASE {} WITH is_template false").format(sql.Identifier(name))
-                )
+                # Only a template needs unmarking before DROP. A database a killed
+                # DROP left half-dropped (invalid) refuses ALTER, but drops.
+                if is_template:
+                    admin.execute(
+                        sql.SQL("ALTER DATABASE {} WITH is_template false").format(
+                            sql.Identifier(name)
+                        )
+                    )
                 _drop_database(admin, name)
 
 

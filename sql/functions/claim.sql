@@ -12,6 +12,17 @@
 -- backend CPU. The generic plan looks the ids up by primary key whatever
 -- their number. The single-task forms are PL/pgSQL for the same reason: a
 -- SQL function is planned again on every call.
+--
+-- task_claim also runs with sequential and bitmap scans off. A generic plan is
+-- kept for the session's life (until the table is analyzed), and one made
+-- while the table was empty (a fresh deploy, a worker started before the first
+-- burst) read whole partial status indexes on every claim, or the table
+-- itself: 17 ms per claim behind 20,000 queued tasks instead of 1. Its
+-- statements find their tasks by id, and so do those of flow_claim, which runs
+-- with these settings too: the primary key is always the right path. JIT is
+-- off with them: a scan that must stay a sequential one (the small queues
+-- table) costs 10^10 when disabled, and the planner would compile the statement
+-- (100 ms) for it. heartbeat_tasks and complete_tasks run the same way.
 
 -- task_claim: the claim with its refusals. Rows with status RUNNING are
 -- claimed; rows with status PENDING and waiting_on set were refused by a
@@ -28,7 +39,8 @@
 -- flow_claim; a pause that had to wait for our shared lock returns only after
 -- we commit. Either way no task of the queue starts after pause_queue returns.
 -- The rest go through flow_claim (limits.sql), which decides under the
--- queue's exclusive flow lock. A task whose queue got its first row between
+-- queue's flow lock, shared too, and the claim locks of the scopes it may
+-- spend (flow_lock_claims). A task whose queue got its first row between
 -- our two probes goes there too, while we hold the shared lock: two claims in
 -- that window can deadlock (PostgreSQL aborts one; its ids stay QUEUED and
 -- are handed out again), only around a queue's first configure or pause.
@@ -37,13 +49,13 @@ CREATE OR REPLACE FUNCTION ledgerq.task_claim(
     worker_id text,
     lease_seconds integer DEFAULT 30
 ) RETURNS SETOF ledgerq.tasks
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
     claimed_count integer := 0;
     unconfigured_ids bigint[];
     unconfigured_queues text[];
-    lock_key bigint;
 BEGIN
     IF worker_id IS NULL OR worker_id = '' THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = 'worker_id must be a non-empty string';
@@ -70,11 +82,10 @@ BEGIN
     IF unconfigured_ids IS NOT NULL THEN
         -- Row locks first, then flow locks in ascending order, as everywhere
         -- (flow_lock_queues). Shared: fast-path claims never wait for each other.
-        FOR lock_key IN
-            SELECT DISTINCT ledgerq.flow_lock_key(q) FROM unnest(unconfigured_queues) q ORDER BY 1
-        LOOP
-            PERFORM pg_advisory_xact_lock_shared(lock_key);
-        END LOOP;
+        -- Lock order everywhere: rows, flow locks, claim locks
+        -- (flow_lock_claims), dispatch locks, parking locks (limits.sql).
+        PERFORM ledgerq.flow_take_locks(
+            ARRAY(SELECT ledgerq.flow_lock_key(q) FROM unnest(unconfigured_queues) q), shared => true);
         RETURN QUERY
         WITH claimed AS (
             UPDATE ledgerq.tasks t
@@ -138,7 +149,9 @@ CREATE OR REPLACE FUNCTION ledgerq.heartbeat_tasks(
     attempts integer[],
     lease_seconds integer DEFAULT 30
 ) RETURNS TABLE(task_id bigint, attempt integer, state text)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+-- Scans off: the tasks are found by id (see task_claim above).
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 #variable_conflict use_column
 BEGIN
     IF lease_seconds IS NULL OR lease_seconds < 1 THEN

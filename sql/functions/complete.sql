@@ -20,7 +20,9 @@ CREATE OR REPLACE FUNCTION ledgerq.complete_tasks(
     errors text[] DEFAULT NULL,
     retryable boolean[] DEFAULT NULL
 ) RETURNS TABLE(task_id bigint, attempt integer, status text)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+-- Scans off: the tasks are found by id (see task_claim in claim.sql).
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 #variable_conflict use_column
 BEGIN
     IF coalesce(cardinality(task_ids), 0) <> coalesce(cardinality(attempts), 0)

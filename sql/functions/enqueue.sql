@@ -26,6 +26,9 @@ DECLARE
     task_queue text := enqueue_task.queue;
     task_max_attempts integer := enqueue_task.max_attempts;
     existing ledgerq.tasks%ROWTYPE;
+    initial_status text := 'PENDING';
+    initial_queued_at timestamptz;
+    initial_turn bigint;
 BEGIN
     IF task_queue IS NULL OR task_max_attempts IS NULL THEN
         SELECT coalesce(task_queue, d.queue), coalesce(task_max_attempts, d.max_attempts)
@@ -38,24 +41,53 @@ BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
     END IF;
+    -- A caller handing its tasks to Redis itself (task_hand_off) gets the task
+    -- QUEUED at once when task_hand_off would mark it so: one row version, not
+    -- an insert and then an update that rewrites every index entry. The rule
+    -- is task_hand_off's: due now, no concurrency key, a queue with no row in
+    -- ledgerq.queues (flow control decides those through the dispatcher).
+    IF due_at <= now() AND enqueue_task.concurrency_key IS NULL AND ledgerq.task_handing_off()
+       AND NOT EXISTS (SELECT 1 FROM ledgerq.queues q WHERE q.queue = task_queue) THEN
+        initial_status := 'QUEUED';
+        initial_queued_at := now();
+    END IF;
+    -- Without a concurrency key a task's turn is flow_turn's rule for it: the
+    -- head of its queue's line (the lowest turn waiting in Redis or parked,
+    -- else the frontier; 0 in a queue whose tasks never carried a key). Read here, in a
+    -- statement whose plan this function keeps, as flow_turn (a SQL function
+    -- with sub-selects) is planned on every call.
+    IF enqueue_task.concurrency_key IS NULL THEN
+        initial_turn := coalesce(
+            (SELECT least((SELECT t.turn FROM ledgerq.tasks t
+                           WHERE t.queue = task_queue AND t.status = 'QUEUED' AND t.turn > 0
+                           ORDER BY t.turn LIMIT 1),
+                          (SELECT t.turn FROM ledgerq.tasks t
+                           WHERE t.queue = task_queue AND t.status = 'PENDING'
+                             AND t.waiting_on IS NOT NULL AND t.turn > 0
+                           ORDER BY t.turn LIMIT 1),
+                          f.frontier)
+             FROM ledgerq.flow_turns f WHERE f.queue = task_queue), 0);
+    ELSE
+        initial_turn := ledgerq.flow_turn(task_queue, enqueue_task.concurrency_key);
+    END IF;
 
     IF enqueue_task.idempotency_key IS NULL THEN
         -- Nothing to conflict with: a plain INSERT spares the speculative
         -- insertion that ON CONFLICT costs.
         INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
-                                        concurrency_key, turn)
+                                        concurrency_key, turn, status, queued_at)
         VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
-                due_at, task_max_attempts, enqueue_task.concurrency_key,
-                ledgerq.flow_turn(task_queue, enqueue_task.concurrency_key))
+                due_at, task_max_attempts, enqueue_task.concurrency_key, initial_turn,
+                initial_status, initial_queued_at)
         RETURNING t.id INTO id;
     ELSE
         -- ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
         -- commit or roll back, so racing callers see exactly one winner.
         INSERT INTO ledgerq.tasks AS t (task_type, payload, queue, priority, run_at, max_attempts,
-                                        concurrency_key, idempotency_key, turn)
+                                        concurrency_key, idempotency_key, turn, status, queued_at)
         VALUES (enqueue_task.task_type, enqueue_task.payload, task_queue, enqueue_task.priority,
                 due_at, task_max_attempts, enqueue_task.concurrency_key,
-                enqueue_task.idempotency_key, ledgerq.flow_turn(task_queue, enqueue_task.concurrency_key))
+                enqueue_task.idempotency_key, initial_turn, initial_status, initial_queued_at)
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING t.id INTO id;
     END IF;
@@ -117,6 +149,8 @@ DECLARE
     concurrency_keys text[];
     any_due boolean;
     any_key boolean;
+    any_concurrency_key boolean;
+    one_queue boolean;
     inserted bigint;
     clash record;
     turns bigint[];
@@ -135,9 +169,11 @@ BEGIN
                array_agg(v.task_type), array_agg(v.payload), array_agg(v.queue),
                array_agg(v.priority), array_agg(v.run_at), array_agg(v.max_attempts),
                array_agg(v.idempotency_key), array_agg(v.concurrency_key),
-               bool_or(v.run_at <= now()), bool_or(v.idempotency_key IS NOT NULL)
+               bool_or(v.run_at <= now()), bool_or(v.idempotency_key IS NOT NULL),
+               bool_or(v.concurrency_key IS NOT NULL), min(v.queue) = max(v.queue)
         INTO first_bad, new_ids, task_types, payloads, queues, priorities, run_ats,
-             max_attempts_list, keys, concurrency_keys, any_due, any_key
+             max_attempts_list, keys, concurrency_keys, any_due, any_key,
+             any_concurrency_key, one_queue
         FROM (
             SELECT c.*, coalesce(
                        jsonb_typeof(c.e) = 'object'
@@ -188,8 +224,14 @@ BEGIN
         RETURN;  -- an empty batch enqueues nothing
     END IF;
 
-    -- Each task's place in its queue's line (limits.sql).
-    turns := ledgerq.flow_turns(queues, concurrency_keys);
+    -- Each task's place in its queue's line (limits.sql). Tasks without a
+    -- concurrency key all join at their queue's head: for one queue, one
+    -- flow_turn instead of flow_turns' numbering (2 ms per 1,000 tasks).
+    IF one_queue AND NOT any_concurrency_key THEN
+        turns := array_fill(ledgerq.flow_turn(queues[1], NULL), ARRAY[cardinality(new_ids)]);
+    ELSE
+        turns := ledgerq.flow_turns(queues, concurrency_keys);
+    END IF;
 
     IF NOT any_key THEN
         INSERT INTO ledgerq.tasks (id, task_type, payload, queue, priority, run_at, max_attempts,

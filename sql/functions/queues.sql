@@ -16,6 +16,44 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT hashtextextended('ledgerq.flow:' || $1 || chr(31) || coalesce($2, ''), 0);
 $$;
 
+-- flow_take_locks: take these transaction-level advisory locks, each once,
+-- in ascending order: the order every taker of several flow, claim, dispatch
+-- or parking locks of one kind uses, so two takers never wait for each other
+-- in a circle. Shared or exclusive; how many were taken.
+CREATE OR REPLACE FUNCTION ledgerq.flow_take_locks(lock_keys bigint[], shared boolean DEFAULT false)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    lock_key bigint;
+    taken integer := 0;
+BEGIN
+    -- No lock or one (the common cases: every claim and completion comes here)
+    -- needs no sorting query.
+    IF coalesce(cardinality(lock_keys), 0) = 0 THEN
+        RETURN 0;
+    ELSIF cardinality(lock_keys) = 1 THEN
+        lock_keys := array_remove(lock_keys, NULL);
+        IF cardinality(lock_keys) = 0 THEN
+            RETURN 0;
+        ELSIF shared THEN
+            PERFORM pg_advisory_xact_lock_shared(lock_keys[1]);
+        ELSE
+            PERFORM pg_advisory_xact_lock(lock_keys[1]);
+        END IF;
+        RETURN 1;
+    END IF;
+    FOR lock_key IN SELECT DISTINCT k FROM unnest(lock_keys) k WHERE k IS NOT NULL ORDER BY 1 LOOP
+        IF shared THEN
+            PERFORM pg_advisory_xact_lock_shared(lock_key);
+        ELSE
+            PERFORM pg_advisory_xact_lock(lock_key);
+        END IF;
+        taken := taken + 1;
+    END LOOP;
+    RETURN taken;
+END;
+$$;
+
 -- The first problem with a settings object, as a sentence naming the key, or
 -- NULL. A JSON null is always valid: it removes the key.
 CREATE OR REPLACE FUNCTION ledgerq.queue_settings_problem(settings jsonb) RETURNS text
@@ -100,6 +138,9 @@ BEGIN
     -- Claims of the queue hold this lock while they decide: new limits apply
     -- to every claim that starts after this call returns.
     PERFORM pg_advisory_xact_lock(ledgerq.flow_lock_key(configure_queue.queue));
+    PERFORM pg_advisory_xact_lock(ledgerq.flow_dispatch_lock_key(configure_queue.queue));
+    -- The tokens claim lanes spent count under the rate they were spent under.
+    PERFORM ledgerq.flow_fold_lanes(configure_queue.queue);
     INSERT INTO ledgerq.queues AS q (queue, settings)
     VALUES (configure_queue.queue, additions - removals)
     ON CONFLICT (queue) DO UPDATE
@@ -130,6 +171,7 @@ BEGIN
     -- Waits for claims of the queue that are deciding now; those that decide
     -- after it see the pause.
     PERFORM pg_advisory_xact_lock(ledgerq.flow_lock_key(pause_queue.queue));
+    PERFORM pg_advisory_xact_lock(ledgerq.flow_dispatch_lock_key(pause_queue.queue));
     SELECT q.paused INTO was_paused FROM ledgerq.queues q WHERE q.queue = pause_queue.queue;
     IF was_paused THEN
         RETURN false;
@@ -152,6 +194,7 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'LQ422', MESSAGE = problem;
     END IF;
     PERFORM pg_advisory_xact_lock(ledgerq.flow_lock_key(resume_queue.queue));
+    PERFORM pg_advisory_xact_lock(ledgerq.flow_dispatch_lock_key(resume_queue.queue));
     UPDATE ledgerq.queues q SET paused = false, updated_at = now()
     WHERE q.queue = resume_queue.queue AND q.paused;
     IF NOT FOUND THEN

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import e2e_helpers as e2e
 import pytest
 import redis
 
@@ -56,3 +58,14 @@ async def dispatcher_redis(settings: config.Settings) -> AsyncIterator[dispatch.
     d = dispatch.Dispatch.connect(settings.redis_url, settings.redis_prefix)
     yield d
     await d.close()
+
+
+@pytest.fixture
+def deployment(
+    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
+) -> Iterator[e2e.Deployment]:
+    """Real ledgerq processes (e2e_helpers.Deployment) on the test's database,
+    with the e2e tasks' tables; every process is stopped after the test."""
+    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
+        d.create_tables()
+        yield d

@@ -110,6 +110,28 @@ async def wait_for_attempts(
     )
 
 
+def pause_queue(settings: config.Settings, queue: str = "default") -> None:
+    """Pause a queue from inside a handler's first attempt. The retry that attempt's
+    failure schedules then stays PENDING, for the test to look at, until the test
+    resumes the queue: a backoff drawn from [0, 1 s] is too short to be sure of
+    seeing that state otherwise."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("SELECT ledgerq.pause_queue(%s)", (queue,))
+
+
+async def wait_for_retry(ledger: AsyncLedger, task_id: int) -> Task:
+    """The task once its first attempt failed and it was kept for another: seen
+    PENDING after one attempt, or already further on (a short backoff can end
+    between two probes)."""
+
+    async def probe() -> Task | None:
+        task = await ledger.get(task_id)
+        retrying = task.status == TaskStatus.PENDING and task.attempts == 1
+        return task if retrying or task.attempts >= 2 else None
+
+    return await eventually(probe, what=f"task {task_id} to be retried after attempt 1")
+
+
 def make_due(db: Conn, task_id: int) -> None:
     """Skip a retry's backoff: a PENDING task is due now (and the dispatcher is told)."""
     db.execute(

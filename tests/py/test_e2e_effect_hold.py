@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
@@ -20,15 +18,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 HANDLER_TIMEOUT_S = 3  # e2e.effect_tx_hold's timeout
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 def test_a_frozen_attempt_holding_an_effect_lock_is_ended_and_its_retry_succeeds(

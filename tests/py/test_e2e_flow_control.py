@@ -14,7 +14,6 @@ import itertools
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
@@ -28,15 +27,6 @@ KEYED_TASKS = 6
 TASK_S = 0.1
 #: How long a paused queue must start nothing while a worker is idle.
 PAUSE_WATCH_S = 1.0
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import e2e_helpers as e2e
 import pytest
@@ -24,15 +23,6 @@ IDLE_S = float(os.environ.get("LEDGERQ_TEST_IDLE_S", "12"))
 # NOTIFY → dispatcher → Redis → pop → claim on a busy 2-core machine; the
 # failure backoff this guards against added 0.4 to 1.6 s.
 PICKUP_MAX_S = 0.35
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 def test_idle_worker_logs_no_warning_and_picks_up_the_next_task_in_milliseconds(

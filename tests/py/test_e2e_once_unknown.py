@@ -6,22 +6,11 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 def test_an_effect_started_by_a_killed_attempt_meets_the_on_unknown_policy(

@@ -9,22 +9,11 @@ tasks out in.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 def _now(d: e2e.Deployment) -> dt.datetime:

@@ -8,8 +8,6 @@ the worker recording everything else.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import e2e_helpers as e2e
 import pytest
@@ -17,15 +15,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 HEALTHY = 20
-
-
-@pytest.fixture
-def deployment(
-    request: pytest.FixtureRequest, tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 def test_poison_outcomes_go_dead_with_a_reason_and_every_healthy_task_succeeds(

@@ -71,7 +71,8 @@ def test_flushdb_with_500_tasks_queued_loses_none_and_runs_none_twice(
         d.reaper()
         ids = d.enqueue_many(record_tasks(500))
         d.wait_statuses({"QUEUED": 500})
-        assert queued_in_redis(private_redis) == 500
+        # The dispatcher commits QUEUED, then pushes: wait for the push.
+        d.wait_for(lambda: queued_in_redis(private_redis) == 500, "the 500 ids in Redis")
 
         client = private_redis.client()
         try:

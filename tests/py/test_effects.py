@@ -192,6 +192,7 @@ async def test_once_in_transaction_commits_with_the_completion_and_rolls_back_on
         # Not committed yet: another connection sees nothing until completion.
         visible_before_completion.append(entries(db))
         if ctx.attempt == 1:
+            helpers.pause_queue(settings)
             raise ValueError("failed after writing")
         return booked
 
@@ -202,6 +203,7 @@ async def test_once_in_transaction_commits_with_the_completion_and_rolls_back_on
         assert entries(db) == []
         assert effects(db) == []
         assert retrying.last_error is not None
+        await s.ledger.resume_queue("default")
         task = await helpers.run_retries(s.ledger, db, task_id, "SUCCEEDED", "DEAD")
     assert visible_before_completion == [[], []]
     assert entries(db) == [(task_id, 250)]
@@ -259,6 +261,7 @@ async def test_once_in_transaction_in_a_sync_handler_is_exactly_once(
 
         booked_on = ctx.once_in_transaction(f"book:{ctx.task_id}", write)
         if ctx.attempt == 1:
+            helpers.pause_queue(settings)
             raise ValueError("failed after writing")
         return {"booked_on_attempt": booked_on}
 
@@ -266,6 +269,7 @@ async def test_once_in_transaction_in_a_sync_handler_is_exactly_once(
         task_id = await s.enqueue("book.sync", {"amount": 10})
         await helpers.wait_for_attempts(s.ledger, task_id, "PENDING", 1)
         assert entries(db) == []
+        await s.ledger.resume_queue("default")
         task = await helpers.run_retries(s.ledger, db, task_id, "SUCCEEDED", "DEAD")
     assert writes == [1, 2]  # attempt 1's write was rolled back, so attempt 2 wrote
     assert entries(db) == [(task_id, 20)]

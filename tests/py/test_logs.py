@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import e2e_helpers as e2e
@@ -87,15 +85,6 @@ def test_json_lines_carry_the_fields_of_the_record() -> None:
     assert line["message"] == "task.succeeded x"
     assert (line["level"], line["logger"], line["task_id"]) == ("INFO", "ledgerq.worker", 7)
     assert line["time"].endswith("+00:00")
-
-
-@pytest.fixture
-def deployment(
-    tmp_path: Path, db_url: str, redis_url: str, redis_prefix: str
-) -> Iterator[e2e.Deployment]:
-    with e2e.Deployment(tmp_path, db_url, redis_url, redis_prefix) as d:
-        d.create_tables()
-        yield d
 
 
 @pytest.mark.e2e

@@ -402,3 +402,46 @@ def test_heartbeat_tasks_answers_each_pair_in_input_order(db: Conn) -> None:
 def test_heartbeat_tasks_rejects_arrays_of_different_length_with_lq422(db: Conn) -> None:
     with raises_sqlstate("LQ422", "task_ids", "attempts"):
         call_rows(db, "heartbeat_tasks", task_ids=[1, 2], attempts=[1])
+
+
+def test_plans_made_on_an_empty_table_find_tasks_by_id_behind_a_backlog(db: Conn) -> None:
+    """A worker's session keeps its generic plans until the table is analyzed.
+    Made while the table was empty (a fresh deploy), they must still look
+    tasks up by primary key once 5,000 tasks wait, not read every one of them."""
+
+    def one_cycle() -> tuple[int, int, int]:
+        task_id = enqueue(db)
+        db.execute("SELECT count(*) FROM ledgerq.task_take_due(1)")
+        reads = []
+        with db.transaction():
+            for statement in (
+                "SELECT attempts FROM ledgerq.task_claim(ARRAY[%(id)s]::bigint[], 'w')",
+                "SELECT * FROM ledgerq.heartbeat_tasks(ARRAY[%(id)s]::bigint[], ARRAY[1])",
+                "SELECT * FROM ledgerq.complete_tasks(ARRAY[%(id)s]::bigint[], ARRAY[1],"
+                " ARRAY[true])",
+            ):
+                before = count(db, READ)
+                db.execute(statement, {"id": task_id})
+                reads.append(count(db, READ) - before)
+        assert task(db, task_id)["status"] == "SUCCEEDED"
+        return reads[0], reads[1], reads[2]
+
+    one_cycle()  # the plans, made on a table with one task
+    db.execute(
+        "INSERT INTO ledgerq.tasks (task_type, queue, status, queued_at)"
+        " SELECT 't', 'default', 'QUEUED', now() FROM generate_series(1, 5000)"
+    )
+    claim_reads, heartbeat_reads, complete_reads = one_cycle()
+    assert claim_reads < 50, claim_reads
+    assert heartbeat_reads < 50, heartbeat_reads
+    assert complete_reads < 50, complete_reads
+
+
+# Rows this transaction read from ledgerq.tasks: index entries of every index
+# of the table, plus rows read by sequential scans.
+READ = """
+    SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0)
+           + coalesce((SELECT seq_tup_read FROM pg_stat_xact_user_tables
+                       WHERE relid = 'ledgerq.tasks'::regclass), 0)
+    FROM pg_index i WHERE i.indrelid = 'ledgerq.tasks'::regclass
+"""

@@ -87,6 +87,23 @@ def test_dispatcher_hands_out_only_what_can_start(db: Conn) -> None:
     assert take_due(db) == []
 
 
+def test_dispatcher_counts_the_tokens_its_queued_tasks_will_spend(db: Conn) -> None:
+    configure(db, "q", rate_per_second=0.001, burst=5)  # 5 tokens, the next in 1,000 s
+    ids = add_tasks(db, 8)
+    assert [r["id"] for r in take_due(db, 3)] == ids[:3]  # 3 QUEUED: 2 tokens left for more
+    assert [r["id"] for r in take_due(db, 5)] == ids[3:5]
+    assert statuses(db, ids[5:]) == {i: ("PENDING", "rate_per_second", 0) for i in ids[5:]}
+
+
+def test_dispatcher_counts_the_retry_tokens_its_queued_retries_will_spend(db: Conn) -> None:
+    configure(db, "q", retry_rate_per_second=0.001, burst=5)
+    ids = add_tasks(db, 8)
+    db.execute("UPDATE ledgerq.tasks SET attempts = 1 WHERE id = ANY (%s)", (ids,))  # retries
+    assert [r["id"] for r in take_due(db, 3)] == ids[:3]
+    assert [r["id"] for r in take_due(db, 5)] == ids[3:5]
+    assert statuses(db, ids[5:]) == {i: ("PENDING", "retry_rate_per_second", 1) for i in ids[5:]}
+
+
 def test_cancelling_a_queued_task_frees_its_slot(db: Conn) -> None:
     configure(db, "q", max_running=1)
     first, second = add_tasks(db, 2)
@@ -345,6 +362,257 @@ def test_first_pause_waits_for_a_claim_in_flight(db: Conn, db_url: str) -> None:
     assert count(db, "SELECT count(*) FROM ledgerq.queues WHERE queue = 'q' AND paused") == 1
 
 
+# --- who waits for whom ------------------------------------------------------------
+# A claim decides under the locks of the scopes it may spend (flow_lock_claims): the
+# queue's claim lock when it has a queue-wide limit, else one lock per concurrency key.
+# Releases and the dispatcher do not wait for claims. Each test holds one side in an
+# open transaction; the other side runs with a lock_timeout, so a wait that should not
+# happen fails the test instead of hanging it.
+
+
+def _quick(url: str) -> Conn:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("SET lock_timeout = '3s'")
+    return conn
+
+
+def _claim_in_thread(conn: Conn, task_ids: list[int]) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(claim_report(conn, task_ids)))
+    thread.start()
+    return thread, result
+
+
+def test_claims_of_other_keys_do_not_wait_under_per_key_limits_only(db: Conn, db_url: str) -> None:
+    configure(db, "q", per_key_max_running=1)
+    (first,) = add_tasks(db, 1, key="k1")
+    (other_key,) = add_tasks(db, 1, key="k2")
+    (same_key,) = add_tasks(db, 1, key="k1")
+    (unkeyed,) = add_tasks(db, 1)
+    with (
+        psycopg.connect(db_url) as holder,
+        _quick(db_url) as other,
+        psycopg.connect(db_url, autocommit=True) as waiter,
+    ):
+        (running,), _ = claim_report(holder, [first])  # k1's lock, transaction left open
+        assert running["id"] == first
+        claimed, _ = claim_report(other, [other_key, unkeyed])  # no wait: lock_timeout
+        assert sorted(r["id"] for r in claimed) == sorted([other_key, unkeyed])
+        # The same key waits for the open claim and then sees its start.
+        thread, result = _claim_in_thread(waiter, [same_key])
+        _wait_until_blocked(db, int(waiter.info.backend_pid))
+        holder.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    ((claimed, deferred),) = result
+    assert claimed == []
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(same_key, "per_key_max_running")]
+
+
+def test_claims_of_a_queue_with_a_queue_wide_limit_decide_one_at_a_time(
+    db: Conn, db_url: str
+) -> None:
+    configure(db, "q", max_running=1, per_key_max_running=5)
+    (first,) = add_tasks(db, 1, key="k1")
+    (second,) = add_tasks(db, 1, key="k2")
+    with (
+        psycopg.connect(db_url) as holder,
+        psycopg.connect(db_url, autocommit=True) as waiter,
+    ):
+        (running,), _ = claim_report(holder, [first])
+        assert running["id"] == first
+        thread, result = _claim_in_thread(waiter, [second])
+        _wait_until_blocked(db, int(waiter.info.backend_pid))
+        holder.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    ((claimed, deferred),) = result
+    assert claimed == []
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(second, "max_running")]
+
+
+# Far from its queue-wide limits, a queue's claims decide in claim lanes, side by side:
+# each leaves room for what the other lanes may be starting, and spends rate tokens on
+# its lane's row. Near a limit a claim takes every lane and decides alone (limits.sql).
+
+
+def test_claims_of_a_queue_far_from_its_queue_wide_limits_do_not_wait_for_each_other(
+    db: Conn, db_url: str
+) -> None:
+    configure(db, "q", max_running=10_000, rate_per_second=100_000, retry_rate_per_second=1_000)
+    first, second = add_tasks(db, 2)
+    with psycopg.connect(db_url) as holder, _quick(db_url) as other:
+        (running,), _ = claim_report(holder, [first])  # a lane, transaction left open
+        assert running["id"] == first
+        claimed, deferred = claim_report(other, [second])  # no wait: lock_timeout
+        assert ([r["id"] for r in claimed], deferred) == ([second], [])
+        holder.commit()
+    assert statuses(db, [first, second]) == {
+        first: ("RUNNING", None, 1),
+        second: ("RUNNING", None, 1),
+    }
+
+
+def test_claims_in_lanes_and_alone_start_exactly_max_running(db: Conn, db_url: str) -> None:
+    configure(db, "q", max_running=300)  # lanes until 192 slots short of it, then alone
+    ids = add_tasks(db, 400)
+    errors: list[BaseException] = []
+
+    def claimer(n: int) -> None:
+        try:
+            mine = ids[n::4]
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                for i in range(0, len(mine), 10):
+                    claim_report(conn, mine[i : i + 10], f"w{n}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    claimers = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for c in claimers:
+        c.start()
+    for c in claimers:
+        c.join()
+    assert errors == []
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'RUNNING'") == 300
+    parked = "SELECT count(*) FROM ledgerq.tasks WHERE waiting_on = 'max_running'"
+    assert count(db, parked) == 100
+    assert max_overlap(db, "queue") == {"q": 300}
+
+
+def test_per_key_limits_hold_in_a_claim_lane(db: Conn) -> None:
+    # max_running far away: the claims decide in lanes, and the key's limits
+    # are decided there too.
+    configure(db, "q", max_running=10_000, per_key_max_running=1)
+    first, second, third = add_tasks(db, 3, key="A")
+    (other,) = add_tasks(db, 1, key="B")
+    claimed, deferred = claim_report(db, [first, second, other])
+    assert sorted(r["id"] for r in claimed) == [first, other]
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(second, "per_key_max_running")]
+    claimed, deferred = claim_report(db, [third])  # a claim of its own
+    assert claimed == []
+    assert [(r["id"], r["waiting_on"]) for r in deferred] == [(third, "per_key_max_running")]
+
+
+def _claim_in_tens(conn: Conn, task_ids: list[int]) -> int:
+    """Claim in batches of 10, one after another; how many started."""
+    return sum(
+        len(claim_report(conn, task_ids[i : i + 10])[0]) for i in range(0, len(task_ids), 10)
+    )
+
+
+def test_tokens_spent_in_claim_lanes_count_when_a_claim_decides_alone(db: Conn) -> None:
+    configure(db, "q", rate_per_second=0.001, burst=400)  # next token in 1,000 s
+    ids = add_tasks(db, 450)
+    assert _claim_in_tens(db, ids) == 400
+    parked = "SELECT count(*) FROM ledgerq.tasks WHERE waiting_on = 'rate_per_second'"
+    assert count(db, parked) == 50
+
+
+def test_retry_tokens_spent_in_claim_lanes_count_when_a_claim_decides_alone(db: Conn) -> None:
+    configure(db, "q", retry_rate_per_second=0.001, burst=400)
+    ids = add_tasks(db, 450)
+    # Each a retry: an attempt already spent of its budget.
+    db.execute("UPDATE ledgerq.tasks SET attempts = 1 WHERE id = ANY (%s)", (ids,))
+    assert _claim_in_tens(db, ids) == 400
+    parked = "SELECT count(*) FROM ledgerq.tasks WHERE waiting_on = 'retry_rate_per_second'"
+    assert count(db, parked) == 50
+
+
+def test_a_new_burst_keeps_what_claim_lanes_spent(db: Conn) -> None:
+    configure(db, "q", rate_per_second=0.001, burst=400)
+    ids = add_tasks(db, 400)
+    assert _claim_in_tens(db, ids[:100]) == 100  # in lanes: 300 tokens left
+    configure(db, "q", burst=250)  # holds 250 of them
+    assert _claim_in_tens(db, ids[100:]) == 250
+
+
+def test_a_claim_counts_running_tasks_without_reading_the_backlog_handed_to_redis(
+    db: Conn,
+) -> None:
+    # Far from max_running, a queue may hand thousands of ids to Redis at once
+    # (QUEUED). A claim counts only the RUNNING ones: what it reads of the tasks
+    # table stays small, however long the backlog.
+    configure(db, "q", max_running=1_000_000)
+    ids = add_tasks(db, 5_000)
+    assert len(take_due(db, 5_000)) == 5_000
+    before = _task_rows_read(db)
+    claimed, deferred = claim_report(db, ids[:10])
+    read = _task_rows_read(db) - before
+    assert (len(claimed), deferred) == (10, [])
+    # Its lookups by id (a few per task) are all it reads: not the 5,000 QUEUED.
+    assert read < 500, f"a claim of 10 read {read} entries of the tasks table"
+
+
+def _task_rows_read(conn: Conn) -> int:
+    """Index entries and heap rows read from ledgerq.tasks by this session so far,
+    per the statistics (flushed first: they are reported when a session idles)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return count(
+        conn,
+        """
+        SELECT (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+                WHERE relid = 'ledgerq.tasks'::regclass)
+             + (SELECT seq_tup_read FROM pg_stat_user_tables
+                WHERE relid = 'ledgerq.tasks'::regclass)
+        """,
+    )
+
+
+def test_a_release_and_the_dispatcher_do_not_wait_for_a_claim_deciding(
+    db: Conn, db_url: str
+) -> None:
+    configure(db, "q", max_running=10, rate_per_second=1000)
+    done, claiming, due = add_tasks(db, 3)
+    ((running,), _) = claim_report(db, [done])
+    with psycopg.connect(db_url) as holder, _quick(db_url) as other:
+        claimed, _ = claim_report(holder, [claiming])  # the claim lock, left open
+        assert [r["id"] for r in claimed] == [claiming]
+        assert finish(other, done, running["attempts"]) == "SUCCEEDED"
+        assert [r["id"] for r in take_due(other)] == [due]
+        holder.commit()
+
+
+def test_a_release_waits_for_a_claim_parking_on_the_slot_and_wakes_its_task(
+    db: Conn, db_url: str
+) -> None:
+    """The claim counted the slot busy and parks a task; the release of that slot,
+    made while the claim is open, must see the parked task and wake it."""
+    configure(db, "q", max_running=1)
+    holding, refused = add_tasks(db, 2)
+    ((running,), _) = claim_report(db, [holding])
+    with (
+        psycopg.connect(db_url) as parker,
+        psycopg.connect(db_url, autocommit=True) as releaser,
+    ):
+        claimed, (parked,) = claim_report(parker, [refused])  # parks, left open
+        assert claimed == [] and parked["waiting_on"] == "max_running"
+        result: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: result.append(finish(releaser, holding, running["attempts"]))
+        )
+        thread.start()
+        _wait_until_blocked(db, int(releaser.info.backend_pid))
+        parker.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert result == ["SUCCEEDED"]
+    assert statuses(db, [refused])[refused] == ("PENDING", None, 0)
+    assert [r["id"] for r in take_due(db)] == [refused]
+
+
+def test_per_key_limit_of_one_holds_over_many_keys_under_racing_claims(
+    db: Conn, db_url: str
+) -> None:
+    configure(db, "q", per_key_max_running=1)
+    ids = [i for k in range(20) for i in add_tasks(db, 8, key=f"k{k}")] + add_tasks(db, 20)
+    _race(db_url, ids, threads=8, hold_s=0.002)
+    assert count(db, "SELECT count(*) FROM ledgerq.tasks WHERE status = 'SUCCEEDED'") == 180
+    overlaps = max_overlap(db, "key")
+    assert {k: v for k, v in overlaps.items() if k is not None} == {f"k{k}": 1 for k in range(20)}
+    assert count(db, "SELECT count(*) FROM ledgerq.attempts") == 180
+
+
 # --- rates ---------------------------------------------------------------------------
 
 
@@ -528,17 +796,46 @@ def test_a_retried_task_joins_the_line_after_its_key_backlog(db: Conn) -> None:
     assert turns[first] == max(turns[r] for r in rest) + 1
 
 
-def test_the_frontier_moves_with_dispatch(db: Conn) -> None:
-    add_tasks(db, 100, key="A")
-    take_due(db, 50)
+def test_a_newcomer_joins_at_the_head_of_what_waits_in_redis(db: Conn) -> None:
+    # A queue without max_running: the dispatcher hands A's whole backlog to
+    # Redis, where it waits QUEUED in turn order.
+    backlog = add_tasks(db, 100, key="A")
+    assert len(take_due(db, 100)) == 100
+    # A worker has started the first 40 of them.
+    for task_id in backlog[:40]:
+        (_claimed,), _ = claim_report(db, [task_id])
     (late,) = add_tasks(db, 1, key="B")
     (unkeyed,) = add_tasks(db, 1)
+    (more_a,) = add_tasks(db, 1, key="A")
+    single = enqueue(db, "t", queue="q")  # enqueue_task reads the head itself
     turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
-    frontier = call_value(db, "flow_turn", queue="q", concurrency_key=None)
-    assert frontier == 49  # the highest turn handed out: A's 50th task
-    assert turns[late] == turns[unkeyed] == 49
-    # B's task is next in line, ahead of A's remaining 50.
-    assert take_due(db, 1)[0]["id"] in (late, unkeyed)
+    head = min(turns[i] for i in backlog[40:])
+    assert head == 41  # keyed turns start at 1
+    assert call_value(db, "flow_turn", queue="q", concurrency_key=None) == head
+    assert turns[late] == turns[unkeyed] == turns[single] == head
+    # A's next task goes after A's last one waiting in Redis, not to the head.
+    assert turns[more_a] == max(turns.values()) == 101
+    # Handed out, B's task sorts right behind the head of Redis's line (the
+    # order Redis pops in: priority, turn, run_at, id), ahead of A's other 59.
+    handed = take_due(db, 10)
+    assert {r["id"] for r in handed} == {late, unkeyed, single, more_a}
+    line = db.execute(
+        "SELECT id FROM ledgerq.tasks WHERE status = 'QUEUED' ORDER BY priority DESC, turn, run_at, id"
+    ).fetchall()
+    assert [r[0] for r in line].index(late) <= 3
+
+
+def test_with_nothing_waiting_in_redis_a_newcomer_joins_at_the_frontier(db: Conn) -> None:
+    backlog = add_tasks(db, 100, key="A")
+    take_due(db, 50)
+    for task_id in backlog[:50]:
+        (claimed,), _ = claim_report(db, [task_id])
+        finish(db, task_id, claimed["attempts"])
+    (late,) = add_tasks(db, 1, key="B")
+    turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
+    # The highest turn handed out (A's 50th task); A's other 50 wait after it.
+    assert turns[late] == turns[backlog[49]] == 50
+    assert take_due(db, 1)[0]["id"] == late
 
 
 @pytest.mark.slow
@@ -597,6 +894,77 @@ def test_enqueue_gives_keys_their_turns(db: Conn) -> None:
     ).fetchall()
     late.append(int(row[0]))
     turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
-    assert sorted(turns[i] for i in late) == [0, 1, 2, 3, 4]
+    assert sorted(turns[i] for i in late) == [1, 2, 3, 4, 5]
     first = [r["id"] for r in take_due(db, 12)]
     assert set(late) <= set(first), first
+
+
+def test_enqueue_of_a_key_reads_its_last_turn_not_its_whole_backlog(db: Conn) -> None:
+    from psycopg.types.json import Jsonb
+
+    add_tasks(db, 5_000, key="A")
+    queued = add_tasks(db, 5_000, key="A")
+    db.execute(
+        "UPDATE ledgerq.tasks SET status = 'QUEUED', queued_at = now() WHERE id = ANY(%s)",
+        (queued,),
+    )
+    db.execute("INSERT INTO ledgerq.flow_turns (queue, frontier) VALUES ('q', 10000)")
+    # The first scan past the QUEUED tasks' old PENDING index entries marks
+    # them dead in the index (vacuum would remove them); then each enqueue of
+    # A reads a few index entries, not A's 5,000 waiting tasks. Counted in
+    # this transaction, over every index of the table (no statistics yet, as
+    # on a freshly loaded table).
+    enqueue(db, "t", queue="q", concurrency_key="A")
+    read = """
+        SELECT sum(pg_stat_get_xact_tuples_returned(i.indexrelid))::bigint
+        FROM pg_index i WHERE i.indrelid = 'ledgerq.tasks'::regclass
+    """
+    with db.transaction():
+        before = count(db, read)
+        enqueue(db, "t", queue="q", concurrency_key="A")
+        single = count(db, read) - before
+        batch = [{"task_type": "t", "queue": "q", "concurrency_key": "A"}] * 500
+        before = count(db, read)
+        db.execute("SELECT count(*) FROM ledgerq.enqueue_tasks(%s)", (Jsonb(batch),))
+        batched = count(db, read) - before
+    assert single < 20, single
+    assert batched < 20, batched
+
+
+def test_a_batch_without_keys_joins_each_queue_at_its_head(db: Conn) -> None:
+    from psycopg.types.json import Jsonb
+
+    db.execute("INSERT INTO ledgerq.flow_turns (queue, frontier) VALUES ('q', 40), ('r', 7)")
+    heads = {q: call_value(db, "flow_turn", queue=q, concurrency_key=None) for q in ("q", "r")}
+    assert heads == {"q": 40, "r": 7}
+
+    def turns(batch: list[dict[str, Any]]) -> list[int]:
+        ids = [
+            r[0] for r in db.execute("SELECT id FROM ledgerq.enqueue_tasks(%s)", (Jsonb(batch),))
+        ]
+        rows = dict(db.execute("SELECT id, turn FROM ledgerq.tasks WHERE id = ANY(%s)", (ids,)))
+        return [rows[i] for i in ids]
+
+    assert turns([{"task_type": "t", "queue": "q"}] * 3) == [40, 40, 40]  # one queue
+    assert turns([{"task_type": "t", "queue": q} for q in ("q", "r", "q")]) == [40, 7, 40]
+    # With a key in the batch, the key's tasks take consecutive turns from the head.
+    mixed = [
+        {"task_type": "t", "queue": "q"},
+        {"task_type": "t", "queue": "q", "concurrency_key": "A"},
+    ]
+    assert turns(mixed + mixed[1:]) == [40, 40, 41]
+
+
+def test_a_newcomer_joins_ahead_of_a_backlog_parked_on_max_running(db: Conn) -> None:
+    configure(db, "q", max_running=1)
+    backlog = add_tasks(db, 50, key="A")
+    assert [r["id"] for r in take_due(db, 100)] == backlog[:1]  # the rest parked
+    claim_report(db, backlog[:1])  # running now: nothing waits in Redis
+    # The dispatcher once handed out a task far down the line (one it had not
+    # parked yet, when a slot was free): the frontier is past the parked tasks.
+    db.execute("UPDATE ledgerq.flow_turns SET frontier = 40 WHERE queue = 'q'")
+    (newcomer,) = add_tasks(db, 1, key="B")
+    single = enqueue(db, "t", queue="q")
+    turns = dict(db.execute("SELECT id, turn FROM ledgerq.tasks").fetchall())
+    lowest_parked = min(turns[i] for i in backlog[1:])
+    assert turns[newcomer] == turns[single] == lowest_parked == 2
