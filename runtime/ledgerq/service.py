@@ -87,6 +87,16 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+def accept_stop_signals() -> None:
+    """Unblock SIGTERM/SIGINT once the running loop handles them.
+
+    A supervised child starts with both blocked (``cli.supervise``), so a stop
+    sent while it was starting is delivered here, to the graceful handler,
+    instead of killing it; elsewhere they are not blocked and this does nothing.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
 def run_until_signalled(main: Callable[[Runner], Awaitable[T]]) -> T:
     """Run main(runner) in a new event loop and return what it returns; SIGTERM/SIGINT
     stop runner's services, a second signal exits the process at once (status 1)."""
@@ -105,6 +115,7 @@ def run_until_signalled(main: Callable[[Runner], Awaitable[T]]) -> T:
 
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, on_signal)
+        accept_stop_signals()
         try:
             return await main(runner)
         finally:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from ledgerq import service
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -44,6 +46,7 @@ class _Server(uvicorn.Server):
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        service.accept_stop_signals()
         try:
             yield
         finally:

@@ -11,6 +11,12 @@ supervisor. On Linux each child also asks the kernel for a SIGTERM should the
 supervisor itself die (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of the
 supervisor leaves no orphans.
 
+A child is born with SIGTERM and SIGINT blocked (a signal mask survives
+``exec``), and its service unblocks them once its event loop handles them
+(``service.accept_stop_signals``). A stop sent while the child is still
+importing or connecting then waits, pending, for its graceful handler; unblocked,
+SIGTERM's default action would kill the child mid-start (status -15).
+
 Connection settings reach the children through their ``LEDGERQ_*`` environment,
 not their command lines, so a database password never shows in ``ps``.
 """
@@ -38,6 +44,8 @@ REPORT_INTERVAL_S = 3.0
 SUPERVISOR_PID_ENV = "LEDGERQ_SUPERVISOR_PID"
 
 _PR_SET_PDEATHSIG = 1
+#: What stops a service gracefully; blocked in a child until its service handles them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def die_with_parent(expected_parent: int | None = None) -> None:
@@ -113,14 +121,19 @@ class ProcessGroup:
         return child
 
     def _popen(self, command: list[str], pgid: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=self.output,
-            stderr=subprocess.STDOUT if self.output is not None else None,
-            env=self.env,
-            process_group=pgid,
-        )
+        # The child inherits this thread's signal mask: see the module's docstring.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=self.output,
+                stderr=subprocess.STDOUT if self.output is not None else None,
+                env=self.env,
+                process_group=pgid,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def live(self) -> list[Child]:
         return [c for c in self.children if c.returncode is None]
