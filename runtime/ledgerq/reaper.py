@@ -40,7 +40,7 @@ import contextlib
 import logging
 import re
 
-from ledgerq import errors, metrics
+from ledgerq import errors, metrics, service
 from ledgerq.ledger import AsyncLedger
 
 REAPER_INTERVAL_DEFAULT_S = 5.0
@@ -159,6 +159,7 @@ class Reaper:
         """Sweep every interval, and prune every prune interval, until stop() is called."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
+        failures = 0
         while not self._stopping.is_set():
             try:
                 await self.run_once()
@@ -167,12 +168,19 @@ class Reaper:
                     # A backlog left over continues right after the next sweep.
                     next_prune = loop.time() + (0.0 if more else self.prune_interval_s)
                 await self.vacuum_once()
+                failures = 0
             except errors.LedgerError as exc:
-                # Unreachable or refused (a deadlock, a statement timeout): the
-                # next sweep tries again; a reaper must outlive its database.
+                # Unreachable or refused (a deadlock, a statement timeout, a
+                # missing schema): the next sweep tries again; a reaper must
+                # outlive its database.
+                failures += 1
                 log.warning("ledger.unavailable %s (retrying)", exc.message)
             timeout = self.interval_s
             if self.prune_interval_s is not None:
                 timeout = min(timeout, max(0.0, next_prune - loop.time()))
+            if failures:
+                # A failed pass leaves the prune due at once: without this
+                # floor the loop would retry, and log, without pause.
+                timeout = max(timeout, service.reconnect_delay_s(failures))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=timeout)

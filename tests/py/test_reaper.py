@@ -4,6 +4,7 @@ several reapers at once never recover one attempt twice; run() serves until stop
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -238,3 +239,19 @@ async def test_vacuum_once_vacuums_a_table_past_its_dead_rows(
 def test_retention_must_be_an_interval(retention: str) -> None:
     with pytest.raises(errors.ConfigError, match="retention must be a PostgreSQL interval"):
         Reaper(None, retention=retention)  # type: ignore[arg-type]
+
+
+async def test_a_reaper_whose_ledger_keeps_failing_backs_off_instead_of_spinning(
+    ledger: AsyncLedger, db: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.execute("DROP SCHEMA ledgerq CASCADE")  # every sweep now fails at once
+    reaper = Reaper(ledger, interval_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="ledgerq.reaper"):
+        running = asyncio.create_task(reaper.run())
+        await asyncio.sleep(1.0)  # the window the retries are counted in
+        reaper.stop()
+        await asyncio.wait_for(running, 5)
+    failures = [r for r in caplog.records if r.getMessage().startswith("ledger.unavailable")]
+    assert "ledgerq" in failures[0].getMessage()
+    # Retries 0.2 s, 0.4 s, 0.8 s apart: 3 in the second (a spin made thousands).
+    assert 2 <= len(failures) <= 4, len(failures)
