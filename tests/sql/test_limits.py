@@ -311,6 +311,29 @@ def _wait_until_blocked(db: Conn, pid: int) -> None:
         time.sleep(0.005)
 
 
+def _behind(
+    db: Conn,
+    holder: Conn,
+    waiter: Conn,
+    call: Callable[[], Any],
+    meanwhile: Callable[[], object] | None = None,
+) -> Any:
+    """call() on another thread, which must wait (on waiter's session) for a lock
+    held in holder's open transaction; then meanwhile(), then holder commits.
+    call's result, once it has returned."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    thread.start()
+    _wait_until_blocked(db, int(waiter.info.backend_pid))
+    assert thread.is_alive()
+    if meanwhile is not None:
+        meanwhile()
+    holder.commit()
+    thread.join(10)
+    assert not thread.is_alive()
+    return result[0]
+
+
 def test_first_pause_refuses_a_claim_that_read_no_queue_row_before_it(
     db: Conn, db_url: str
 ) -> None:
@@ -323,15 +346,12 @@ def test_first_pause_refuses_a_claim_that_read_no_queue_row_before_it(
         psycopg.connect(db_url, autocommit=True) as claimer,
     ):
         holder.execute("SELECT 1 FROM ledgerq.tasks WHERE id = %s FOR NO KEY UPDATE", (task_id,))
-        result: list[tuple[list[Any], list[Any]]] = []
-        claiming = threading.Thread(target=lambda: result.append(claim_report(claimer, [task_id])))
-        claiming.start()
-        _wait_until_blocked(db, int(claimer.info.backend_pid))
-        assert call_value(db, "pause_queue", queue="q") is True  # the queue's first row
-        holder.commit()
-        claiming.join(10)
-        assert not claiming.is_alive()
-    ((claimed, deferred),) = result
+        paused: list[bool] = []
+        claimed, deferred = _behind(
+            db, holder, claimer, lambda: claim_report(claimer, [task_id]),
+            meanwhile=lambda: paused.append(call_value(db, "pause_queue", queue="q")),
+        )  # fmt: skip
+    assert paused == [True]  # the pause gave the queue its first row
     assert claimed == []
     assert [(r["id"], r["waiting_on"]) for r in deferred] == [(task_id, "paused")]
     assert statuses(db, [task_id])[task_id] == ("PENDING", "paused", 0)
@@ -349,15 +369,7 @@ def test_first_pause_waits_for_a_claim_in_flight(db: Conn, db_url: str) -> None:
     ):
         (running,), _ = claim_report(claimer, [task_id])  # transaction left open
         assert running["id"] == task_id
-        pausing = threading.Thread(
-            target=call_value, args=(pauser, "pause_queue"), kwargs={"queue": "q"}
-        )
-        pausing.start()
-        _wait_until_blocked(db, int(pauser.info.backend_pid))
-        assert pausing.is_alive()
-        claimer.commit()
-        pausing.join(10)
-        assert not pausing.is_alive()
+        _behind(db, claimer, pauser, lambda: call_value(pauser, "pause_queue", queue="q"))
     assert statuses(db, [task_id])[task_id][0] == "RUNNING"
     assert count(db, "SELECT count(*) FROM ledgerq.queues WHERE queue = 'q' AND paused") == 1
 
@@ -376,13 +388,6 @@ def _quick(url: str) -> Conn:
     return conn
 
 
-def _claim_in_thread(conn: Conn, task_ids: list[int]) -> tuple[threading.Thread, list[Any]]:
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(claim_report(conn, task_ids)))
-    thread.start()
-    return thread, result
-
-
 def test_claims_of_other_keys_do_not_wait_under_per_key_limits_only(db: Conn, db_url: str) -> None:
     configure(db, "q", per_key_max_running=1)
     (first,) = add_tasks(db, 1, key="k1")
@@ -399,12 +404,7 @@ def test_claims_of_other_keys_do_not_wait_under_per_key_limits_only(db: Conn, db
         claimed, _ = claim_report(other, [other_key, unkeyed])  # no wait: lock_timeout
         assert sorted(r["id"] for r in claimed) == sorted([other_key, unkeyed])
         # The same key waits for the open claim and then sees its start.
-        thread, result = _claim_in_thread(waiter, [same_key])
-        _wait_until_blocked(db, int(waiter.info.backend_pid))
-        holder.commit()
-        thread.join(10)
-        assert not thread.is_alive()
-    ((claimed, deferred),) = result
+        claimed, deferred = _behind(db, holder, waiter, lambda: claim_report(waiter, [same_key]))
     assert claimed == []
     assert [(r["id"], r["waiting_on"]) for r in deferred] == [(same_key, "per_key_max_running")]
 
@@ -421,12 +421,7 @@ def test_claims_of_a_queue_with_a_queue_wide_limit_decide_one_at_a_time(
     ):
         (running,), _ = claim_report(holder, [first])
         assert running["id"] == first
-        thread, result = _claim_in_thread(waiter, [second])
-        _wait_until_blocked(db, int(waiter.info.backend_pid))
-        holder.commit()
-        thread.join(10)
-        assert not thread.is_alive()
-    ((claimed, deferred),) = result
+        claimed, deferred = _behind(db, holder, waiter, lambda: claim_report(waiter, [second]))
     assert claimed == []
     assert [(r["id"], r["waiting_on"]) for r in deferred] == [(second, "max_running")]
 
@@ -587,16 +582,10 @@ def test_a_release_waits_for_a_claim_parking_on_the_slot_and_wakes_its_task(
     ):
         claimed, (parked,) = claim_report(parker, [refused])  # parks, left open
         assert claimed == [] and parked["waiting_on"] == "max_running"
-        result: list[Any] = []
-        thread = threading.Thread(
-            target=lambda: result.append(finish(releaser, holding, running["attempts"]))
+        released = _behind(
+            db, parker, releaser, lambda: finish(releaser, holding, running["attempts"])
         )
-        thread.start()
-        _wait_until_blocked(db, int(releaser.info.backend_pid))
-        parker.commit()
-        thread.join(10)
-        assert not thread.is_alive()
-    assert result == ["SUCCEEDED"]
+    assert released == "SUCCEEDED"
     assert statuses(db, [refused])[refused] == ("PENDING", None, 0)
     assert [r["id"] for r in take_due(db)] == [refused]
 
