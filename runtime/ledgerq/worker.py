@@ -322,6 +322,11 @@ class Worker:
             self._count_deferred(deferred)
             for task in claimed:
                 self._start(task)
+            if claimed:
+                # Let the handlers just started run to their first await before
+                # this loop asks Redis for more: the next pop can wait, they
+                # should not.
+                await asyncio.sleep(0)
 
     def _count_deferred(self, deferred: list[types.Deferral]) -> None:
         """Tasks the claim refused for their queue's flow control: the ledger
