@@ -144,7 +144,12 @@ class Worker:
     # --- life cycle ----------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop taking work; run() then finishes within the grace period."""
+        """Stop taking work; run() then finishes within the grace period. A second
+        call changes nothing (a Runner whose service failed stops them all again)."""
+        if self._stopping.is_set():
+            # The pop was cancelled already: _pop_wait consumes one cancel, and
+            # a second would end run() itself, skipping the drain.
+            return
         self._stopping.set()
         if self._blocked_in_pop is not None:
             self._blocked_in_pop.cancel()

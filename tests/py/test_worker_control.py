@@ -264,6 +264,53 @@ async def test_concurrency_limit_is_never_exceeded(settings: config.Settings) ->
     assert peak == 3
 
 
+def _claims_waiting_for_a_lock(db: Conn) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE '%%task_claim%%'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _a_claim_waits_for_a_lock(db: Conn) -> None:
+    async def probe() -> bool:
+        return _claims_waiting_for_a_lock(db) == 1
+
+    await helpers.eventually(probe, what="the worker's claim to wait for the row lock")
+
+
+async def test_a_claim_under_way_when_the_worker_stops_runs_its_task_before_run_returns(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+    ran: list[int] = []
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        ran.append(ctx.task_id)
+
+    async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
+        task_id = await s.enqueue("job")
+        dispatcher = Dispatcher(s.ledger, s.dispatch, database_url=settings.database_url)
+        assert await dispatcher.run_once() == 1
+        with psycopg.connect(settings.database_url) as holder:
+            holder.execute("SELECT 1 FROM ledgerq.tasks WHERE id = %s FOR UPDATE", (task_id,))
+            s.start_worker(helpers.worker(tasks, s, concurrency=2))
+            await _a_claim_waits_for_a_lock(db)
+            assert s.worker is not None
+            s.worker.stop()
+            # run() waits for the claim: returning now would leave its task
+            # claimed by a worker that is gone, RUNNING until its lease expires.
+            done, _ = await asyncio.wait({s.tasks["worker"]}, timeout=0.5)
+            assert not done
+        # The lock is gone; the claim goes on and its task runs within grace.
+        await s.stop_worker()
+        task = await s.ledger.get(task_id)
+    assert ran == [task_id]
+    assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
+
+
 # --- stopping ---------------------------------------------------------------------------
 
 
@@ -284,6 +331,23 @@ async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
         stopped_after = time.monotonic() - started
     # Long before the pop's own timeout (POP_WAIT_S) would have ended it.
     assert stopped_after < 1.0
+
+
+async def test_a_second_stop_before_the_first_is_handled_still_stops_gracefully(
+    settings: config.Settings,
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks, dispatcher=False) as s:
+        assert s.worker is not None
+        await _blocked_in_pop(s.worker)
+        s.worker.stop()  # and again at once, as a Runner does when a service fails
+        await s.stop_worker()  # a graceful return, not a cancelled run()
+        assert s.tasks["worker"].done() and not s.tasks["worker"].cancelled()
 
 
 async def test_a_cancel_from_outside_reaches_a_worker_blocked_in_its_pop(
