@@ -264,10 +264,49 @@ async def test_concurrency_limit_is_never_exceeded(settings: config.Settings) ->
     assert peak == 3
 
 
+# --- stopping ---------------------------------------------------------------------------
+
+
+async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks, dispatcher=False) as s:
+        assert s.worker is not None
+        await _blocked_in_pop(s.worker)  # registered, and waiting in Redis's blocking pop
+        started = time.monotonic()
+        await s.stop_worker()
+        stopped_after = time.monotonic() - started
+    # Long before the pop's own timeout (POP_WAIT_S) would have ended it.
+    assert stopped_after < 1.0
+
+
+async def test_a_second_stop_before_the_first_is_handled_still_stops_gracefully(
+    settings: config.Settings,
+) -> None:
+    tasks = Registry()
+
+    @tasks.task("job")
+    async def job(ctx: Context, payload: dict[str, Any]) -> None:
+        return None
+
+    async with helpers.running(settings, tasks, dispatcher=False) as s:
+        assert s.worker is not None
+        await _blocked_in_pop(s.worker)
+        s.worker.stop()  # and again at once, as a Runner does when a service fails
+        await s.stop_worker()  # a graceful return, not a cancelled run()
+        assert s.tasks["worker"].done() and not s.tasks["worker"].cancelled()
+
+
 def _claims_waiting_for_a_lock(db: Conn) -> int:
     row = db.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock' AND query LIKE '%%task_claim%%'"
+        "AND wait_event_type = 'Lock' AND query LIKE '%task_claim%'"
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -309,45 +348,6 @@ async def test_a_claim_under_way_when_the_worker_stops_runs_its_task_before_run_
         task = await s.ledger.get(task_id)
     assert ran == [task_id]
     assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
-
-
-# --- stopping ---------------------------------------------------------------------------
-
-
-async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
-    settings: config.Settings, db: Conn
-) -> None:
-    tasks = Registry()
-
-    @tasks.task("job")
-    async def job(ctx: Context, payload: dict[str, Any]) -> None:
-        return None
-
-    async with helpers.running(settings, tasks, dispatcher=False) as s:
-        assert s.worker is not None
-        await _blocked_in_pop(s.worker)  # registered, and waiting in Redis's blocking pop
-        started = time.monotonic()
-        await s.stop_worker()
-        stopped_after = time.monotonic() - started
-    # Long before the pop's own timeout (POP_WAIT_S) would have ended it.
-    assert stopped_after < 1.0
-
-
-async def test_a_second_stop_before_the_first_is_handled_still_stops_gracefully(
-    settings: config.Settings,
-) -> None:
-    tasks = Registry()
-
-    @tasks.task("job")
-    async def job(ctx: Context, payload: dict[str, Any]) -> None:
-        return None
-
-    async with helpers.running(settings, tasks, dispatcher=False) as s:
-        assert s.worker is not None
-        await _blocked_in_pop(s.worker)
-        s.worker.stop()  # and again at once, as a Runner does when a service fails
-        await s.stop_worker()  # a graceful return, not a cancelled run()
-        assert s.tasks["worker"].done() and not s.tasks["worker"].cancelled()
 
 
 async def test_a_cancel_from_outside_reaches_a_worker_blocked_in_its_pop(
