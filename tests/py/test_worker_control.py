@@ -267,15 +267,21 @@ async def test_concurrency_limit_is_never_exceeded(settings: config.Settings) ->
 # --- stopping ---------------------------------------------------------------------------
 
 
-async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
-    settings: config.Settings, db: Conn
-) -> None:
+def _idle_tasks() -> Registry:
+    """A registry with one no-op task type, for a worker that only needs to run."""
     tasks = Registry()
 
     @tasks.task("job")
     async def job(ctx: Context, payload: dict[str, Any]) -> None:
         return None
 
+    return tasks
+
+
+async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
+    settings: config.Settings, db: Conn
+) -> None:
+    tasks = _idle_tasks()
     async with helpers.running(settings, tasks, dispatcher=False) as s:
         assert s.worker is not None
         await _blocked_in_pop(s.worker)  # registered, and waiting in Redis's blocking pop
@@ -289,15 +295,17 @@ async def test_an_idle_worker_blocked_in_its_pop_stops_at_once(
 async def test_a_second_stop_before_the_first_is_handled_still_stops_gracefully(
     settings: config.Settings,
 ) -> None:
-    tasks = Registry()
-
-    @tasks.task("job")
-    async def job(ctx: Context, payload: dict[str, Any]) -> None:
-        return None
-
+    tasks = _idle_tasks()
     async with helpers.running(settings, tasks, dispatcher=False) as s:
         assert s.worker is not None
         await _blocked_in_pop(s.worker)
+
+        async def redis_holds_the_pop() -> bool:
+            info = await s.dispatch.client.info("clients")
+            return int(info["blocked_clients"]) >= 1
+
+        # Blocked in Redis itself, past the connection's set-up.
+        await helpers.eventually(redis_holds_the_pop, what="Redis to hold the worker's pop")
         s.worker.stop()  # and again at once, as a Runner does when a service fails
         await s.stop_worker()  # a graceful return, not a cancelled run()
         assert s.tasks["worker"].done() and not s.tasks["worker"].cancelled()
@@ -353,12 +361,7 @@ async def test_a_claim_under_way_when_the_worker_stops_runs_its_task_before_run_
 async def test_a_cancel_from_outside_reaches_a_worker_blocked_in_its_pop(
     settings: config.Settings, db: Conn
 ) -> None:
-    tasks = Registry()
-
-    @tasks.task("job")
-    async def job(ctx: Context, payload: dict[str, Any]) -> None:
-        return None
-
+    tasks = _idle_tasks()
     async with helpers.running(settings, tasks, worker=False, dispatcher=False) as s:
         worker = helpers.worker(tasks, s)
         serving = asyncio.create_task(worker.run())
